@@ -1,0 +1,1 @@
+"""Conversion of the official SSL checkpoints into qscore_jax Flax variables."""

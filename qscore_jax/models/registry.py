@@ -1,0 +1,200 @@
+"""Architectures by name, and the registry of published SSL checkpoints.
+
+``ARCHITECTURES`` maps a name (``'resnet50'``, ``'vit_small'``, ...) to a
+constructor; :func:`build_model` applies options on top. The registry of
+published checkpoints lives in ``checkpoints/registry.toml`` (installed as the
+package data ``qscore_jax.checkpoints``): one entry per official file, with the
+architecture options its weights cannot reveal, the preprocessing its authors
+used, and where it comes from. :func:`get_model_spec` reads one entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib.resources
+import tomllib
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import numpy as np
+
+from qscore_jax.models.resnet import ResNet, STAGE_SIZES
+from qscore_jax.models.vit import VisionTransformer
+
+
+def _resnet(depth: int, **defaults) -> Callable[..., nn.Module]:
+  block = 'basic' if depth < 50 else 'bottleneck'
+  return functools.partial(ResNet, stage_sizes=STAGE_SIZES[depth], block=block,
+                           **defaults)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    'resnet18': _resnet(18),
+    'resnet34': _resnet(34),
+    'resnet50': _resnet(50),
+    'resnet101': _resnet(101),
+    'resnet152': _resnet(152),
+    'resnet200': _resnet(200),
+    'wide_resnet50_2': _resnet(50, width_per_group=128),
+    'vit_small': functools.partial(VisionTransformer, embed_dim=384, depth=12,
+                                   num_heads=6),
+    'vit_base': functools.partial(VisionTransformer, embed_dim=768, depth=12,
+                                  num_heads=12),
+}
+
+
+def did_you_mean(name: str, choices) -> str:
+  close = difflib.get_close_matches(name, list(choices), n=3)
+  return f' Did you mean {", ".join(map(repr, close))}?' if close else ''
+
+
+def build_model(arch: str, **options: Any) -> nn.Module:
+  """Builds the Flax backbone ``arch`` with ``options`` overriding its defaults.
+
+  >>> model = build_model('resnet50', width_multiplier=2)
+  >>> model.num_features
+  4096
+  """
+  if arch not in ARCHITECTURES:
+    raise ValueError(f'Unknown architecture {arch!r}.{did_you_mean(arch, ARCHITECTURES)} '
+                     f'Known: {", ".join(ARCHITECTURES)}.')
+  try:
+    return ARCHITECTURES[arch](**options)
+  except TypeError as error:
+    fields = [f.name for f in dataclasses.fields(ARCHITECTURES[arch].func)
+              if f.name not in ('parent', 'name')]
+    raise TypeError(f'Invalid option for architecture {arch!r}: {error}. '
+                    f'Valid options: {", ".join(fields)}.') from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """How a model's authors turned an image into the network input.
+
+  ``mean``/``std`` are per-channel RGB statistics applied to images scaled to
+  [0, 1]; ``None`` means the network takes [0, 1] RGB directly (SimCLR).
+  ``crop_mode='resize_then_crop'`` resizes the shorter side to
+  ``image_size / crop_fraction`` and center-crops ``image_size`` (torchvision);
+  ``'crop_then_resize'`` center-crops ``crop_fraction`` of the shorter side and
+  resizes it to ``image_size`` (SimCLR's and BYOL's TF code).
+  """
+  name: str
+  image_size: int
+  crop_fraction: float
+  crop_mode: str
+  interpolation: str
+  mean: tuple[float, float, float] | None = None
+  std: tuple[float, float, float] | None = None
+
+  def __post_init__(self):
+    if (self.mean is None) != (self.std is None):
+      raise ValueError(f'preprocessing {self.name!r}: give both mean and std or neither.')
+    if self.crop_mode not in ('resize_then_crop', 'crop_then_resize'):
+      raise ValueError(f'preprocessing {self.name!r}: unknown crop_mode {self.crop_mode!r}.')
+    if self.interpolation not in ('bilinear', 'bicubic'):
+      raise ValueError(f'preprocessing {self.name!r}: unknown interpolation '
+                       f'{self.interpolation!r}.')
+    if not 0 < self.crop_fraction <= 1:
+      raise ValueError(f'preprocessing {self.name!r}: crop_fraction must be in (0, 1].')
+
+  def normalize(self, images):
+    """Maps RGB images in [0, 1], (..., 3), to the network input."""
+    if self.mean is None:
+      return images
+    mean = np.asarray(self.mean, np.float32)
+    std = np.asarray(self.std, np.float32)
+    return (images - mean) / std
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> 'Preprocessing':
+    data = dict(data)
+    for key in ('mean', 'std'):
+      if data.get(key) is not None:
+        data[key] = tuple(float(v) for v in data[key])
+    return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """One published checkpoint: what to build, how to feed it, where it comes from."""
+  id: str
+  method: str
+  arch: str
+  arch_options: Mapping[str, Any]
+  preprocessing: Preprocessing
+  url: str
+  container: str
+  sha256: str | None = None
+  supported: bool = True
+  reason: str = ''
+  notes: str = ''
+
+  def build(self, **overrides: Any) -> nn.Module:
+    """The Flax backbone for this checkpoint (``overrides`` e.g. ``dtype``)."""
+    if not self.supported:
+      raise NotImplementedError(f'{self.id} is not supported yet: {self.reason}')
+    return build_model(self.arch, **{**self.arch_options, **overrides})
+
+
+METHODS = ('simclr', 'swav', 'moco', 'mocov3', 'byol', 'dino', 'simsiam',
+           'vicreg', 'barlowtwins')
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)} - {'id'}
+
+
+def _registry_text() -> str:
+  return (importlib.resources.files('qscore_jax.checkpoints')
+          .joinpath('registry.toml').read_text(encoding='utf-8'))
+
+
+@functools.cache
+def _load_registry() -> tuple[dict[str, ModelSpec], dict[str, Preprocessing]]:
+  data = tomllib.loads(_registry_text())
+  presets = {name: Preprocessing(name=name, **{
+      k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
+             for name, table in data['preprocessing'].items()}
+  specs = {}
+  for model_id, table in data['models'].items():
+    unknown = set(table) - _MODEL_KEYS
+    if unknown:
+      raise ValueError(f'registry.toml: model {model_id!r} has unknown keys {sorted(unknown)}.')
+    if table['method'] not in METHODS:
+      raise ValueError(f'registry.toml: model {model_id!r} has unknown method '
+                       f'{table["method"]!r}; known: {METHODS}.')
+    if table['arch'] not in ARCHITECTURES:
+      raise ValueError(f'registry.toml: model {model_id!r} has unknown arch {table["arch"]!r}.')
+    specs[model_id] = ModelSpec(
+        id=model_id, **{**table, 'arch_options': dict(table.get('arch_options', {})),
+                        'preprocessing': presets[table['preprocessing']]})
+  return specs, presets
+
+
+def list_models(method: str | None = None, *, include_unsupported: bool = True
+                ) -> list[ModelSpec]:
+  """All registered checkpoints, optionally of one method."""
+  specs = _load_registry()[0].values()
+  if method is not None and method not in METHODS:
+    raise ValueError(f'Unknown method {method!r}; known: {", ".join(METHODS)}.')
+  return [s for s in specs if (method is None or s.method == method)
+          and (include_unsupported or s.supported)]
+
+
+def get_model_spec(model_id: str) -> ModelSpec:
+  """The registry entry ``model_id`` (e.g. ``'dino-vits16'``)."""
+  specs = _load_registry()[0]
+  if model_id not in specs:
+    raise KeyError(f'No registered model {model_id!r}.{did_you_mean(model_id, specs)} '
+                   'Run `qscore models` to list them.')
+  return specs[model_id]
+
+
+def get_preprocessing(name: str) -> Preprocessing:
+  """A named preprocessing preset of the registry (e.g. ``'imagenet'``)."""
+  presets = _load_registry()[1]
+  if name not in presets:
+    raise KeyError(f'No preprocessing preset {name!r}; known: {", ".join(presets)}.')
+  return presets[name]

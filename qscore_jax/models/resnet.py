@@ -1,0 +1,238 @@
+"""ResNet v1.5 backbones that reproduce the SSL releases' PyTorch/TF/Haiku nets.
+
+One module covers every ResNet the eight methods published:
+
+* ResNet-18/34 (BasicBlock) and ResNet-50/101/152/200 (Bottleneck), the
+  stride in the 3x3 convolution ("v1.5", as torchvision, TF SimCLR and Haiku).
+* ``width_multiplier`` scales *all* channels (stem, inner and output), the
+  "x2/w2" models of SimCLR, SwAV, VICReg and BYOL; ``width_per_group=128`` is
+  torchvision's ``wide_resnet50_2``, which widens only the inner 3x3.
+* ``conv_padding`` / ``pool_padding``: ``'torch'`` pads symmetrically
+  (k // 2 on each side, as torchvision); ``'tf_same'`` is TensorFlow's SAME,
+  which pads more at the bottom/right when the stride is 2 (BYOL everywhere;
+  SimCLR's max-pool only).  See ``CHECKPOINTS.md`` §0.4, §1, §5.
+* ``stem='cifar'``: solo-learn's 3x3/stride-1/padding-2 stem without max-pool.
+
+Parameter names follow torchvision (``conv1``, ``bn1``, ``layer3_2/conv2``,
+``layer2_0/downsample_conv``), so a converted ``state_dict`` reads naturally.
+The model returns the globally average-pooled representation, shape
+(N, num_features); the feature maps of the stem and of every stage are sown into
+the ``'intermediates'`` collection and exposed to gradients through
+``'perturbations'`` (see :func:`qscore_jax.models.apply_with_features`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qscore_jax.models.inputs import check_image_batch
+
+PaddingMode = Literal['torch', 'tf_same']
+PADDING_MODES = ('torch', 'tf_same')
+
+# torchvision initialises convolutions with kaiming_normal(mode='fan_out').
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+# Stage depths of the published ResNets.
+STAGE_SIZES = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+
+
+def _padding(kernel_size: int, mode: str):
+  """Flax padding argument for a square kernel under ``mode``."""
+  if mode == 'tf_same':
+    return 'SAME'
+  pad = kernel_size // 2
+  return ((pad, pad), (pad, pad))
+
+
+def _conv_bn(x, train: bool, *, features: int, kernel_size: int, stride: int,
+             padding: Any, norm: Any, conv_name: str, bn_name: str, dtype: Any,
+             bn_scale_init: Any = nn.initializers.ones):
+  """Bias-free convolution then BatchNorm, created in the calling module's scope
+  (so parameters are named ``<block>/conv2``, ``<block>/bn2`` as in torchvision)."""
+  x = nn.Conv(features, (kernel_size, kernel_size), (stride, stride),
+              padding=padding, use_bias=False, kernel_init=_conv_init,
+              dtype=dtype, name=conv_name)(x)
+  return norm(scale_init=bn_scale_init, name=bn_name)(x, use_running_average=not train)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34)."""
+  planes: int
+  stride: int
+  conv_padding: str
+  norm: Any
+  dtype: Any
+  width_per_group: int = 64
+  zero_init_residual: bool = False
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    last_bn_init = (nn.initializers.zeros if self.zero_init_residual
+                    else nn.initializers.ones)
+    conv_bn = functools.partial(_conv_bn, train=train, norm=self.norm, dtype=self.dtype)
+    out = conv_bn(x, features=self.planes, kernel_size=3, stride=self.stride,
+                  padding=_padding(3, self.conv_padding), conv_name='conv1', bn_name='bn1')
+    out = nn.relu(out)
+    out = conv_bn(out, features=self.planes, kernel_size=3, stride=1,
+                  padding=_padding(3, self.conv_padding), conv_name='conv2',
+                  bn_name='bn2', bn_scale_init=last_bn_init)
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      x = conv_bn(x, features=self.planes, kernel_size=1, stride=self.stride,
+                  padding=_padding(1, self.conv_padding), conv_name='downsample_conv',
+                  bn_name='downsample_bn')
+    return nn.relu(out + x)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (carries the stride, v1.5) -> 1x1 with 4x expansion."""
+  planes: int
+  stride: int
+  conv_padding: str
+  norm: Any
+  dtype: Any
+  width_per_group: int = 64
+  zero_init_residual: bool = False
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    inner = self.planes * self.width_per_group // 64
+    out_features = self.planes * self.expansion
+    last_bn_init = (nn.initializers.zeros if self.zero_init_residual
+                    else nn.initializers.ones)
+    conv_bn = functools.partial(_conv_bn, train=train, norm=self.norm, dtype=self.dtype)
+    out = conv_bn(x, features=inner, kernel_size=1, stride=1,
+                  padding=_padding(1, self.conv_padding), conv_name='conv1', bn_name='bn1')
+    out = nn.relu(out)
+    out = conv_bn(out, features=inner, kernel_size=3, stride=self.stride,
+                  padding=_padding(3, self.conv_padding), conv_name='conv2', bn_name='bn2')
+    out = nn.relu(out)
+    out = conv_bn(out, features=out_features, kernel_size=1, stride=1,
+                  padding=_padding(1, self.conv_padding), conv_name='conv3',
+                  bn_name='bn3', bn_scale_init=last_bn_init)
+    if self.stride != 1 or x.shape[-1] != out_features:
+      x = conv_bn(x, features=out_features, kernel_size=1, stride=self.stride,
+                  padding=_padding(1, self.conv_padding), conv_name='downsample_conv',
+                  bn_name='downsample_bn')
+    return nn.relu(out + x)
+
+
+BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
+
+
+class ResNet(nn.Module):
+  """ResNet v1.5 backbone returning the pooled representation.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+    block: ``'basic'`` or ``'bottleneck'``.
+    width_multiplier: multiplies every channel count (SimCLR/SwAV/VICReg/BYOL
+      "x2" models); the representation has ``num_features`` dimensions.
+    width_per_group: inner width of a bottleneck per 64 planes; 128 gives
+      torchvision's ``wide_resnet50_2``.
+    stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool) or ``'cifar'``
+      (solo-learn: 3x3/1 conv with padding 2, no max-pool).
+    conv_padding: ``'torch'`` (symmetric) or ``'tf_same'`` for every conv.
+    pool_padding: ``'torch'`` or ``'tf_same'`` for the stem max-pool.
+    bn_momentum: weight of the *old* running statistic, Flax convention;
+      0.9 equals PyTorch's ``momentum=0.1``, TF/Haiku ``decay=0.9``.
+    bn_epsilon: BatchNorm epsilon (1e-5 in every release).
+    bn_axis_name: mapped axis over which training BatchNorm statistics are
+      averaged under ``pmap``/``shard_map`` (``None`` under ``jit``, where the
+      batch mean is already global).
+    zero_init_residual: initialise the last BN scale of each block to zero
+      (only affects training from scratch).
+    dtype: computation dtype (parameters stay float32).
+  """
+  stage_sizes: Sequence[int]
+  block: str = 'bottleneck'
+  width_multiplier: int = 1
+  width_per_group: int = 64
+  stem: str = 'imagenet'
+  conv_padding: PaddingMode = 'torch'
+  pool_padding: PaddingMode = 'torch'
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  bn_axis_name: str | None = None
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.block not in BLOCKS:
+      raise ValueError(f'block must be one of {sorted(BLOCKS)}, got {self.block!r}.')
+    for field in ('conv_padding', 'pool_padding'):
+      if getattr(self, field) not in PADDING_MODES:
+        raise ValueError(f'{field} must be one of {PADDING_MODES}, '
+                         f'got {getattr(self, field)!r}.')
+    if self.stem not in ('imagenet', 'cifar'):
+      raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
+    if self.block == 'basic' and self.width_per_group != 64:
+      raise ValueError('width_per_group other than 64 exists only for '
+                       'bottleneck blocks (wide_resnet50_2).')
+    if len(self.stage_sizes) != 4 or min(self.stage_sizes) < 1:
+      raise ValueError('stage_sizes must hold 4 positive block counts, got '
+                       f'{tuple(self.stage_sizes)}.')
+    super().__post_init__()
+
+  @property
+  def num_features(self) -> int:
+    """Dimension d of the pooled representation."""
+    return 512 * self.width_multiplier * BLOCKS[self.block].expansion
+
+  @property
+  def feature_names(self) -> tuple[str, ...]:
+    """Names of the sown/perturbable feature maps, input side first."""
+    return ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
+
+  def _tap(self, name: str, x):
+    """Exposes a feature map to ``intermediates`` and to gradient taps."""
+    x = self.perturb(name, x)
+    self.sow('intermediates', name, x)
+    return x
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    """Maps images (N, H, W, 3), preprocessed, to representations (N, d)."""
+    check_image_batch(images, model_name=type(self).__name__)
+    norm = functools.partial(
+        nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+        axis_name=self.bn_axis_name, dtype=self.dtype)
+    width = self.width_multiplier
+    x = images.astype(self.dtype)
+    stem = functools.partial(_conv_bn, train=train, features=64 * width, norm=norm,
+                             conv_name='conv1', bn_name='bn1', dtype=self.dtype)
+    if self.stem == 'cifar':
+      x = nn.relu(stem(x, kernel_size=3, stride=1, padding=((2, 2), (2, 2))))
+    else:
+      x = nn.relu(stem(x, kernel_size=7, stride=2, padding=_padding(7, self.conv_padding)))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=_padding(3, self.pool_padding))
+    x = self._tap('stem', x)
+
+    block_cls = BLOCKS[self.block]
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for index in range(num_blocks):
+        x = block_cls(
+            planes=64 * width * 2**stage,
+            stride=2 if stage > 0 and index == 0 else 1,
+            conv_padding=self.conv_padding,
+            norm=norm,
+            dtype=self.dtype,
+            width_per_group=self.width_per_group,
+            zero_init_residual=self.zero_init_residual,
+            name=f'layer{stage + 1}_{index}')(x, train)
+      x = self._tap(f'layer{stage + 1}', x)
+    # Pool in float32 so a bfloat16 forward still yields float32 features.
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

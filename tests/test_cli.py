@@ -1,0 +1,73 @@
+"""The `qscore` command line: listing models and the inspect path."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qscore_jax import cli, summary
+
+
+def test_models_lists_the_registry(capsys):
+  assert cli.main(['models']) == 0
+  out = capsys.readouterr().out
+  assert 'dino-vits16' in out and 'num_heads=6' in out
+  assert 'not supported' in out  # SimCLR v2 selective-kernel entries say why
+  assert cli.main(['models', '--method', 'byol', '--json']) == 0
+  entries = json.loads(capsys.readouterr().out)
+  assert {e['id'] for e in entries} == {'byol-r50x1', 'byol-r200x2'}
+  assert all(e['url'].startswith('https://storage.googleapis.com/deepmind-byol/') for e in entries)
+
+
+def test_inspect_reports_representation_statistics(capsys):
+  assert cli.main(['inspect', 'resnet18', '--batch-size', '3', '--image-size', '64',
+                   '--json']) == 0
+  report = json.loads(capsys.readouterr().out)
+  rep = report['representation']
+  assert report['batch_shape'] == [3, 64, 64, 3]
+  assert rep['dim'] == 512 and rep['num_samples'] == 3
+  assert rep['fraction_finite'] == 1.0
+  assert rep['min'] >= 0  # pooled ReLU features
+  assert report['weights'] == 'random initialisation'
+
+
+def test_inspect_text_report_of_a_saved_model(tmp_path, capsys):
+  from helpers import random_variables  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models import build_model, get_model_spec, save_model  # pylint: disable=import-outside-toplevel
+  model = build_model('vit_small', depth=1, embed_dim=32, num_heads=2, image_size=32)
+  save_model(tmp_path / 'tiny', random_variables(model), get_model_spec('dino-vits16'),
+             arch_options={'depth': 1, 'embed_dim': 32, 'num_heads': 2, 'image_size': 32,
+                           'patch_size': 16})
+  assert cli.main(['inspect', str(tmp_path / 'tiny'), '--batch-size', '2',
+                   '--image-size', '32']) == 0
+  out = capsys.readouterr().out
+  assert 'dino-vits16' in out and str(tmp_path / 'tiny') in out
+  assert 'd=32' in out and 'highly active' in out
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['inspect', 'resnet-50'], "neither a saved model directory.*Did you mean.*'resnet50'"),
+    (['inspect', 'resnet18', '--batch-size', '0'], 'at least 1'),
+    (['models', '--method', 'mae'], 'Unknown method'),
+])
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'qscore {argv[0]}: error:')
+  import re  # pylint: disable=import-outside-toplevel
+  assert re.search(message, err)
+
+
+def test_console_script_help():
+  result = subprocess.run([sys.executable, '-m', 'qscore_jax.cli', '--help'],
+                          capture_output=True, text=True, check=True)
+  assert 'inspect' in result.stdout and 'models' in result.stdout
+
+
+def test_generated_images_are_deterministic_and_in_range():
+  a = summary.generated_images(4, 32, 48, seed=3)
+  b = summary.generated_images(4, 32, 48, seed=3)
+  assert a.shape == (4, 32, 48, 3) and a.dtype.name == 'float32'
+  assert (a == b).all() and a.min() >= 0 and a.max() <= 1
+  assert not (a == summary.generated_images(4, 32, 48, seed=4)).all()
