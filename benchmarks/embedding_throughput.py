@@ -14,11 +14,14 @@ drift from run to run. XLA configurations (flags are read once per process):
   * ``qscore_jax``: what ``import qscore_jax`` sets up (convolutions on XLA's
     own kernels, dots on YNNPACK; see ``qscore_jax/_xla_cpu.py``),
   * ``jaxlib-default``: jaxlib 0.10's defaults (``QSCORE_JAX_KEEP_XLA_FLAGS=1``),
-    which hand convolutions to YNNPACK.
+    which hand convolutions to YNNPACK,
+  * ``no-ynnpack`` (not run by default): no YNNPACK at all, dots included.
 
 Run (about 15 minutes on 2 cores; needs torch and torchvision, ``pip install -e .[test]``):
 
     python benchmarks/embedding_throughput.py --out benchmarks/results/embedding_throughput.json
+    python benchmarks/embedding_throughput.py --archs resnet50 --batches 32 \
+        --configs qscore_jax no-ynnpack jaxlib-default --out benchmarks/results/xla_configs.json
 
 It prints the Markdown table that ``benchmarks/README.md`` holds.
 """
@@ -38,6 +41,8 @@ import time
 CONFIGS = {
     'qscore_jax': {},
     'jaxlib-default': {'QSCORE_JAX_KEEP_XLA_FLAGS': '1'},
+    # Neither convolutions nor dots on YNNPACK: everything on XLA's Eigen kernels.
+    'no-ynnpack': {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type='},
 }
 
 
@@ -152,7 +157,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--archs', nargs='+', default=['resnet50', 'resnet18'])
   parser.add_argument('--batches', nargs='+', type=int, default=[32, 64])
-  parser.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=list(CONFIGS))
+  parser.add_argument('--configs', nargs='+', default=['qscore_jax', 'jaxlib-default'],
+                      choices=list(CONFIGS))
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--out', help='write all results as JSON here')
   parser.add_argument('--worker', nargs=3, metavar=('ARCH', 'BATCH', 'ROUNDS'),

@@ -1,4 +1,4 @@
-"""Per-sample statistics of a representation matrix (METHOD.md, "Definitions").
+"""Per-sample statistics of a representation matrix (the definitions of the Q-Score paper).
 
 Pure functions of ``h`` (N, d): they run inside ``jax.jit``, ``vmap`` and
 ``pmap`` and can be called from users' own jitted code.

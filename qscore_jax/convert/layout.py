@@ -6,7 +6,7 @@ ViT names (``blocks.3.attn.qkv.weight``), *without* any method prefix.
 Output: ``{'params': ..., 'batch_stats': ...}`` nested dicts of float32 numpy
 arrays, ready for ``model.apply``.
 
-Transforms (CHECKPOINTS.md §0.3): conv OIHW -> HWIO, linear (out, in) -> (in, out),
+Transforms: conv OIHW -> HWIO, linear (out, in) -> (in, out),
 BatchNorm weight/bias/running_mean/running_var -> scale/bias and
 batch_stats mean/var, ``num_batches_tracked`` dropped, fused qkv split into
 per-head query/key/value kernels (D, H, D/H).

@@ -9,8 +9,8 @@ One module covers every ResNet the eight methods published:
   torchvision's ``wide_resnet50_2``, which widens only the inner 3x3.
 * ``conv_padding`` / ``pool_padding``: ``'torch'`` pads symmetrically
   (k // 2 on each side, as torchvision); ``'tf_same'`` is TensorFlow's SAME,
-  which pads more at the bottom/right when the stride is 2 (BYOL everywhere;
-  SimCLR's max-pool only).  See ``CHECKPOINTS.md`` §0.4, §1, §5.
+  which on even inputs to a stride-2 layer pads one pixel less at the top/left
+  (BYOL's Haiku nets everywhere; SimCLR's TF code in the stem max-pool only).
 * ``stem='cifar'``: solo-learn's 3x3/stride-1/padding-2 stem without max-pool.
 
 Parameter names follow torchvision (``conv1``, ``bn1``, ``layer3_2/conv2``,
