@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qscore_jax.models.features import (STATE_COLLECTIONS, apply_with_features,
+                                        expose_feature, keep_state)
 from qscore_jax.models.inputs import check_image_batch
 from qscore_jax.models.registry import (
     ARCHITECTURES, METHODS, ModelSpec, Preprocessing, build_model,
@@ -28,18 +30,10 @@ from qscore_jax.models.resnet import ResNet
 from qscore_jax.models.vit import VisionTransformer, resample_pos_embed
 from qscore_jax.models.weights import load_model, load_variables, save_model
 
-# Collections that hold model state; sown intermediates and perturbations are
-# transient and never stored.
-STATE_COLLECTIONS = ('params', 'batch_stats')
-
 
 def _default_input_shape(model: nn.Module) -> tuple[int, int, int, int]:
   size = getattr(model, 'image_size', 224)
   return (1, size, size, 3)
-
-
-def _keep_state(variables) -> dict[str, Any]:
-  return {k: v for k, v in variables.items() if k in STATE_COLLECTIONS}
 
 
 def init_variables(model: nn.Module, rng: jax.Array,
@@ -52,7 +46,7 @@ def init_variables(model: nn.Module, rng: jax.Array,
     input_shape: shape of an example batch; defaults to one 224x224 image.
   """
   shape = input_shape or _default_input_shape(model)
-  init = jax.jit(lambda key: _keep_state(
+  init = jax.jit(lambda key: keep_state(
       model.init(key, jnp.zeros(shape, jnp.float32))))
   return init(rng)
 
@@ -65,38 +59,20 @@ def abstract_variables(model: nn.Module,
   checkpoints onto a target.
   """
   shape = input_shape or _default_input_shape(model)
-  return _keep_state(jax.eval_shape(
+  return keep_state(jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros(shape, jnp.float32))))
-
-
-def apply_with_features(model: nn.Module, variables: Any, images: jax.Array, *,
-                        train: bool = False):
-  """Representation and every intermediate feature map in one pass.
-
-  Returns:
-    ``(representation, features)``: the representation (N, d) and a dict from
-    each name of ``model.feature_names`` to its array, (N, h, w, C) for ResNet
-    stages and (N, 1 + h*w, D) token arrays for ViT blocks. With ``train=True``
-    the updated ``batch_stats`` are discarded (use ``model.apply`` with
-    ``mutable=['batch_stats']`` to train).
-  """
-  mutable = ['intermediates', 'batch_stats'] if train else ['intermediates']
-  representation, state = model.apply(
-      _keep_state(variables), images, train=train, mutable=mutable)
-  features = {name: value[0] for name, value in state['intermediates'].items()}
-  return representation, features
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
 def embed(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
   """Jitted inference-mode representation, (N, H, W, 3) -> (N, d) float32."""
-  return model.apply(_keep_state(variables), images, train=False)
+  return model.apply(keep_state(variables), images, train=False)
 
 
 __all__ = [
     'ARCHITECTURES', 'METHODS', 'ModelSpec', 'Preprocessing', 'ResNet',
     'STATE_COLLECTIONS', 'VisionTransformer', 'abstract_variables',
-    'apply_with_features', 'build_model', 'check_image_batch', 'embed',
+    'apply_with_features', 'build_model', 'check_image_batch', 'embed', 'expose_feature',
     'get_model_spec', 'get_preprocessing', 'init_variables', 'list_models',
     'load_model', 'load_variables', 'resample_pos_embed', 'save_model',
 ]

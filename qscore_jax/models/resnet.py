@@ -29,6 +29,7 @@ from typing import Any, Literal, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from qscore_jax.models.features import expose_feature
 from qscore_jax.models.inputs import check_image_batch
 
 PaddingMode = Literal['torch', 'tf_same']
@@ -67,8 +68,8 @@ def _conv_bn(x, train: bool, *, features: int, kernel_size: int, stride: int,
   return norm(scale_init=bn_scale_init, name=bn_name)(x, use_running_average=not train)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions (ResNet-18/34)."""
+class _Block(nn.Module):
+  """Fields shared by the residual blocks; ``planes`` is torchvision's name."""
   planes: int
   stride: int
   conv_padding: str
@@ -76,12 +77,18 @@ class BasicBlock(nn.Module):
   dtype: Any
   width_per_group: int = 64
   zero_init_residual: bool = False
+
+  def _last_bn_init(self):
+    return nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convolutions (ResNet-18/34)."""
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    last_bn_init = (nn.initializers.zeros if self.zero_init_residual
-                    else nn.initializers.ones)
+    last_bn_init = self._last_bn_init()
     conv_bn = functools.partial(_conv_bn, train=train, norm=self.norm, dtype=self.dtype)
     out = conv_bn(x, features=self.planes, kernel_size=3, stride=self.stride,
                   padding=_padding(3, self.conv_padding), conv_name='conv1', bn_name='bn1')
@@ -96,23 +103,15 @@ class BasicBlock(nn.Module):
     return nn.relu(out + x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1 -> 3x3 (carries the stride, v1.5) -> 1x1 with 4x expansion."""
-  planes: int
-  stride: int
-  conv_padding: str
-  norm: Any
-  dtype: Any
-  width_per_group: int = 64
-  zero_init_residual: bool = False
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
     inner = self.planes * self.width_per_group // 64
     out_features = self.planes * self.expansion
-    last_bn_init = (nn.initializers.zeros if self.zero_init_residual
-                    else nn.initializers.ones)
+    last_bn_init = self._last_bn_init()
     conv_bn = functools.partial(_conv_bn, train=train, norm=self.norm, dtype=self.dtype)
     out = conv_bn(x, features=inner, kernel_size=1, stride=1,
                   padding=_padding(1, self.conv_padding), conv_name='conv1', bn_name='bn1')
@@ -197,12 +196,6 @@ class ResNet(nn.Module):
     """Names of the sown/perturbable feature maps, input side first."""
     return ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
 
-  def _tap(self, name: str, x):
-    """Exposes a feature map to ``intermediates`` and to gradient taps."""
-    x = self.perturb(name, x)
-    self.sow('intermediates', name, x)
-    return x
-
   @nn.compact
   def __call__(self, images, train: bool = False):
     """Maps images (N, H, W, 3), preprocessed, to representations (N, d)."""
@@ -219,7 +212,7 @@ class ResNet(nn.Module):
     else:
       x = nn.relu(stem(x, kernel_size=7, stride=2, padding=_padding(7, self.conv_padding)))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=_padding(3, self.pool_padding))
-    x = self._tap('stem', x)
+    x = expose_feature(self, 'stem', x)
 
     block_cls = BLOCKS[self.block]
     for stage, num_blocks in enumerate(self.stage_sizes):
@@ -233,6 +226,6 @@ class ResNet(nn.Module):
             width_per_group=self.width_per_group,
             zero_init_residual=self.zero_init_residual,
             name=f'layer{stage + 1}_{index}')(x, train)
-      x = self._tap(f'layer{stage + 1}', x)
+      x = expose_feature(self, f'layer{stage + 1}', x)
     # Pool in float32 so a bfloat16 forward still yields float32 features.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

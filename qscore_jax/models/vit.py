@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qscore_jax.models.features import expose_feature
 from qscore_jax.models.inputs import check_image_batch
 
 PosEmbedInterpolation = Literal['timm', 'dino']
@@ -172,11 +173,6 @@ class VisionTransformer(nn.Module):
     """Sown token arrays (N, 1 + h*w, D), input side first."""
     return ('embedding',) + tuple(f'block{i}' for i in range(self.depth))
 
-  def _tap(self, name: str, x):
-    x = self.perturb(name, x)
-    self.sow('intermediates', name, x)
-    return x
-
   @nn.compact
   def __call__(self, images, train: bool = False):
     """Maps images (N, H, W, 3), preprocessed, to class tokens (N, embed_dim).
@@ -206,12 +202,12 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate(
         [jnp.broadcast_to(cls_token, (n, 1, dim)).astype(x.dtype), x], axis=1)
     x = x + pos.astype(x.dtype)
-    x = self._tap('embedding', x)
+    x = expose_feature(self, 'embedding', x)
 
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.layer_norm_eps,
                 self.dtype, name=f'blocks_{i}')(x)
-      x = self._tap(f'block{i}', x)
+      x = expose_feature(self, f'block{i}', x)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                      name='norm')(x)
     return x[:, 0].astype(jnp.float32)
