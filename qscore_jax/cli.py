@@ -37,6 +37,42 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
   return 0
 
 
+def _parse_option(text: str) -> tuple[str, object]:
+  """``key=value`` with the value read as int, float, bool or string."""
+  key, sep, value = text.partition('=')
+  if not sep or not key:
+    raise argparse.ArgumentTypeError(f'expected KEY=VALUE, got {text!r}')
+  for cast in (int, float):
+    try:
+      return key, cast(value)
+    except ValueError:
+      pass
+  if value.lower() in ('true', 'false'):
+    return key, value.lower() == 'true'
+  return key, value
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+  from qscore_jax import convert  # pylint: disable=import-outside-toplevel
+  converted = convert.convert_checkpoint(
+      args.model_id, file=args.file, method=args.method, arch=args.arch,
+      arch_options=dict(args.arch_option or []), submodel=args.submodel, out_dir=args.out,
+      overwrite=args.overwrite, progress=not args.no_progress)
+  meta = converted.metadata
+  provenance = meta['provenance']
+  heads = ', '.join(f'{name} ({len(spec["layers"])} layers)' for name, spec in meta['heads'].items())
+  options = ', '.join(f'{k}={v}' for k, v in meta['arch_options'].items())
+  print(f"converted    {meta['model_id'] or meta['method']} -> {converted.directory}")
+  print(f"backbone     {meta['arch']}{' (' + options + ')' if options else ''}, "
+        f"{converted.model.num_features}-d representation, sub-model {provenance['submodel']}")
+  print(f"heads        {heads or 'none in the file'}")
+  for source in provenance['source_files']:
+    print(f"source       {source['name']}  sha256 {source['sha256']}")
+  dropped = '; '.join(f'{reason} ({n})' for reason, n in provenance['dropped'].items())
+  print(f"dropped      {dropped or 'nothing'}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='qscore',
@@ -51,6 +87,32 @@ def build_parser() -> argparse.ArgumentParser:
                       'byol, dino, simsiam, vicreg, barlowtwins)')
   models.add_argument('--json', action='store_true', help='print JSON, with URLs')
   models.set_defaults(func=_cmd_models)
+
+  convert = commands.add_parser(
+      'convert', help='convert an official checkpoint into a qscore_jax model',
+      description='Convert a published SSL checkpoint into an orbax checkpoint plus metadata '
+                  '(default directory checkpoints/<model-id>/). Give a registry id to download '
+                  'the official file (cached in $QSCORE_JAX_CACHE or ~/.cache/qscore_jax, '
+                  'verified against the registry digest when known), or --file with --method '
+                  '(and optionally --arch) for a local file. Every parameter must be filled '
+                  'exactly once and every key of the file used or dropped by an explicit rule.')
+  convert.add_argument('model_id', nargs='?', help='registry id (qscore models), e.g. dino-vits16')
+  convert.add_argument('--file', help='local checkpoint: .pth/.pth.tar/.ckpt, TF1 prefix, '
+                       '.index or .zip, or BYOL .pkl')
+  convert.add_argument('--method', help='simclr, swav, moco, mocov3, byol, dino, simsiam, vicreg, '
+                       'barlowtwins or solo-learn (needed without a registry id)')
+  convert.add_argument('--arch', help='architecture (e.g. resnet50, vit_small); inferred from '
+                       'the file when omitted')
+  convert.add_argument('--arch-option', action='append', type=_parse_option, metavar='KEY=VALUE',
+                       help='architecture option the weights cannot reveal, e.g. num_heads=12 '
+                       'or conv_padding=tf_same (repeatable)')
+  convert.add_argument('--submodel', help='which network of the file: DINO teacher|student, BYOL '
+                       'online|target, MoCo query|key, MoCo v3 base|momentum, SimCLR base|ema, '
+                       'solo-learn base|momentum (default: the one the authors evaluate)')
+  convert.add_argument('--out', help='output directory (default checkpoints/<model-id>)')
+  convert.add_argument('--overwrite', action='store_true', help='replace an existing output')
+  convert.add_argument('--no-progress', action='store_true', help='no download progress bar')
+  convert.set_defaults(func=_cmd_convert)
 
   inspect = commands.add_parser(
       'inspect', help='embed a generated batch with a model and print representation statistics',
@@ -73,8 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
-  except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError,
-          NotImplementedError) as error:
+  except (ValueError, KeyError, TypeError, OSError, NotImplementedError) as error:
     message = error.args[0] if isinstance(error, KeyError) and error.args else error
     print(f'qscore {args.command}: error: {message}', file=sys.stderr)
     return 2

@@ -70,7 +70,7 @@ def test_loading_onto_another_architecture_lists_the_mismatch(tmp_path):
   save_model(tmp_path / 'm', random_variables(model, (1, 32, 32, 3)), arch='resnet18')
   with pytest.raises(ValueError, match=r'does not fit the model(.|\n)*missing'):
     load_variables(tmp_path / 'm', build_model('resnet50'))
-  with pytest.raises(ValueError, match=r"\['conv1'\]\['kernel'\]: stored \(7, 7, 3, 64\), "
+  with pytest.raises(ValueError, match=r"\['conv1'\]\['kernel'\]: file \(7, 7, 3, 64\), "
                      r'model expects \(7, 7, 3, 128\)'):
     load_variables(tmp_path / 'm', build_model('resnet18', width_multiplier=2))
 

@@ -147,3 +147,88 @@ def vit_from_torch(state: Mapping[str, Any], num_heads: int) -> dict[str, Any]:
     raise LayoutError(f'ViT state dict lacks {error.args[0]!r}.') from None
   _check_consumed(state, used, 'timm-layout ViT backbone')
   return {'params': params}
+
+
+def _fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """``torch.nn.utils.weight_norm`` (dim=0) of a Linear: w = g * v / ||v|| per output row."""
+  v = np.asarray(v, np.float64)
+  norm = np.linalg.norm(v.reshape(v.shape[0], -1), axis=1).reshape((-1,) + (1,) * (v.ndim - 1))
+  return (np.asarray(g, np.float64).reshape(norm.shape) * v / norm).astype(np.float32)
+
+
+def mlp_head_from_torch(state: Mapping[str, Any], *, activation: str | None = 'relu',
+                        normalize_input: bool = False):
+  """A ``torch.nn.Sequential`` MLP state dict -> (:class:`HeadSpec`, Flax variables).
+
+  ``state`` holds the Sequential's keys without its prefix (``'0.weight'``,
+  ``'1.running_mean'``, ...; a bare Linear may use ``'weight'``/``'bias'``).
+  The structure is read off the keys: a module with ``running_mean`` is a
+  BatchNorm1d (affine, scale-only or statistics-only by which of
+  ``weight``/``bias`` exist), any other is a Linear (with or without bias,
+  weight-norm ``weight_g``/``weight_v`` folded). A gap in the indices is a
+  parameter-free activation (``activation``: ReLU for every release but
+  DINO's GELU head). Every key must be consumed.
+  """
+  from qscore_jax.models.heads import HeadLayer, HeadSpec  # pylint: disable=import-outside-toplevel
+  modules: dict[int, dict[str, Any]] = {}
+  for key, value in state.items():
+    index, _, leaf = key.rpartition('.')
+    if not index:
+      index, leaf = '0', key  # a bare nn.Linear
+    if not index.isdigit():
+      raise LayoutError(f'head key {key!r} is not a torch.nn.Sequential entry.')
+    modules.setdefault(int(index), {})[leaf] = value
+  if not modules:
+    raise LayoutError('empty head state dict.')
+
+  layers, params, stats = [], {}, {}
+  order = sorted(modules)
+  for position, index in enumerate(order):
+    leaves = modules[index]
+    if 'running_mean' in leaves:  # BatchNorm after the previous linear
+      if not layers or 'norm' in layers[-1]:
+        raise LayoutError(f'head module {index} is a BatchNorm without a linear layer before it.')
+      i = len(layers) - 1
+      has_scale, has_shift = 'weight' in leaves, 'bias' in leaves
+      layers[-1]['norm'] = ('batchnorm' if has_scale and has_shift else
+                            'batchnorm_no_shift' if has_scale else
+                            'batchnorm_no_affine' if not has_shift else None)
+      if layers[-1]['norm'] is None:
+        raise LayoutError(f'head BatchNorm {index} has a shift but no scale.')
+      node = {}
+      if has_scale:
+        node['scale'] = _f32(leaves.pop('weight'))
+      if has_shift:
+        node['bias'] = _f32(leaves.pop('bias'))
+      if node:
+        params[f'norm_{i}'] = node
+      stats[f'norm_{i}'] = {'mean': _f32(leaves.pop('running_mean')),
+                            'var': _f32(leaves.pop('running_var'))}
+      leaves.pop('num_batches_tracked', None)
+    else:
+      if 'weight_g' in leaves and 'weight_v' in leaves:
+        weight = _fold_weight_norm(leaves.pop('weight_g'), leaves.pop('weight_v'))
+      elif 'weight' in leaves:
+        weight = _f32(leaves.pop('weight'))
+      else:
+        raise LayoutError(f'head module {index} has neither a weight nor BatchNorm '
+                          f'statistics (keys {sorted(leaves)}).')
+      if weight.ndim != 2:
+        raise LayoutError(f'head module {index} weight has shape {weight.shape}; '
+                          'a Linear weight is (out, in).')
+      i = len(layers)
+      node = {'kernel': weight.T.copy()}
+      if 'bias' in leaves:
+        node['bias'] = _f32(leaves.pop('bias'))
+      params[f'dense_{i}'] = node
+      layers.append({'features': weight.shape[0], 'use_bias': 'bias' in node})
+    if leaves:
+      raise LayoutError(f'head module {index} has unexpected keys {sorted(leaves)}.')
+    # An index gap before the next module is a parameter-free activation.
+    if position + 1 < len(order) and order[position + 1] > index + 1:
+      layers[-1]['activation'] = activation
+  spec = HeadSpec(tuple(HeadLayer(**layer) for layer in layers), normalize_input)
+  variables = {'params': params}
+  if stats:
+    variables['batch_stats'] = stats
+  return spec, variables

@@ -28,7 +28,7 @@ from qscore_jax.models.registry import (
     get_model_spec, get_preprocessing, list_models)
 from qscore_jax.models.resnet import ResNet
 from qscore_jax.models.vit import VisionTransformer, resample_pos_embed
-from qscore_jax.models.weights import load_model, load_variables, save_model
+from qscore_jax.models.weights import load_heads, load_model, load_variables, save_model
 
 
 def _default_input_shape(model: nn.Module) -> tuple[int, int, int, int]:

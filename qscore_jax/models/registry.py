@@ -129,7 +129,10 @@ class ModelSpec:
   preprocessing: Preprocessing
   url: str
   container: str
-  sha256: str | None = None
+  files: tuple[str, ...] = ()
+  sha256: str | Mapping[str, str] | None = None
+  md5_prefix: str | None = None
+  licence: str = ''
   supported: bool = True
   reason: str = ''
   notes: str = ''
@@ -154,6 +157,7 @@ def _registry_text() -> str:
 @functools.cache
 def _load_registry() -> tuple[dict[str, ModelSpec], dict[str, Preprocessing]]:
   data = tomllib.loads(_registry_text())
+  licences = data.get('licences', {})
   presets = {name: Preprocessing(name=name, **{
       k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
              for name, table in data['preprocessing'].items()}
@@ -169,6 +173,8 @@ def _load_registry() -> tuple[dict[str, ModelSpec], dict[str, Preprocessing]]:
       raise ValueError(f'registry.toml: model {model_id!r} has unknown arch {table["arch"]!r}.')
     specs[model_id] = ModelSpec(
         id=model_id, **{**table, 'arch_options': dict(table.get('arch_options', {})),
+                        'files': tuple(table.get('files', ())),
+                        'licence': table.get('licence') or licences.get(table['method'], ''),
                         'preprocessing': presets[table['preprocessing']]})
   return specs, presets
 

@@ -1,13 +1,17 @@
-"""Saving and loading backbone variables with orbax, plus a JSON metadata file.
+"""Saving and loading backbone (and head) variables with orbax, plus JSON metadata.
 
 A saved model is a directory::
 
     <directory>/
-      variables/      orbax checkpoint of {'params': ..., 'batch_stats': ...}
-      metadata.json   model id, method, arch + options, preprocessing, provenance
+      variables/      orbax checkpoint of the backbone {'params', 'batch_stats'}
+      heads/          orbax checkpoint of {head name: {'params', 'batch_stats'}} (optional)
+      metadata.json   model id, method, arch + options, preprocessing, head specs,
+                      provenance, package version
 
-The metadata is enough to rebuild the Flax module, so :func:`load_model`
-returns a model ready to apply. Round trips are bit-exact.
+The metadata is enough to rebuild the Flax modules, so :func:`load_model`
+returns a model ready to apply. Round trips are bit-exact. A save is written
+to a temporary sibling directory and renamed into place only when complete,
+so a failure never leaves a half-written model behind.
 """
 
 from __future__ import annotations
@@ -15,16 +19,20 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
+import shutil
+import tempfile
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
+from qscore_jax.models.heads import HeadSpec, MLPHead
 from qscore_jax.models.registry import ModelSpec, Preprocessing, build_model
 
 METADATA_FILE = 'metadata.json'
 VARIABLES_DIR = 'variables'
+HEADS_DIR = 'heads'
 FORMAT_VERSION = 1
 
 
@@ -33,72 +41,98 @@ def _package_version() -> str:
   return __version__
 
 
-def _check_variables(variables: Any) -> dict[str, Any]:
+def _check_variables(variables: Any, what: str = 'variables') -> dict[str, Any]:
   if not isinstance(variables, Mapping) or 'params' not in variables:
     raise ValueError(
-        "variables must be a dict with a 'params' entry (and 'batch_stats' for "
+        f"{what} must be a dict with a 'params' entry (and 'batch_stats' for "
         f'ResNets), got {type(variables).__name__} with keys '
         f'{sorted(variables) if isinstance(variables, Mapping) else "-"}.')
   extra = set(variables) - {'params', 'batch_stats'}
   if extra:
-    raise ValueError(f'variables hold collections {sorted(extra)} that are not '
+    raise ValueError(f'{what} hold collections {sorted(extra)} that are not '
                      "model state; keep only 'params' and 'batch_stats'.")
   return dict(variables)
+
+
+def _save_tree(path: pathlib.Path, tree: Any) -> None:
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    checkpointer.save(path, tree, force=True)
+    checkpointer.wait_until_finished()
+  finally:
+    checkpointer.close()
 
 
 def save_model(directory: str | pathlib.Path, variables: Mapping[str, Any],
                spec: ModelSpec | None = None, *, arch: str | None = None,
                arch_options: Mapping[str, Any] | None = None,
+               method: str | None = None,
                preprocessing: Preprocessing | None = None,
+               heads: Mapping[str, tuple[HeadSpec, Mapping[str, Any]]] | None = None,
                provenance: Mapping[str, Any] | None = None,
                overwrite: bool = False) -> pathlib.Path:
-  """Writes ``variables`` and their metadata to ``directory``.
+  """Writes ``variables`` (and heads) with their metadata to ``directory``.
 
   Args:
     directory: target directory (made absolute; orbax needs absolute paths).
-    variables: ``{'params': ..., 'batch_stats': ...}`` of the model.
+    variables: ``{'params': ..., 'batch_stats': ...}`` of the backbone.
     spec: registry entry the weights belong to; supplies model id, method,
       architecture and preprocessing. Without it, give ``arch``.
-    arch, arch_options, preprocessing: override or replace the spec's.
-    provenance: free-form JSON-serialisable facts about the source (URL,
-      sha256, which sub-model was taken, ...).
-    overwrite: replace an existing saved model.
+    arch, arch_options, method, preprocessing: override or replace the spec's.
+    heads: ``{name: (HeadSpec, variables)}`` of projection heads, predictors,
+      prototypes or classifiers that came with the weights.
+    provenance: JSON-serialisable facts about the source (URL, sha256, which
+      sub-model was taken, ...).
+    overwrite: replace an existing saved model (only once the new one is
+      completely written).
 
   Returns:
     The absolute directory path.
   """
   directory = pathlib.Path(directory).expanduser().resolve()
   variables = _check_variables(variables)
+  heads = {name: (head_spec, _check_variables(head_vars, f'head {name!r}'))
+           for name, (head_spec, head_vars) in (heads or {}).items()}
   if spec is None and arch is None:
     raise ValueError('save_model needs a registry spec or an arch name.')
   arch = arch or spec.arch
   options = dict(spec.arch_options if spec else {}) | dict(arch_options or {})
   build_model(arch, **options)  # fails early on options the arch lacks
   preprocessing = preprocessing or (spec.preprocessing if spec else None)
-  if directory.exists() and any(directory.iterdir()):
-    if not overwrite:
-      raise FileExistsError(f'{directory} already holds files; pass overwrite=True '
-                            '(--overwrite) to replace them, or choose another directory.')
-  directory.mkdir(parents=True, exist_ok=True)
+  if directory.exists() and not directory.is_dir():
+    raise FileExistsError(f'{directory} exists and is not a directory.')
+  if directory.exists() and any(directory.iterdir()) and not overwrite:
+    raise FileExistsError(f'{directory} already holds files; pass overwrite=True '
+                          '(--overwrite) to replace them, or choose another directory.')
 
   metadata = {
       'format_version': FORMAT_VERSION,
       'model_id': spec.id if spec else None,
-      'method': spec.method if spec else None,
+      'method': method or (spec.method if spec else None),
       'arch': arch,
       'arch_options': options,
       'preprocessing': preprocessing.to_json() if preprocessing else None,
+      'heads': {name: head_spec.to_json() for name, (head_spec, _) in heads.items()},
       'provenance': dict(provenance or {}),
       'qscore_jax_version': _package_version(),
       'saved_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
-  json.dumps(metadata)  # fail before writing anything if it is not serialisable
+  text = json.dumps(metadata, indent=2) + '\n'  # fails here, before writing, if not serialisable
 
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / VARIABLES_DIR, variables, force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + '\n')
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}.partial-',
+                                          dir=directory.parent))
+  try:
+    _save_tree(staging / VARIABLES_DIR, variables)
+    if heads:
+      _save_tree(staging / HEADS_DIR, {name: head_vars for name, (_, head_vars) in heads.items()})
+    (staging / METADATA_FILE).write_text(text)
+    if directory.exists():
+      shutil.rmtree(directory)
+    staging.rename(directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
   return directory
 
 
@@ -121,9 +155,54 @@ def model_from_metadata(metadata: Mapping[str, Any], **overrides: Any) -> nn.Mod
   return build_model(metadata['arch'], **{**metadata['arch_options'], **overrides})
 
 
+def tree_mismatches(expected: Any, actual: Any) -> list[str]:
+  """Readable differences between two pytrees of arrays or shape structs.
+
+  Returns one line per problem (empty when both have the same leaves and
+  shapes): missing leaves, unexpected leaves, and shape mismatches with both
+  shapes, parameters listed before statistics.
+  """
+  want = {jax.tree_util.keystr(p): tuple(v.shape)
+          for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+  have = {jax.tree_util.keystr(p): tuple(getattr(v, 'shape', ()) or ())
+          for p, v in jax.tree_util.tree_leaves_with_path(actual)}
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  wrong = sorted((k for k in set(want) & set(have) if want[k] != have[k]),
+                 key=lambda k: (not k.startswith("['params']"), k))
+  lines = []
+  if missing:
+    lines.append(f'{len(missing)} model variables missing, e.g. {missing[:5]}')
+  if unexpected:
+    lines.append(f'{len(unexpected)} unexpected variables, e.g. {unexpected[:5]}')
+  if wrong:
+    lines.append(f'{len(wrong)} variables have other shapes, e.g.')
+    lines += [f'  {key}: file {have[key]}, model expects {want[key]}' for key in wrong[:8]]
+  return lines
+
+
+def _restore(path: pathlib.Path, target: Any, what: str) -> Any:
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    stored = checkpointer.metadata(path)
+    stored_tree = getattr(stored, 'item_metadata', stored)
+    problems = tree_mismatches(target, stored_tree)
+    if problems:
+      raise ValueError('\n'.join([f'The checkpoint in {path.parent} does not fit the {what}:']
+                                 + ['  ' + p for p in problems]
+                                 + ['Check the architecture options in metadata.json.']))
+    return checkpointer.restore(path, target)
+  finally:
+    checkpointer.close()
+
+
+def _default_sharding(sharding):
+  return sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def load_variables(directory: str | pathlib.Path, model: nn.Module | None = None,
                    *, sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
-  """Restores the variables saved in ``directory``.
+  """Restores the backbone variables saved in ``directory``.
 
   Args:
     directory: a directory written by :func:`save_model`.
@@ -134,44 +213,43 @@ def load_variables(directory: str | pathlib.Path, model: nn.Module | None = None
   """
   from qscore_jax.models import abstract_variables  # pylint: disable=import-outside-toplevel
   directory = pathlib.Path(directory).expanduser().resolve()
-  metadata = read_metadata(directory)
-  model = model or model_from_metadata(metadata)
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  model = model or model_from_metadata(read_metadata(directory))
+  sharding = _default_sharding(sharding)
   target = jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       abstract_variables(model))
+  return _restore(directory / VARIABLES_DIR, target, 'model')
+
+
+def load_heads(directory: str | pathlib.Path, *,
+               sharding: jax.sharding.Sharding | None = None,
+               **overrides: Any) -> dict[str, tuple[MLPHead, dict[str, Any]]]:
+  """The heads saved with a model: ``{name: (MLPHead module, variables)}``.
+
+  ``overrides`` are passed to every head module (e.g. ``bn_axis_name``).
+  """
+  directory = pathlib.Path(directory).expanduser().resolve()
+  metadata = read_metadata(directory)
+  specs = {name: HeadSpec.from_json(data) for name, data in metadata.get('heads', {}).items()}
+  if not specs:
+    return {}
+  sharding = _default_sharding(sharding)
+  modules = {name: spec.build(**overrides) for name, spec in specs.items()}
   checkpointer = ocp.StandardCheckpointer()
   try:
-    stored = checkpointer.metadata(directory / VARIABLES_DIR)
-    stored_tree = getattr(stored, 'item_metadata', stored)
-    _compare_trees(target, stored_tree, directory)
-    return checkpointer.restore(directory / VARIABLES_DIR, target)
+    stored = checkpointer.metadata(directory / HEADS_DIR)
   finally:
     checkpointer.close()
-
-
-def _compare_trees(target: Any, stored: Any, directory: pathlib.Path) -> None:
-  """Raises a readable error when the stored tree does not fit the model."""
-  want = {jax.tree_util.keystr(p): tuple(v.shape)
-          for p, v in jax.tree_util.tree_leaves_with_path(target)}
-  have = {jax.tree_util.keystr(p): tuple(getattr(v, 'shape', ()) or ())
-          for p, v in jax.tree_util.tree_leaves_with_path(stored)}
-  missing = sorted(set(want) - set(have))
-  unexpected = sorted(set(have) - set(want))
-  wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-  if missing or unexpected or wrong:
-    lines = [f'The checkpoint in {directory} does not fit the model:']
-    if missing:
-      lines.append(f'  {len(missing)} model variables missing, e.g. {missing[:5]}')
-    if unexpected:
-      lines.append(f'  {len(unexpected)} unexpected stored variables, e.g. {unexpected[:5]}')
-    if wrong:
-      lines.append(f'  {len(wrong)} variables have other shapes, e.g.')
-      # Parameters first: a kernel shape says more than a BatchNorm statistic.
-      for key in sorted(wrong, key=lambda k: (not k.startswith("['params']"), k))[:8]:
-        lines.append(f'    {key}: stored {have[key]}, model expects {want[key]}')
-    lines.append('Check the architecture options in metadata.json.')
-    raise ValueError('\n'.join(lines))
+  stored_tree = getattr(stored, 'item_metadata', stored)
+  target = {}
+  for name, module in modules.items():
+    in_features = stored_tree[name]['params']['dense_0']['kernel'].shape[0]
+    shapes = jax.eval_shape(lambda m=module, d=in_features: m.init(
+        jax.random.key(0), jax.numpy.zeros((2, d), jax.numpy.float32)))
+    target[name] = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
+  restored = _restore(directory / HEADS_DIR, target, 'heads')
+  return {name: (modules[name], restored[name]) for name in modules}
 
 
 def load_model(directory: str | pathlib.Path, *,
@@ -180,9 +258,9 @@ def load_model(directory: str | pathlib.Path, *,
   """Rebuilds a saved model: ``(module, variables, metadata)``.
 
   ``overrides`` change module attributes that do not affect the weights,
-  e.g. ``dtype=jnp.bfloat16`` or ``bn_axis_name='batch'``.
+  e.g. ``dtype=jnp.bfloat16`` or ``bn_axis_name='batch'``. Heads, if any,
+  come from :func:`load_heads`.
   """
   metadata = read_metadata(directory)
   model = model_from_metadata(metadata, **overrides)
   return model, load_variables(directory, model, sharding=sharding), metadata
-

@@ -1,0 +1,390 @@
+"""Converting an official checkpoint into a qscore_jax model, strictly.
+
+:func:`convert_checkpoint` is the one call behind ``qscore convert``: read the
+file (downloading it first when only a registry id is given), apply the
+method's rules, check that every parameter of the Flax model is filled exactly
+once with the right shape and that every key of the file was used or dropped
+by an explicit rule, then save an orbax checkpoint with metadata.
+:func:`convert_state` does the same on an already-read ``{name: array}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qscore_jax.convert import download as download_lib
+from qscore_jax.convert import layout, readers, rules
+from qscore_jax.convert.rules import ConversionError
+from qscore_jax.models import registry
+from qscore_jax.models.heads import HeadSpec, MLPHead
+from qscore_jax.models.resnet import ResNet, STAGE_SIZES
+from qscore_jax.models.weights import save_model, tree_mismatches
+
+
+@dataclasses.dataclass
+class ConvertedModel:
+  """A converted checkpoint, ready to apply.
+
+  ``model.apply(variables, images)`` gives representations; each head is
+  ``(MLPHead, variables)``; ``directory`` is where it was saved (``None``
+  when not saved).
+  """
+  model: nn.Module
+  variables: dict[str, Any]
+  heads: dict[str, tuple[MLPHead, dict[str, Any]]]
+  metadata: dict[str, Any]
+  directory: pathlib.Path | None = None
+
+
+# ----------------------------------------------------------- architectures
+
+def _kind(arch: str) -> str:
+  return 'vit' if arch.startswith('vit') else 'resnet'
+
+
+_LAYER_KEY = re.compile(r'^layer(\d)\.(\d+)\.')
+
+
+def infer_resnet(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """Architecture of a torchvision-named ResNet state: arch name and options."""
+  if 'conv1.weight' not in state:
+    raise ConversionError('the backbone has no conv1.weight: it is not a ResNet.')
+  blocks = {}
+  for key in state:
+    match = _LAYER_KEY.match(key)
+    if match:
+      stage, index = int(match.group(1)), int(match.group(2))
+      blocks[stage] = max(blocks.get(stage, 0), index + 1)
+  stage_sizes = tuple(blocks.get(s, 0) for s in (1, 2, 3, 4))
+  block = 'bottleneck' if 'layer1.0.conv3.weight' in state else 'basic'
+  stem_channels, _, kernel, _ = state['conv1.weight'].shape
+  width = stem_channels // 64
+  options: dict[str, Any] = {}
+  if width != 1:
+    options['width_multiplier'] = width
+  if kernel == 3:
+    options['stem'] = 'cifar'
+  depth = next((d for d, sizes in STAGE_SIZES.items() if tuple(sizes) == stage_sizes
+                and (block == 'basic') == (d < 50)), None)
+  if depth is None:
+    raise ConversionError(f'the backbone has {block} blocks {stage_sizes} per stage, which is '
+                          'no ResNet-18/34/50/101/152/200.')
+  arch = f'resnet{depth}'
+  if block == 'bottleneck' and 'layer1.0.conv1.weight' in state:
+    inner = state['layer1.0.conv1.weight'].shape[0] // width
+    if inner != 64:
+      if depth == 50 and inner == 128:
+        arch = 'wide_resnet50_2'
+      else:
+        options['width_per_group'] = inner
+  return {'arch': arch, 'options': options}
+
+
+def infer_vit(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """Architecture of a timm-named ViT state: arch name and options (not the head count)."""
+  try:
+    dim = state['cls_token'].shape[-1]
+    patch = state['patch_embed.proj.weight'].shape[-1]
+    positions = state['pos_embed'].shape[1] - 1
+    depth = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
+    hidden = state['blocks.0.mlp.fc1.weight'].shape[0]
+  except (KeyError, ValueError) as error:
+    raise ConversionError(f'the backbone is not a timm-layout ViT ({error}).') from None
+  grid = math.isqrt(positions)
+  if grid * grid != positions:
+    raise ConversionError(f'pos_embed has {positions} patch positions, not a square grid.')
+  arch = {384: 'vit_small', 768: 'vit_base'}.get(dim, 'vit_small')
+  options: dict[str, Any] = {'patch_size': patch}
+  if grid * patch != 224:
+    options['image_size'] = grid * patch
+  if depth != 12:
+    options['depth'] = depth
+  if dim not in (384, 768):
+    options['embed_dim'] = dim
+    options['num_heads'] = max(1, dim // 64)  # timm's convention (ViT-Ti: 192 -> 3)
+  if hidden != 4 * dim:
+    options['mlp_ratio'] = hidden / dim
+  return {'arch': arch, 'options': options}
+
+
+def _architecture_facts(model: nn.Module) -> dict[str, Any]:
+  """The attributes of a built model that the weights determine."""
+  if isinstance(model, ResNet):
+    return {'stage_sizes': tuple(model.stage_sizes), 'block': model.block,
+            'width_multiplier': model.width_multiplier,
+            'width_per_group': model.width_per_group, 'stem': model.stem}
+  return {'patch_size': model.patch_size, 'embed_dim': model.embed_dim, 'depth': model.depth,
+          'image_size': model.image_size, 'mlp_ratio': float(model.mlp_ratio)}
+
+
+def _describe(arch: str, options: Mapping[str, Any]) -> str:
+  text = ', '.join(f'{k}={v}' for k, v in options.items())
+  return f'{arch}({text})' if text else arch
+
+
+# ----------------------------------------------------------------- errors
+
+def _unmatched_error(method: str, keys: list[str], flat_keys: list[str]) -> ConversionError:
+  groups = rules.group_by_prefix(keys, depth=3)
+  shown = '; '.join(f'{prefix} ({n})' for prefix, n in list(groups.items())[:12])
+  guesses = [(m, d) for m, d in rules.guess_method(flat_keys) if m != method]
+  hint = (f' The file looks like {guesses[0][1]}: try --method {guesses[0][0]}.'
+          if guesses else '')
+  return ConversionError(
+      f'{len(keys)} entries of the file are neither used nor dropped by the {method} rules, '
+      f'so it is not a {method} checkpoint of the expected layout. Unmatched, by prefix: '
+      f'{shown}.{hint}')
+
+
+# -------------------------------------------------------------- conversion
+
+def convert_state(flat: Mapping[str, np.ndarray], *, method: str, arch: str | None = None,
+                  arch_options: Mapping[str, Any] | None = None,
+                  submodel: str | None = None) -> dict[str, Any]:
+  """Converts a read checkpoint (``{name: array}``) into Flax variables.
+
+  Args:
+    flat: what a reader of :mod:`qscore_jax.convert.readers` returned.
+    method: one of :data:`rules.CONVERTIBLE_METHODS`.
+    arch, arch_options: the target architecture; inferred from the file when
+      ``arch`` is omitted (options the weights cannot reveal, such as padding
+      or the ViT head count, then come from the method's defaults and
+      ``arch_options``). When given, it is cross-checked against the file.
+    submodel: which network of the file (see :data:`rules.SUBMODELS`).
+
+  Returns:
+    ``{'model', 'variables', 'heads': {name: (HeadSpec, variables)}, 'arch',
+    'arch_options', 'submodel', 'dropped'}``.
+  """
+  if method not in rules.RULES:
+    raise ConversionError(f'unknown method {method!r}; convertible: '
+                          f'{", ".join(rules.CONVERTIBLE_METHODS)}.')
+  choices = rules.SUBMODELS[method]
+  submodel = submodel or choices[0]
+  if submodel not in choices:
+    raise ConversionError(f'{method} checkpoints hold the sub-models {choices}, not {submodel!r}.')
+  kind = _kind(arch) if arch else ('vit' if any(k.endswith('cls_token') for k in flat)
+                                   else 'resnet')
+  given = dict(arch_options or {})
+  hints = {}
+  if method == 'simclr' and arch:
+    probe = registry.build_model(arch, **given)
+    hints = {'stage_sizes': tuple(probe.stage_sizes), 'block': probe.block}
+
+  ledger = rules.KeyLedger(flat)
+  try:
+    extraction = rules.RULES[method](ledger, kind, submodel, **hints)
+  except ConversionError as error:
+    guesses = [(m, d) for m, d in rules.guess_method(flat) if m != method]
+    hint = f' The file looks like {guesses[0][1]}: try --method {guesses[0][0]}.' if guesses else ''
+    raise ConversionError(f'Cannot read the file as a {method} checkpoint: {error}{hint}') from None
+  remaining = ledger.remaining()
+  if remaining:
+    raise _unmatched_error(method, remaining, list(flat))
+
+  inferred = (infer_vit if kind == 'vit' else infer_resnet)(extraction.backbone)
+  defaults = rules.METHOD_ARCH_DEFAULTS.get(method, {}).get(kind, {})
+  if arch is None:
+    arch = inferred['arch']
+    options = {**defaults, **inferred['options'], **given}
+  else:
+    options = {**defaults, **given}
+    # The file decides what the weights reveal; a different request is an error.
+    requested = _architecture_facts(registry.build_model(arch, **options))
+    found = _architecture_facts(registry.build_model(
+        inferred['arch'], **{**inferred['options'],
+                             **({'num_heads': 1} if kind == 'vit' else {})}))
+    if kind == 'resnet' and 'stem' not in given and found['stem'] != requested['stem']:
+      options['stem'] = found['stem']  # solo-learn CIFAR files: the stem is in the weights
+      requested['stem'] = found['stem']
+    differences = {k: (found[k], requested[k]) for k in found if found[k] != requested[k]}
+    if differences:
+      detail = ', '.join(f'{k}: file {f}, requested {r}' for k, (f, r) in differences.items())
+      raise ConversionError(
+          f'The file holds a {_describe(inferred["arch"], inferred["options"])} backbone, but '
+          f'{_describe(arch, given)} was requested ({detail}). Pass --arch '
+          f'{inferred["arch"]} (with the options above), or omit --arch to take it from the file.')
+  model = registry.build_model(arch, **options)
+
+  try:
+    if kind == 'vit':
+      variables = layout.vit_from_torch(extraction.backbone, num_heads=model.num_heads)
+    else:
+      variables = layout.resnet_from_torch(extraction.backbone)
+  except layout.LayoutError as error:
+    raise ConversionError(f'The {method} backbone does not have the {kind} layout: {error}') from None
+  from qscore_jax.models import abstract_variables  # pylint: disable=import-outside-toplevel
+  problems = tree_mismatches(abstract_variables(model), variables)
+  if problems:
+    raise ConversionError('\n'.join(
+        [f'The converted weights do not fill {_describe(arch, options)} exactly:']
+        + ['  ' + p for p in problems]))
+
+  heads = {}
+  for name, (state, activation, normalize_input) in extraction.heads.items():
+    try:
+      head_spec, head_vars = layout.mlp_head_from_torch(
+          state, activation=activation, normalize_input=normalize_input)
+    except layout.LayoutError as error:
+      raise ConversionError(f'The {name} head of the file cannot be read: {error}') from None
+    in_features = head_vars['params']['dense_0']['kernel'].shape[0]
+    expected = jax.eval_shape(lambda s=head_spec, d=in_features: s.build().init(
+        jax.random.key(0), jnp.zeros((2, d), jnp.float32)))
+    problems = tree_mismatches(expected, head_vars)
+    if problems:
+      raise ConversionError('\n'.join([f'The {name} head is inconsistent:']
+                                      + ['  ' + p for p in problems]))
+    heads[name] = (head_spec, head_vars)
+  return {'model': model, 'variables': variables, 'heads': heads, 'arch': arch,
+          'arch_options': options, 'submodel': extraction.submodel,
+          'dropped': ledger.dropped_summary(), 'facts': extraction.facts}
+
+
+# ---------------------------------------------------------------- sources
+
+def _registry_files(spec: registry.ModelSpec) -> list[tuple[str, str | None, str | None]]:
+  """(url, sha256, md5 prefix) of every file of a registry entry."""
+  if spec.files:
+    base = spec.url.rstrip('/') + '/'
+    digests = dict(spec.sha256) if isinstance(spec.sha256, Mapping) else {}
+    return [(base + name, digests.get(name), None) for name in spec.files]
+  sha = spec.sha256 if isinstance(spec.sha256, str) else None
+  return [(spec.url, sha, spec.md5_prefix)]
+
+
+def fetch_registry_files(spec: registry.ModelSpec, *, progress: bool = True
+                         ) -> tuple[pathlib.Path, list[dict[str, Any]]]:
+  """Downloads (or finds in the cache) the official file(s) of ``spec``.
+
+  Returns the path to read (the file, or the TF1 checkpoint prefix) and, per
+  file, ``{'url', 'path', 'sha256'}``.
+  """
+  folder = download_lib.cache_dir() / spec.id
+  sources = []
+  for url, sha, md5_prefix in _registry_files(spec):
+    path = download_lib.download(url, folder / url.rsplit('/', 1)[-1], sha256=sha,
+                                 md5_prefix=md5_prefix, progress=progress)
+    sources.append({'url': url, 'path': str(path), 'sha256': sha})
+  if spec.files:
+    index = next(pathlib.Path(s['path']) for s in sources if s['path'].endswith('.index'))
+    return index.with_suffix(''), sources
+  return pathlib.Path(sources[0]['path']), sources
+
+
+def _files_of(path: pathlib.Path) -> list[pathlib.Path]:
+  """The files that make up a checkpoint given as file, TF1 prefix or directory."""
+  if readers.is_tf1_checkpoint(path):
+    prefix = readers._tf1_prefix(path)  # pylint: disable=protected-access
+    return sorted(p for p in prefix.parent.glob(prefix.name + '.*')
+                  if p.name.endswith('.index') or '.data-' in p.name)
+  return [path]
+
+
+def default_output_dir(model_id: str | None, method: str, source: pathlib.Path,
+                       submodel: str, default_submodel: str) -> pathlib.Path:
+  """``checkpoints/<model-id>`` (plus ``-<submodel>`` when not the default)."""
+  name = model_id or f'{method}-{source.name.split(".")[0]}'
+  if submodel != default_submodel:
+    name += f'-{submodel}'
+  return pathlib.Path('checkpoints') / name
+
+
+def convert_checkpoint(model_id: str | None = None, *, file: str | os.PathLike | None = None,
+                       method: str | None = None, arch: str | None = None,
+                       arch_options: Mapping[str, Any] | None = None,
+                       submodel: str | None = None,
+                       out_dir: str | os.PathLike | None = None, save: bool = True,
+                       overwrite: bool = False, progress: bool = True) -> ConvertedModel:
+  """Converts an official checkpoint and (by default) saves it under ``checkpoints/``.
+
+  Args:
+    model_id: a registry id (``qscore models``); gives method, architecture,
+      preprocessing and the official URL. Without ``file``, the file is
+      downloaded (cached, sha256-verified where the registry knows it).
+    file: a local checkpoint: PyTorch file, TF1 prefix/.index/zip, BYOL pickle.
+    method: needed without ``model_id`` (one of the convertible methods).
+    arch, arch_options: override or, without ``model_id``, choose the
+      architecture; inferred from the file when omitted.
+    submodel: which network of the file (e.g. DINO ``student``); default the
+      one the authors evaluate.
+    out_dir: where to save; default ``checkpoints/<model-id>``.
+    save: write the orbax checkpoint and metadata.
+    overwrite: replace an existing converted model.
+    progress: show download progress.
+
+  Returns:
+    The :class:`ConvertedModel`.
+  """
+  spec = registry.get_model_spec(model_id) if model_id else None
+  if spec is not None and not spec.supported:
+    raise ConversionError(f'{spec.id} cannot be converted yet: {spec.reason}')
+  if spec is None and file is None:
+    raise ConversionError('give a registry id (qscore models lists them), a --file, or both.')
+  method = method or (spec.method if spec else None)
+  if file is not None:
+    source = pathlib.Path(file).expanduser()
+    if not source.exists() and not readers.is_tf1_checkpoint(source):
+      raise ConversionError(f'{source} does not exist.')
+    sources = [{'url': spec.url if spec else None, 'path': str(p), 'sha256': None}
+               for p in _files_of(source)]
+  else:
+    source, sources = fetch_registry_files(spec, progress=progress)
+  if method is None:
+    flat = readers.read_checkpoint(source)
+    guesses = rules.guess_method(flat)
+    hint = f' It looks like {guesses[0][1]} (--method {guesses[0][0]}).' if guesses else ''
+    raise ConversionError(f'give --method (or a registry id) for {source}.{hint}')
+  if spec is not None and method != spec.method and method != 'solo-learn':
+    raise ConversionError(f'{spec.id} is a {spec.method} checkpoint, not {method}.')
+
+  for entry in sources:  # the digest of every file read, verified or not
+    entry['sha256'] = download_lib.sha256_of(entry['path'])
+  flat = readers.read_checkpoint(source)
+  arch = arch or (spec.arch if spec else None)
+  options = {**(dict(spec.arch_options) if spec else {}), **dict(arch_options or {})}
+  result = convert_state(flat, method=method, arch=arch, arch_options=options,
+                         submodel=submodel)
+  default_submodel = rules.SUBMODELS[method][0]
+  provenance = {
+      'source_url': spec.url if spec else None,
+      'source_files': [{'name': pathlib.Path(s['path']).name, 'sha256': s['sha256'],
+                        'url': s['url']} for s in sources],
+      'source_sha256': sources[0]['sha256'] if len(sources) == 1 else None,
+      'submodel': result['submodel'],
+      'dropped': result['dropped'],
+      **result['facts'],
+  }
+  preprocessing = spec.preprocessing if spec else None
+  metadata = {'model_id': spec.id if spec else None, 'method': method, 'arch': result['arch'],
+              'arch_options': result['arch_options'],
+              'preprocessing': preprocessing.to_json() if preprocessing else None,
+              'heads': {n: s.to_json() for n, (s, _) in result['heads'].items()},
+              'provenance': provenance}
+  directory = None
+  if save:
+    target = pathlib.Path(out_dir) if out_dir else default_output_dir(
+        spec.id if spec else None, method, pathlib.Path(sources[0]['path']),
+        result['submodel'], default_submodel)
+    directory = save_model(target, result['variables'], spec, arch=result['arch'],
+                           arch_options=result['arch_options'], method=method,
+                           preprocessing=preprocessing, heads=result['heads'],
+                           provenance=provenance, overwrite=overwrite)
+    metadata = json.loads((directory / 'metadata.json').read_text())
+  heads = {name: (head_spec.build(), head_vars)
+           for name, (head_spec, head_vars) in result['heads'].items()}
+  return ConvertedModel(result['model'], result['variables'], heads, metadata, directory)
+
+
+__all__ = ['ConversionError', 'ConvertedModel', 'HeadSpec', 'convert_checkpoint',
+           'convert_state', 'fetch_registry_files', 'infer_resnet', 'infer_vit']
