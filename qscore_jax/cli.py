@@ -73,6 +73,36 @@ def _cmd_convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_datasets(args: argparse.Namespace) -> int:
+  from qscore_jax import data  # pylint: disable=import-outside-toplevel
+  if args.name is None:
+    from qscore_jax.data import datasets  # pylint: disable=import-outside-toplevel
+    print(datasets.__doc__.split('\n\n', 1)[1].split('\n\n:func:')[0])
+    return 0
+  info = data.dataset_info(args.name, args.data_dir)
+  splits = ', '.join(f'{split} {count}' for split, count in sorted(info.splits.items()))
+  print(f'{info.name}: {info.num_classes} classes, splits: {splits}')
+  print(f'  image shape {info.image_shape}; features {", ".join(info.features)}'
+        + ('; core/spurious masks' if info.has_masks else ''))
+  names = ', '.join(info.class_names[:12]) + (' ...' if info.num_classes > 12 else '')
+  print(f'  classes: {names}')
+  return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+  from qscore_jax import data  # pylint: disable=import-outside-toplevel
+  extra = {}
+  if args.name.startswith('salient_imagenet'):
+    if not (args.salient_dir and args.annotations):
+      raise ValueError('preparing salient_imagenet needs --salient-dir (the published '
+                       'salient_imagenet_dataset folder) and --annotations '
+                       '(mturk_results/discover_spurious_features.csv).')
+    extra = {'salient_dir': args.salient_dir, 'annotations': args.annotations,
+             'imagenet_train_dir': args.imagenet_train_dir}
+  data.prepare(args.name, args.data_dir, **extra)
+  return _cmd_datasets(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='qscore',
@@ -113,6 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument('--overwrite', action='store_true', help='replace an existing output')
   convert.add_argument('--no-progress', action='store_true', help='no download progress bar')
   convert.set_defaults(func=_cmd_convert)
+
+  datasets = commands.add_parser(
+      'datasets', help='describe a dataset, or list how datasets are named',
+      description='Without a name: the dataset naming scheme (built-in datasets, tfds names, '
+                  'image folders). With a name: its classes, splits and features (generated '
+                  'datasets are prepared on the way).')
+  datasets.add_argument('name', nargs='?', help='e.g. synthetic_shapes, cifar10, folder:/path')
+  datasets.add_argument('--data-dir', help='tfds data directory (default $QSCORE_JAX_DATA_DIR '
+                        'or ~/tensorflow_datasets)')
+  datasets.set_defaults(func=_cmd_datasets)
+
+  prepare = commands.add_parser(
+      'prepare', help='prepare a dataset (imagenet2012, imagenet100, salient_imagenet, ...)',
+      description='Prepare a dataset in the tfds data directory: imagenet2012 from the manual '
+                  'download in <data-dir>/downloads/manual, imagenet100 from a prepared '
+                  'imagenet2012, salient_imagenet from the published Salient ImageNet folder, '
+                  'downloadable tfds datasets by downloading them.')
+  prepare.add_argument('name', help='dataset name')
+  prepare.add_argument('--data-dir', help='tfds data directory')
+  prepare.add_argument('--salient-dir', help='salient_imagenet: the published dataset folder')
+  prepare.add_argument('--annotations', help='salient_imagenet: discover_spurious_features.csv')
+  prepare.add_argument('--imagenet-train-dir', help='salient_imagenet: read images from an '
+                       'ImageNet train folder (<wnid>/<name>.JPEG) instead of imagenet2012')
+  prepare.set_defaults(func=_cmd_prepare)
 
   inspect = commands.add_parser(
       'inspect', help='embed a generated batch with a model and print representation statistics',

@@ -71,3 +71,18 @@ def test_generated_images_are_deterministic_and_in_range():
   assert a.shape == (4, 32, 48, 3) and a.dtype.name == 'float32'
   assert (a == b).all() and a.min() >= 0 and a.max() <= 1
   assert not (a == summary.generated_images(4, 32, 48, seed=4)).all()
+
+
+def test_datasets_and_prepare_commands(tmp_path, capsys):
+  assert cli.main(['datasets']) == 0
+  assert 'folder:/path' in capsys.readouterr().out
+  assert cli.main(['prepare', 'synthetic_shapes/tiny', '--data-dir', str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert 'synthetic_shapes/tiny: 10 classes, splits: test 128, train 256' in out
+  assert 'core/spurious masks' in out
+  assert cli.main(['datasets', 'cifar1']) == 2
+  assert "Did you mean 'cifar10'" in capsys.readouterr().err
+  assert cli.main(['prepare', 'salient_imagenet', '--data-dir', str(tmp_path)]) == 2
+  assert '--salient-dir' in capsys.readouterr().err
+  assert cli.main(['prepare', 'imagenet2012', '--data-dir', str(tmp_path)]) == 2
+  assert 'downloads/manual' in capsys.readouterr().err

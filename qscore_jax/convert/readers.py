@@ -186,12 +186,7 @@ def read_tf1(path: str | os.PathLike) -> dict[str, np.ndarray]:
   prefix = _tf1_prefix(pathlib.Path(path))
   if not prefix.with_name(prefix.name + '.index').is_file():
     raise ReaderError(f'{prefix}.index does not exist: {path} is not a TF1 checkpoint prefix.')
-  try:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise ReaderError(
-        f'Reading the TF1 checkpoint {prefix} (SimCLR) needs TensorFlow, which is not '
-        'installed: pip install tensorflow-cpu (Colab already has tensorflow).') from None
+  from qscore_jax.data._tensorflow import tf  # pylint: disable=import-outside-toplevel
   try:
     reader = tf.train.load_checkpoint(str(prefix))
     names = sorted(reader.get_variable_to_shape_map())

@@ -1,0 +1,264 @@
+"""Datasets by name: one naming scheme for the CLI, configs and the Python API.
+
+==========================  ==================================================
+name                        what it is
+==========================  ==================================================
+``synthetic_shapes[/cfg]``  built-in, generated offline (configs default,
+                            small, tiny); core + spurious masks
+``sklearn_digits[/cfg]``    built-in real images from scikit-learn (32px, 64px)
+``imagenet2012``            tfds, prepared from the manual download
+``imagenet100``             the CMC/solo-learn subset, prepared from imagenet2012
+``salient_imagenet``        imagenet2012 train images with Salient ImageNet masks
+``cifar10``, ``stl10``, …   any other tensorflow-datasets name (``name/config``)
+``folder:/path``            a folder of images, one sub-folder per class
+==========================  ==================================================
+
+:func:`read_split` yields, in canonical order, dicts with ``image`` (uint8,
+H x W x 3), ``label`` (int64), ``id`` (int64: the index of the example in its
+split) and the dataset's masks where it has them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import pathlib
+from typing import Any
+
+BUILT_IN = ('synthetic_shapes', 'sklearn_digits', 'imagenet100', 'salient_imagenet')
+# Generated locally: prepared automatically on first use (no network).
+GENERATED = ('synthetic_shapes', 'sklearn_digits')
+FOLDER_PREFIX = 'folder:'
+MASK_FEATURES = ('core_mask', 'spurious_mask')
+
+
+class DatasetError(ValueError):
+  """A dataset name, split or preparation problem, with what to do about it."""
+
+
+def _tf():
+  """TensorFlow, imported quietly and kept away from accelerators (JAX owns them)."""
+  from qscore_jax.data._tensorflow import tf  # pylint: disable=import-outside-toplevel
+  return tf
+
+
+def _tfds():
+  _tf()
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  # Registers the built-in builders with tfds.
+  from qscore_jax.data import digits, imagenet100, salient, synthetic  # pylint: disable=import-outside-toplevel,unused-import
+  return tfds
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What a dataset holds: classes and split sizes."""
+  name: str
+  class_names: tuple[str, ...]
+  splits: dict[str, int]
+  features: tuple[str, ...]
+  image_shape: tuple[int | None, int | None, int]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def has_masks(self) -> bool:
+    return all(f in self.features for f in MASK_FEATURES)
+
+
+def is_folder(name: str) -> bool:
+  return name.startswith(FOLDER_PREFIX)
+
+
+def default_data_dir() -> str | None:
+  """``$QSCORE_JAX_DATA_DIR``, else tfds's default (``~/tensorflow_datasets``)."""
+  return os.environ.get('QSCORE_JAX_DATA_DIR')
+
+
+def _unknown_name_error(name: str) -> DatasetError:
+  tfds = _tfds()
+  known = list(tfds.list_builders())
+  base = name.split('/')[0]
+  close = difflib.get_close_matches(base, known + list(BUILT_IN), n=3)
+  hint = f' Did you mean {", ".join(map(repr, close))}?' if close else ''
+  return DatasetError(
+      f'Unknown dataset {name!r}.{hint} Use a built-in one ({", ".join(BUILT_IN)}), any '
+      'tensorflow-datasets name (tfds.list_builders()), or folder:/path/to/images.')
+
+
+def builder(name: str, data_dir: str | None = None):
+  """The tfds builder of a dataset name (not for ``folder:`` datasets)."""
+  tfds = _tfds()
+  try:
+    return tfds.builder(name, data_dir=data_dir or default_data_dir())
+  except tfds.core.registered.DatasetNotFoundError:
+    raise _unknown_name_error(name) from None
+  except ValueError as error:  # e.g. an unknown config
+    raise DatasetError(f'{name!r}: {error}') from None
+
+
+def manual_download_error(name: str, dataset_builder, *, needed_by: str | None = None) -> DatasetError:
+  """The error for a manual-download dataset that is not prepared yet."""
+  manual = pathlib.Path(dataset_builder.data_dir_root) / 'downloads' / 'manual'
+  data_dir = dataset_builder.data_dir_root
+  files = {'imagenet2012': 'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
+                           '(from https://image-net.org/download-images.php)'}.get(
+                               name, 'the files its tfds documentation lists')
+  present = sorted(p.name for p in manual.glob('*')) if manual.is_dir() else []
+  state = (f'{manual} holds {present[:4]}' if present else f'{manual} is missing or empty')
+  prefix = f'{needed_by} is built from {name}, which' if needed_by else f'{name}'
+  return DatasetError(
+      f'{prefix} is not prepared in {data_dir}, and {state}. Put {files} in {manual}, then run '
+      f'`qscore prepare {name} --data-dir {data_dir}` (hours for imagenet2012; needs ~300 GB).'
+      + (f' Then run `qscore prepare {needed_by} --data-dir {data_dir}`.' if needed_by else ''))
+
+
+def dataset_info(name: str, data_dir: str | None = None, *, prepare: bool = True) -> DatasetInfo:
+  """Classes, split sizes and features of a dataset (preparing generated ones)."""
+  if is_folder(name):
+    from qscore_jax.data.folder import scan_image_folder  # pylint: disable=import-outside-toplevel
+    folder = _scan_folder(name[len(FOLDER_PREFIX):])
+    return DatasetInfo(name, folder.class_names, {s: len(v) for s, v in folder.splits.items()},
+                       ('image', 'label'), (None, None, 3))
+  b = ensure_prepared(name, data_dir) if prepare else builder(name, data_dir)
+  label = b.info.features['label'] if 'label' in b.info.features else None
+  names = tuple(label.names) if label is not None else ()
+  splits = {split: info.num_examples for split, info in b.info.splits.items()}
+  image = b.info.features['image'] if 'image' in b.info.features else None
+  shape = tuple(image.shape) if image is not None else (None, None, 3)
+  return DatasetInfo(name, names, splits, tuple(b.info.features.keys()), shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _scan_folder(path: str):
+  from qscore_jax.data.folder import FolderError, scan_image_folder  # pylint: disable=import-outside-toplevel
+  try:
+    return scan_image_folder(path)
+  except FolderError as error:
+    raise DatasetError(str(error)) from None
+
+
+def ensure_prepared(name: str, data_dir: str | None = None, *, download: bool = True):
+  """The builder of ``name``, prepared: generated datasets are built on the spot,
+  downloadable ones downloaded (``download=True``), manual ones explained."""
+  b = builder(name, data_dir)
+  if b.is_prepared():
+    return b
+  base = name.split('/')[0]
+  if base in GENERATED:
+    b.download_and_prepare()
+    return b
+  if base == 'imagenet100':
+    source = builder('imagenet2012', data_dir)
+    if not source.is_prepared():
+      raise manual_download_error('imagenet2012', source, needed_by='imagenet100')
+    raise DatasetError(f'imagenet100 is not prepared in {b.data_dir_root}; imagenet2012 is. Run '
+                       f'`qscore prepare imagenet100 --data-dir {b.data_dir_root}` (copies the '
+                       '100 classes once).')
+  if base == 'salient_imagenet':
+    raise DatasetError('salient_imagenet is not prepared: run `qscore prepare salient_imagenet '
+                       '--salient-dir DIR --annotations CSV` (see qscore_jax.data.salient).')
+  if getattr(b, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+    raise manual_download_error(base, b)
+  if not download:
+    raise DatasetError(f'{name} is not prepared in {b.data_dir_root} and downloads are off.')
+  b.download_and_prepare()
+  return b
+
+
+def prepare(name: str, data_dir: str | None = None, **kwargs: Any):
+  """Prepares a dataset (the ``qscore prepare`` command)."""
+  if is_folder(name):
+    return _scan_folder(name[len(FOLDER_PREFIX):])
+  b = builder(name, data_dir)
+  base = name.split('/')[0]
+  if base == 'salient_imagenet':
+    from qscore_jax.data import salient  # pylint: disable=import-outside-toplevel
+    return salient.prepare(data_dir=b.data_dir_root, **kwargs)
+  if base == 'imagenet100':
+    source = builder('imagenet2012', data_dir)
+    if not source.is_prepared():
+      raise manual_download_error('imagenet2012', source, needed_by='imagenet100')
+  elif getattr(b, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None) and not b.is_prepared():
+    manual = pathlib.Path(b.data_dir_root) / 'downloads' / 'manual'
+    if not manual.is_dir() or not any(manual.iterdir()):
+      raise manual_download_error(base, b)
+  b.download_and_prepare()
+  return b
+
+
+def split_size(name: str, split: str, data_dir: str | None = None) -> int:
+  """Number of examples of a split."""
+  info = dataset_info(name, data_dir)
+  if not info.splits and not is_folder(name):
+    # Split sizes unknown to the metadata (tfds mocks): ask the dataset itself.
+    cardinality = int(builder(name, data_dir).as_dataset(split=split).cardinality())
+    if cardinality >= 0:
+      return cardinality
+  if split not in info.splits:
+    raise DatasetError(f'{name} has no split {split!r}; its splits are {sorted(info.splits)}.')
+  return info.splits[split]
+
+
+def decode_image(encoded):
+  """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 (H, W, 3)."""
+  tf = _tf()
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def read_split(name: str, split: str, *, data_dir: str | None = None, start: int = 0,
+               end: int | None = None, with_masks: bool = False, decode: bool = True):
+  """Examples ``start:end`` of a split, in canonical order, as a ``tf.data.Dataset``.
+
+  Each element: ``image`` uint8 (H, W, 3) (encoded bytes with ``decode=False``;
+  decode them with :func:`decode_image`), ``label`` int64, ``id`` int64 (index
+  in the split) and, with ``with_masks``, ``core_mask``/``spurious_mask``
+  uint8 (H, W, 1) in 0..255.
+  """
+  tf = _tf()
+  size = split_size(name, split, data_dir)
+  end = size if end is None else end
+  if not 0 <= start <= end <= size:
+    raise DatasetError(f'examples [{start}:{end}] are outside {name}/{split} (size {size}).')
+  if is_folder(name):
+    folder = _scan_folder(name[len(FOLDER_PREFIX):])
+    items = folder.splits[split][start:end]
+    ds = tf.data.Dataset.from_tensor_slices({
+        'path': tf.constant([p for p, _ in items], tf.string, shape=[len(items)]),
+        'label': tf.constant([l for _, l in items], tf.int64, shape=[len(items)])})
+
+    def load(example):
+      data = tf.io.read_file(example['path'])
+      return {'image': decode_image(data) if decode else data, 'label': example['label']}
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    tfds = _tfds()
+    b = ensure_prepared(name, data_dir)
+    features = set(b.info.features.keys())
+    if with_masks and not set(MASK_FEATURES) <= features:
+      raise DatasetError(f'{name} has no core/spurious masks; datasets with masks: '
+                         'synthetic_shapes, salient_imagenet.')
+    # One file at a time (no interleave) keeps the canonical order, so ids are
+    # positions in the split whatever the number of processes.
+    decoders = None if decode else {'image': tfds.decode.SkipDecoding()}
+    ds = b.as_dataset(split=f'{split}[{start}:{end}]', shuffle_files=False, decoders=decoders,
+                      read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    keep = ('image', 'label') + (MASK_FEATURES if with_masks else ())
+
+    def select(example):
+      out = {k: example[k] for k in keep}
+      out['label'] = tf.cast(out['label'], tf.int64)
+      if decode and out['image'].shape.rank == 3 and out['image'].shape[-1] == 1:
+        out['image'] = tf.image.grayscale_to_rgb(out['image'])
+      return out
+
+    ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ids = tf.data.Dataset.range(start, end)
+  return tf.data.Dataset.zip((ids, ds)).map(lambda i, ex: {**ex, 'id': i})

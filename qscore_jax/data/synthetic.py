@@ -1,0 +1,250 @@
+"""Synthetic shapes: a built-in dataset with ground-truth core and spurious masks.
+
+The project's offline stand-in for ImageNet + Salient ImageNet. Each image
+holds one object whose *shape* is the class (10 shapes), at a random position,
+scale, rotation and colour, over a plain noisy background that carries a
+textured patch (10 textures). The texture is a *spurious* attribute: with
+probability ``spurious_rate`` it is the texture paired with the class, else
+one of the other nine, so that a share of the samples carries a misleading
+cue. Every example stores its ground truth:
+
+* ``core_mask``: the object's pixels, uint8 (H, W, 1), 255 inside, 0 outside;
+* ``spurious_mask``: the visible textured patch, likewise;
+* ``texture``: the texture drawn, and ``misleading``: whether it is *not*
+  the class's own texture.
+
+Generation is deterministic: example ``i`` of split ``s`` is drawn from
+``numpy.random.default_rng([seed, s, i])``, independent of any other example,
+so the same configuration always gives the same bytes. It is registered as the
+tfds builder ``synthetic_shapes`` and prepares in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow_datasets as tfds
+from matplotlib.path import Path
+
+SHAPES = ('circle', 'ring', 'triangle', 'square', 'pentagon', 'hexagon', 'star', 'cross',
+          'crescent', 'arrow')
+TEXTURES = ('horizontal_stripes', 'vertical_stripes', 'diagonal_stripes', 'checkerboard',
+            'dots', 'grid', 'rings', 'waves', 'zigzag', 'blotches')
+SPLITS = ('train', 'test')
+
+
+def _regular_polygon(n: int, radius: float = 1.0, phase: float = math.pi / 2) -> np.ndarray:
+  angles = phase + 2 * math.pi * np.arange(n) / n
+  return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def _star(points: int = 5, inner: float = 0.45) -> np.ndarray:
+  angles = math.pi / 2 + math.pi * np.arange(2 * points) / points
+  radii = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+  return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+
+
+_ARROW = np.array([[-1.0, -0.3], [0.15, -0.3], [0.15, -0.7], [1.0, 0.0], [0.15, 0.7],
+                   [0.15, 0.3], [-1.0, 0.3]])
+_POLYGONS = {'triangle': Path(_regular_polygon(3)), 'square': Path(_regular_polygon(4, phase=math.pi / 4)),
+             'pentagon': Path(_regular_polygon(5)), 'hexagon': Path(_regular_polygon(6)),
+             'star': Path(_star()), 'arrow': Path(_ARROW)}
+
+
+def shape_coverage(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """Whether object-frame points (u, v) (object radius 1) lie inside ``shape``; bool."""
+  r = np.hypot(u, v)
+  if shape == 'circle':
+    return r <= 1.0
+  if shape == 'ring':
+    return (r <= 1.0) & (r >= 0.55)
+  if shape == 'cross':
+    return ((np.abs(u) <= 0.32) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.32) & (np.abs(u) <= 1.0))
+  if shape == 'crescent':
+    return (r <= 1.0) & (np.hypot(u - 0.45, v) > 0.8)
+  points = np.stack([u.ravel(), v.ravel()], axis=1)
+  return _POLYGONS[shape].contains_points(points).reshape(u.shape)
+
+
+def texture_pattern(texture: str, x: np.ndarray, y: np.ndarray,
+                    rng: np.random.Generator) -> np.ndarray:
+  """A texture's intensity in [0, 1] at pixel coordinates (x, y) in [0, 1)."""
+  freq = rng.uniform(6.0, 10.0)
+  phase = rng.uniform(0, 2 * math.pi)
+  if texture == 'horizontal_stripes':
+    return (np.sin(2 * math.pi * freq * y + phase) > 0).astype(np.float32)
+  if texture == 'vertical_stripes':
+    return (np.sin(2 * math.pi * freq * x + phase) > 0).astype(np.float32)
+  if texture == 'diagonal_stripes':
+    return (np.sin(2 * math.pi * freq * (x + y) / math.sqrt(2) + phase) > 0).astype(np.float32)
+  if texture == 'checkerboard':
+    return ((np.floor(freq * x + phase) + np.floor(freq * y)) % 2).astype(np.float32)
+  if texture == 'dots':
+    return ((np.sin(2 * math.pi * freq * x + phase) * np.sin(2 * math.pi * freq * y)) > 0.5
+            ).astype(np.float32)
+  if texture == 'grid':
+    return ((np.abs(np.sin(math.pi * freq * x + phase)) < 0.3)
+            | (np.abs(np.sin(math.pi * freq * y)) < 0.3)).astype(np.float32)
+  if texture == 'rings':
+    cx, cy = rng.uniform(0, 1, 2)
+    return (np.sin(2 * math.pi * freq * np.hypot(x - cx, y - cy) + phase) > 0).astype(np.float32)
+  if texture == 'waves':
+    return 0.5 + 0.5 * np.sin(2 * math.pi * freq * y + 2.0 * np.sin(2 * math.pi * 2 * x + phase))
+  if texture == 'zigzag':
+    tri = 2 * np.abs((freq * x + phase / (2 * math.pi)) % 1 - 0.5)
+    return (np.sin(2 * math.pi * freq * (y + 0.25 * tri)) > 0).astype(np.float32)
+  if texture == 'blotches':
+    field = np.zeros_like(x)
+    for _ in range(6):
+      cx, cy = rng.uniform(0, 1, 2)
+      field += np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * rng.uniform(0.03, 0.08) ** 2))
+    return (field > 0.5).astype(np.float32)
+  raise ValueError(f'unknown texture {texture!r}')
+
+
+def _hsv_colour(rng: np.random.Generator, saturation=(0.5, 1.0), value=(0.5, 1.0)) -> np.ndarray:
+  import colorsys  # pylint: disable=import-outside-toplevel
+  return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(*saturation),
+                                      rng.uniform(*value)), np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesParams:
+  """What a synthetic-shapes image looks like.
+
+  Attributes:
+    image_size: side in pixels.
+    spurious_rate: probability that the textured patch shows the class's own
+      texture (the rest get a misleading texture of another class).
+    scale_range: object radius as a fraction of the image side.
+    patch_area: range of the textured patch's area fraction.
+    noise: std of the Gaussian pixel noise (images in [0, 1]).
+  """
+  image_size: int = 64
+  spurious_rate: float = 0.8
+  scale_range: tuple[float, float] = (0.16, 0.32)
+  patch_area: tuple[float, float] = (0.3, 0.6)
+  noise: float = 0.06
+
+
+def render_example(params: ShapesParams, rng: np.random.Generator, label: int | None = None):
+  """One image and its ground truth.
+
+  Returns:
+    dict with ``image`` uint8 (S, S, 3), ``label``, ``texture``,
+    ``misleading`` (bool), ``core_mask`` and ``spurious_mask`` uint8 (S, S, 1)
+    in {0, 255} (the masks of every qscore_jax dataset are 0..255).
+  """
+  size = params.image_size
+  label = int(rng.integers(len(SHAPES))) if label is None else label
+  if rng.uniform() < params.spurious_rate:
+    texture = label
+  else:
+    texture = int((label + rng.integers(1, len(TEXTURES))) % len(TEXTURES))
+
+  # Pixel centres, with 2x2 supersampling for smooth object edges.
+  sub = (np.arange(2 * size) + 0.5) / (2 * size)
+  ys, xs = np.meshgrid(sub, sub, indexing='ij')
+  centre = (np.arange(size) + 0.5) / size
+  y, x = np.meshgrid(centre, centre, indexing='ij')
+
+  radius = rng.uniform(*params.scale_range)
+  cx, cy = rng.uniform(radius, 1 - radius, 2)
+  angle = rng.uniform(0, 2 * math.pi)
+  cos, sin = math.cos(angle), math.sin(angle)
+
+  def object_frame(px, py):
+    dx, dy = (px - cx) / radius, (py - cy) / radius
+    return cos * dx + sin * dy, -sin * dx + cos * dy
+
+  coverage = shape_coverage(SHAPES[label], *object_frame(xs, ys)).astype(np.float32)
+  alpha = coverage.reshape(size, 2, size, 2).mean(axis=(1, 3))
+  core = alpha >= 0.5
+
+  # The textured patch: a random rectangle of the chosen area fraction.
+  area = rng.uniform(*params.patch_area)
+  aspect = rng.uniform(0.6, 1.6)
+  height = min(1.0, math.sqrt(area * aspect))
+  width = min(1.0, area / height)
+  top, left = rng.uniform(0, 1 - height), rng.uniform(0, 1 - width)
+  patch = (y >= top) & (y < top + height) & (x >= left) & (x < left + width)
+
+  background = _hsv_colour(rng, saturation=(0.0, 0.4), value=(0.3, 0.8))
+  image = np.broadcast_to(background, (size, size, 3)).copy()
+  pattern = texture_pattern(TEXTURES[texture], x, y, rng)[..., None]
+  colour_a, colour_b = _hsv_colour(rng), _hsv_colour(rng, value=(0.1, 0.5))
+  image = np.where(patch[..., None], pattern * colour_a + (1 - pattern) * colour_b, image)
+  image = (1 - alpha[..., None]) * image + alpha[..., None] * _hsv_colour(rng)
+  image = image * rng.uniform(0.8, 1.2) + rng.normal(0, params.noise, image.shape)
+  image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+  return {
+      'image': image,
+      'label': label,
+      'texture': texture,
+      'misleading': texture != label,
+      'core_mask': (core * 255).astype(np.uint8)[..., None],
+      'spurious_mask': ((patch & ~core) * 255).astype(np.uint8)[..., None],
+  }
+
+
+def generate(params: ShapesParams, seed: int, split: str, index: int):
+  """Example ``index`` of ``split``: a pure function of its arguments."""
+  rng = np.random.default_rng([seed, SPLITS.index(split), index])
+  return render_example(params, rng)
+
+
+@dataclasses.dataclass
+class ShapesConfig(tfds.core.BuilderConfig):
+  """A synthetic-shapes configuration: the rendering parameters, sizes and seed."""
+  image_size: int = 64
+  spurious_rate: float = 0.8
+  num_train: int = 4000
+  num_test: int = 1000
+  seed: int = 0
+
+  def params(self) -> ShapesParams:
+    return ShapesParams(image_size=self.image_size, spurious_rate=self.spurious_rate)
+
+
+class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
+  """10 shapes over spurious textured patches, with core and spurious masks."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  BUILDER_CONFIGS = [
+      ShapesConfig(name='default', description='64x64, 4000 train / 1000 test, spurious rate 0.8.'),
+      ShapesConfig(name='small', image_size=32, num_train=2000, num_test=500,
+                   description='32x32, 2000 train / 500 test, spurious rate 0.8.'),
+      ShapesConfig(name='tiny', image_size=32, num_train=256, num_test=128,
+                   description='32x32, 256 train / 128 test: for tests and CI.'),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.image_size
+    return self.dataset_info_from_configs(
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(size, size, 3)),
+            'label': tfds.features.ClassLabel(names=list(SHAPES)),
+            'texture': tfds.features.ClassLabel(names=list(TEXTURES)),
+            'misleading': tfds.features.Scalar(dtype=np.bool_),
+            'core_mask': tfds.features.Image(shape=(size, size, 1)),
+            'spurious_mask': tfds.features.Image(shape=(size, size, 1)),
+        }),
+        supervised_keys=('image', 'label'),
+        # Keep generation order, so that example i of a split is the i-th generated.
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    config = self.builder_config
+    return {'train': self._generate_examples('train', config.num_train),
+            'test': self._generate_examples('test', config.num_test)}
+
+  def _generate_examples(self, split, count):
+    config = self.builder_config
+    params = config.params()
+    for index in range(count):
+      yield index, generate(params, config.seed, split, index)
