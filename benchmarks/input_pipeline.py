@@ -9,8 +9,9 @@ Measures, on this machine, images per second of:
   * the same pipelines on the built-in synthetic_shapes (64 px), and how fast that
     dataset is generated;
   * end to end: the evaluation pipeline feeding the jitted ResNet-18 / ResNet-50 forward
-    pass, against the forward pass alone on batches already in memory (same process,
-    interleaved rounds, medians; a fresh process per architecture).
+    pass, and the whole embedding driver (pipeline + model + resumable store,
+    ``qscore_jax.embed.embed_dataset``), against the forward pass alone on batches already
+    in memory (same process, interleaved rounds, medians; a fresh process per architecture).
 
 Run (about 10 minutes on 2 cores):
 
@@ -56,33 +57,41 @@ def _jpeg_folder(root: pathlib.Path, count: int) -> str:
 
 
 def end_to_end(arch: str, folder: str, batch_size: int, rounds: int = 3) -> dict:
-  """Forward pass alone (batches in memory) vs fed by the pipeline, interleaved rounds."""
+  """Forward pass alone (batches in memory), fed by the pipeline, and the whole store driver."""
   import jax  # pylint: disable=import-outside-toplevel
   import qscore_jax  # pylint: disable=import-outside-toplevel
   from qscore_jax.data import eval_batches  # pylint: disable=import-outside-toplevel
-  from qscore_jax.models import build_model, embed, get_model_spec  # pylint: disable=import-outside-toplevel
+  from qscore_jax.embed import embed_dataset, make_embed_step  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models import build_model, get_model_spec  # pylint: disable=import-outside-toplevel
   model = build_model(arch)
   variables = jax.tree.map(
       lambda s: np.full(s.shape, 0.01, np.float32) if s.ndim > 1 else np.ones(s.shape, np.float32),
       qscore_jax.abstract_variables(model))
+  pre = get_model_spec('swav-r50-800ep').preprocessing
   batches = eval_batches(folder, 'train', batch_size=batch_size, process_count=1,
-                         local_device_count=1,
-                         preprocessing=get_model_spec('swav-r50-800ep').preprocessing)
+                         local_device_count=1, preprocessing=pre)
+  step = make_embed_step(model)  # the driver's own (cached) step
   cached = [batch['image'] for batch in batches]
   count = batches.num_examples
-  embed(model, variables, cached[0]).block_until_ready()
-  alone, fed = [], []
-  for _ in range(rounds):
+  step(variables, cached[0]).block_until_ready()
+  alone, fed, driver = [], [], []
+  for round_ in range(rounds):
     start = time.perf_counter()
     for images in cached:
-      embed(model, variables, images).block_until_ready()
+      step(variables, images).block_until_ready()
     alone.append(count / (time.perf_counter() - start))
     start = time.perf_counter()
     for batch in batches:
-      embed(model, variables, batch['image']).block_until_ready()
+      step(variables, batch['image']).block_until_ready()
     fed.append(count / (time.perf_counter() - start))
+    with tempfile.TemporaryDirectory() as tmp:
+      start = time.perf_counter()
+      embed_dataset(model, variables, folder, 'train', pathlib.Path(tmp) / f'store{round_}',
+                    batch_size=batch_size, preprocessing=pre, progress=False)
+      driver.append(count / (time.perf_counter() - start))
   return {f'embed_{arch}_alone': float(np.median(alone)),
-          f'embed_{arch}_fed_by_pipeline': float(np.median(fed))}
+          f'embed_{arch}_fed_by_pipeline': float(np.median(fed)),
+          f'embed_{arch}_store_driver': float(np.median(driver))}
 
 
 def main() -> None:
@@ -148,7 +157,9 @@ def main() -> None:
           ('ResNet-18 224 forward alone (in-memory batches)', 'embed_resnet18_alone'),
           ('ResNet-18 224 forward fed by the eval pipeline', 'embed_resnet18_fed_by_pipeline'),
           ('ResNet-50 224 forward alone (in-memory batches)', 'embed_resnet50_alone'),
-          ('ResNet-50 224 forward fed by the eval pipeline', 'embed_resnet50_fed_by_pipeline')]
+          ('ResNet-50 224 forward fed by the eval pipeline', 'embed_resnet50_fed_by_pipeline'),
+          ('ResNet-18 224, whole driver (pipeline + model + store)', 'embed_resnet18_store_driver'),
+          ('ResNet-50 224, whole driver (pipeline + model + store)', 'embed_resnet50_store_driver')]
   print('| what | images/s |\n|---|---|')
   for label, key in rows:
     print(f'| {label} | {results[key]:.1f} |')

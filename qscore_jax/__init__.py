@@ -18,9 +18,17 @@ from qscore_jax import models
 from qscore_jax.models import (
     abstract_variables, apply_with_features, build_model, embed, get_model_spec,
     init_variables, list_models, load_model, save_model)
+# The statistics, for users' own jitted code.
+from qscore_jax.stats import (
+    activation_counts, activation_frequency, band_limits, check_finite,
+    discriminative_features, highly_active, nonfinite_rows, qscore, qscore_v1,
+    sample_moments)
+from qscore_jax.embed import embed_dataset, embed_images, make_embed_step
 
 __all__ = [
-    '__version__', 'abstract_variables', 'apply_with_features', 'build_model',
-    'embed', 'get_model_spec', 'init_variables', 'list_models', 'load_model',
-    'models', 'save_model',
+    '__version__', 'abstract_variables', 'activation_counts', 'activation_frequency',
+    'apply_with_features', 'band_limits', 'build_model', 'check_finite',
+    'discriminative_features', 'embed', 'embed_dataset', 'embed_images', 'get_model_spec',
+    'highly_active', 'init_variables', 'list_models', 'load_model', 'make_embed_step',
+    'models', 'nonfinite_rows', 'qscore', 'qscore_v1', 'sample_moments', 'save_model',
 ]

@@ -103,6 +103,109 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
   return _cmd_datasets(args)
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+  from qscore_jax import embed  # pylint: disable=import-outside-toplevel
+  path = embed.embed_model_on_dataset(
+      args.model, args.dataset, args.split, args.out, batch_size=args.batch_size,
+      image_size=args.image_size, data_dir=args.data_dir, progress=not args.no_progress)
+  from qscore_jax.store import RepresentationStore  # pylint: disable=import-outside-toplevel
+  store = RepresentationStore.open(path, require_complete=False)
+  print(f'store        {path}: {store.num_rows} x {store.dim} representations of '
+        f'{args.dataset}/{args.split} ({len(store.shards)} shard(s))')
+  return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+  from qscore_jax import analysis, compression  # pylint: disable=import-outside-toplevel
+  from qscore_jax.probe import ProbeConfig  # pylint: disable=import-outside-toplevel
+  probe = ProbeConfig(epochs=args.probe_epochs, batch_size=args.probe_batch_size,
+                      learning_rate=args.probe_lr, feature_norm=args.probe_feature_norm,
+                      seed=args.seed)
+  comp = None if args.no_compression else compression.CompressionConfig(
+      random_seeds=tuple(range(args.compression_seeds)),
+      probe=ProbeConfig(epochs=args.compression_probe_epochs, batch_size=args.probe_batch_size,
+                        learning_rate=args.probe_lr, feature_norm=args.probe_feature_norm))
+  config = analysis.AnalysisConfig(eps=args.eps, band=tuple(args.band),
+                                   nonzero_only=not args.all_features, probe=probe,
+                                   compression=comp, knn_k=args.knn_k)
+  train = analysis.Split.from_store(args.train)
+  evaluation = analysis.Split.from_store(args.eval)
+  class_names = None
+  try:
+    from qscore_jax.data import dataset_info  # pylint: disable=import-outside-toplevel
+    class_names = dataset_info(train.description['dataset'], args.data_dir).class_names
+  except Exception:  # pylint: disable=broad-except  # names are cosmetic
+    pass
+  result = analysis.analyze(train, evaluation, args.out, config=config, class_names=class_names)
+  print('\n'.join(analysis.summary_lines(result)))
+  print(f'report       {args.out}/report.json (+ scores.npz, {len(result.get("figures", {}))} plots)')
+  return 0
+
+
+def _cmd_train_supervised(args: argparse.Namespace) -> int:
+  from qscore_jax import supervised  # pylint: disable=import-outside-toplevel
+  config = supervised.SupervisedConfig(
+      arch=args.arch, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size,
+      learning_rate=args.lr, seed=args.seed, data_dir=args.data_dir,
+      arch_options=tuple(sorted(dict(args.arch_option or []).items())))
+  path = supervised.train_supervised(config, args.out, overwrite=args.overwrite)
+  print(f'saved        {path}')
+  return 0
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+  """``name:args`` (a module of qscore_jax.configs) or ``path.py:args`` -> ConfigDict."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from qscore_jax.configs.finetune import apply_overrides  # pylint: disable=import-outside-toplevel
+  name, _, arg = spec.partition(':')
+  if name.endswith('.py'):
+    path = pathlib.Path(name).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f'config file {path} does not exist.')
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  else:
+    try:
+      module = importlib.import_module(f'qscore_jax.configs.{name}')
+    except ModuleNotFoundError:
+      raise ValueError(f'no built-in config {name!r}; give a module of qscore_jax/configs '
+                       '(e.g. finetune) or a path to a .py file defining get_config(arg).') from None
+  config = module.get_config(arg or None)
+  return apply_overrides(config, overrides)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+  from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
+  config = load_config(args.config, args.set or ())
+  try:
+    result = loop.run(config, args.workdir, init=args.init, stop_after=args.stop_after)
+  except loop.TrainingError as error:
+    print(f'qscore finetune: error: {error}', file=sys.stderr)
+    return 1
+  metrics = result['metrics']
+  print(f"step         {result['step']}" + (f"  loss {metrics['loss']:.4f}  mean Q "
+                                              f"{metrics['qscore_mean']:.4f}" if metrics else ''))
+  print(f'workdir      {args.workdir}' + (f"  (model: {result['model']})" if result['model'] else ''))
+  return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+  from qscore_jax import analysis  # pylint: disable=import-outside-toplevel
+  from qscore_jax.probe import ProbeConfig  # pylint: disable=import-outside-toplevel
+  config = analysis.AnalysisConfig(probe=ProbeConfig(epochs=args.probe_epochs, seed=args.seed),
+                                   compression=None)
+  reports = analysis.compare_models(
+      args.models, args.dataset, args.out, train_split=args.train_split,
+      eval_split=args.eval_split, batch_size=args.batch_size, data_dir=args.data_dir,
+      config=config, progress=not args.no_progress)
+  print('\n'.join(analysis.comparison_lines(reports)))
+  print(f'reports      {args.out}/<i>-<model>/report.json')
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='qscore',
@@ -167,6 +270,103 @@ def build_parser() -> argparse.ArgumentParser:
   prepare.add_argument('--imagenet-train-dir', help='salient_imagenet: read images from an '
                        'ImageNet train folder (<wnid>/<name>.JPEG) instead of imagenet2012')
   prepare.set_defaults(func=_cmd_prepare)
+
+  embed = commands.add_parser(
+      'embed', help='embed a dataset split into a representation store (resumable)',
+      description='Embed a split with a saved/converted model into a representation store '
+                  '(float32 N x d, labels, ids, one shard per process). Run with the same '
+                  'arguments again to resume an interrupted run. Multi-host: run on every host.')
+  embed.add_argument('model', help='a saved model directory (qscore convert / save_model)')
+  embed.add_argument('--dataset', required=True, help='dataset name (qscore datasets)')
+  embed.add_argument('--split', required=True, help='split, e.g. train, test, validation')
+  embed.add_argument('--out', required=True, help='store directory')
+  embed.add_argument('--batch-size', type=int, default=256, help='global batch (default 256)')
+  embed.add_argument('--image-size', type=int, help="override the model's input size")
+  embed.add_argument('--data-dir', help='tfds data directory')
+  embed.add_argument('--no-progress', action='store_true', help='no progress bar')
+  embed.set_defaults(func=_cmd_embed)
+
+  analyze = commands.add_parser(
+      'analyze', help='discriminative features, Q-Score, probe, AUPRC, compression, plots',
+      description='Analyse a representation space from two stores (reference/train split and '
+                  'evaluation split): A_j and D on the reference split, Q-Score and baselines on '
+                  'the evaluation split, linear probe, AUPRC/AUROC of Q as a predictor of '
+                  'correct classification, RankMe and alpha-ReQ, compression curve. Writes '
+                  'report.json, scores.npz and PNG plots.')
+  analyze.add_argument('--train', required=True, help='store of the reference (training) split')
+  analyze.add_argument('--eval', required=True, help='store of the evaluation split')
+  analyze.add_argument('--out', required=True, help='output directory')
+  analyze.add_argument('--eps', type=float, default=4.0, help='L_i threshold in stds (default 4)')
+  analyze.add_argument('--band', type=float, nargs=2, default=[50.0, 95.0],
+                       metavar=('LO', 'HI'), help='percentiles of A_j for D (default 50 95)')
+  analyze.add_argument('--all-features', action='store_true',
+                       help='percentiles over all A_j instead of the non-zero ones')
+  analyze.add_argument('--probe-epochs', type=int, default=100)
+  analyze.add_argument('--probe-batch-size', type=int, default=256)
+  analyze.add_argument('--probe-lr', type=float, default=0.1)
+  analyze.add_argument('--probe-feature-norm', default='standardize',
+                       choices=['standardize', 'l2', 'none'])
+  analyze.add_argument('--knn-k', type=int, default=10)
+  analyze.add_argument('--no-compression', action='store_true', help='skip the compression curve')
+  analyze.add_argument('--compression-seeds', type=int, default=3)
+  analyze.add_argument('--compression-probe-epochs', type=int, default=30)
+  analyze.add_argument('--seed', type=int, default=0)
+  analyze.add_argument('--data-dir', help='tfds data directory (for class names)')
+  analyze.set_defaults(func=_cmd_analyze)
+
+  supervised = commands.add_parser(
+      'train-supervised', help='train a backbone with labels from scratch (reference encoder)',
+      description='Train a backbone plus linear classifier with cross-entropy on a fixed-size '
+                  'dataset (e.g. synthetic_shapes) and save it like a converted model.')
+  supervised.add_argument('--dataset', default='synthetic_shapes')
+  supervised.add_argument('--arch', default='resnet18')
+  supervised.add_argument('--arch-option', action='append', type=_parse_option, metavar='KEY=VALUE')
+  supervised.add_argument('--steps', type=int, default=1000)
+  supervised.add_argument('--batch-size', type=int, default=128)
+  supervised.add_argument('--lr', type=float, default=0.1)
+  supervised.add_argument('--seed', type=int, default=0)
+  supervised.add_argument('--data-dir')
+  supervised.add_argument('--out', required=True)
+  supervised.add_argument('--overwrite', action='store_true')
+  supervised.set_defaults(func=_cmd_train_supervised)
+
+  finetune = commands.add_parser(
+      'finetune', help='fine-tune (or pre-train) with an SSL method and the Q-Score regularizer',
+      description='Train with a method\'s own SSL objective plus the Q-Score regularizer, '
+                  'from a converted/saved model or from scratch (--init random). Killed and '
+                  'run again with the same arguments, it resumes exactly. Config fields: '
+                  'qscore_jax/configs/finetune.py.')
+  finetune.add_argument('--config', default='finetune',
+                        help='NAME[:k=v,...] (a module of qscore_jax/configs) or FILE.py[:arg]; '
+                             'e.g. finetune:method=byol,dataset=synthetic_shapes')
+  finetune.add_argument('--set', action='append', metavar='KEY=VALUE',
+                        help='override a config field (dotted, repeatable), e.g. '
+                             'regularizer.lambda1=0')
+  finetune.add_argument('--init', default='random',
+                        help="'random' (from scratch), a saved model directory or a converted "
+                             'registry id (default random)')
+  finetune.add_argument('--workdir', required=True,
+                        help='checkpoints, logs, final model/ (resumed when it exists)')
+  finetune.add_argument('--stop-after', type=int,
+                        help='stop after this step (resume later with the same command)')
+  finetune.set_defaults(func=_cmd_finetune)
+
+  compare = commands.add_parser(
+      'compare', help='embed and probe several models on the same data, side by side',
+      description='Embed the train and eval splits with each model (saved model directory, '
+                  'finetune workdir or converted id), train the linear probe and print linear '
+                  'accuracy and the AUPRC of Q side by side.')
+  compare.add_argument('models', nargs='+', help='two (or more) models')
+  compare.add_argument('--dataset', required=True)
+  compare.add_argument('--train-split', default='train')
+  compare.add_argument('--eval-split', default='test')
+  compare.add_argument('--out', required=True, help='directory for stores and reports')
+  compare.add_argument('--batch-size', type=int, default=256)
+  compare.add_argument('--probe-epochs', type=int, default=100)
+  compare.add_argument('--seed', type=int, default=0)
+  compare.add_argument('--data-dir')
+  compare.add_argument('--no-progress', action='store_true')
+  compare.set_defaults(func=_cmd_compare)
 
   inspect = commands.add_parser(
       'inspect', help='embed a generated batch with a model and print representation statistics',

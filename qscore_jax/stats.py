@@ -1,15 +1,44 @@
-"""Per-sample statistics of a representation matrix (the definitions of the Q-Score paper).
+"""The statistics of the Q-Score method, as pure jit-compatible functions.
 
-Pure functions of ``h`` (N, d): they run inside ``jax.jit``, ``vmap`` and
-``pmap`` and can be called from users' own jitted code.
+For representations ``h`` (N, d), sample i and feature j:
+
+    mu_i, sigma_i   mean and population std of row i over the d features
+    L_i             {j : h_ij > mu_i + eps * sigma_i}        ("highly active", eps = 4)
+    A_j             |{i : j in L_i}| / N                     (activation frequency)
+    D               {j : p_lo <= A_j <= p_hi}, p_lo/p_hi the 50th/95th percentiles of
+                    the non-zero A_j                         ("discriminative" features)
+    Q_i             mean over j in L_i ∩ D of (h_ij - mu_i); 0 when L_i ∩ D is empty
+    Q_v1(h)         ((max_j h_j - mean(h)) / std(h)) / ||h||_1   (the paper's first version)
+
+All functions take arrays (no Python loops over samples) and run under
+``jax.jit``, ``vmap``, ``pmap`` and ``shard_map``; ``valid`` masks exclude
+padding rows from dataset-level counts. D is computed from integer counts, so
+it is exact whatever the device layout; Q is a row-wise quantity. Rows that
+are constant (including all-zero rows) have sigma = 0, no highly active
+feature and Q = 0. Streaming over a store on disk uses the same functions
+chunk by chunk (:mod:`qscore_jax.analysis`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DEFAULT_EPS = 4.0
+DEFAULT_BAND = (50.0, 95.0)
+
+
+def _as_float(h) -> jax.Array:
+  h = jnp.asarray(h)
+  if h.ndim != 2:
+    raise ValueError(f'representations must have shape (N, d), got {h.shape}.')
+  return h.astype(jnp.float32)
+
+
+def _varies(h: jax.Array) -> jax.Array:
+  """True for rows (..., d) whose entries are not all equal."""
+  return jnp.max(h, axis=-1) > jnp.min(h, axis=-1)
 
 
 def sample_moments(h: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -29,11 +58,6 @@ def sample_moments(h: jax.Array) -> tuple[jax.Array, jax.Array]:
   return mu, jnp.where(_varies(h), sigma, 0.0)
 
 
-def _varies(h: jax.Array) -> jax.Array:
-  """True for rows (..., d) whose entries are not all equal."""
-  return jnp.max(h, axis=-1) > jnp.min(h, axis=-1)
-
-
 def highly_active(h: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
   """Membership of L_i = {j : h_ij > mu_i + eps * sigma_i}, bool (N, d).
 
@@ -42,5 +66,104 @@ def highly_active(h: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
   entries, which would otherwise make every entry "active".
   """
   h = jnp.asarray(h, jnp.float32)
+  return _active_given(h, *sample_moments(h), eps)
+
+
+def _active_given(h, mu, sigma, eps):
+  """:func:`highly_active` from precomputed moments (sigma is 0 exactly for constant rows)."""
+  return (h > (mu + eps * sigma)[..., None]) & (sigma > 0)[..., None]
+
+
+def activation_counts(h: jax.Array, eps: float = DEFAULT_EPS,
+                      valid: jax.Array | None = None) -> jax.Array:
+  """Per feature, the number of (valid) rows in which it is highly active: int32 (d,).
+
+  Summed over chunks, devices or processes, the counts give A_j exactly.
+  """
+  active = highly_active(_as_float(h), eps)
+  if valid is not None:
+    active = active & jnp.asarray(valid, bool)[:, None]
+  return jnp.sum(active, axis=0, dtype=jnp.int32)
+
+
+def activation_frequency(counts: jax.Array, num_rows) -> jax.Array:
+  """A_j = counts_j / N, float32 (d,); zeros when N = 0."""
+  counts = jnp.asarray(counts, jnp.float32)
+  return jnp.where(num_rows > 0, counts / jnp.maximum(num_rows, 1), 0.0)
+
+
+def band_limits(counts: jax.Array, band: tuple[float, float] = DEFAULT_BAND,
+                nonzero_only: bool = True) -> tuple[jax.Array, jax.Array]:
+  """The (p_lo, p_hi) percentiles of the activation counts (NaN when none qualifies).
+
+  Works on counts rather than frequencies: percentiles scale linearly with N,
+  and integers are exact, so D does not depend on float rounding.
+  """
+  counts = jnp.asarray(counts, jnp.float32)
+  pool = jnp.where(counts > 0, counts, jnp.nan) if nonzero_only else counts
+  limits = jnp.nanpercentile(pool, jnp.asarray(band, jnp.float32))
+  return limits[0], limits[1]
+
+
+def discriminative_features(counts: jax.Array, band: tuple[float, float] = DEFAULT_BAND,
+                            nonzero_only: bool = True) -> jax.Array:
+  """Membership of D, bool (d,): features whose activation count lies in the band.
+
+  Args:
+    counts: :func:`activation_counts` over the reference split (or A_j: the
+      band is scale-invariant).
+    band: lower and upper percentiles (default 50 and 95; one third-party
+      implementation uses 50 and 90).
+    nonzero_only: take the percentiles over the non-zero counts (the paper's
+      choice) or over all of them.
+  Returns:
+    bool (d,). Empty (all False) when no feature is ever highly active.
+  """
+  counts = jnp.asarray(counts, jnp.float32)
+  lo, hi = band_limits(counts, band, nonzero_only)
+  members = (counts >= lo) & (counts <= hi)
+  return members & (counts > 0) if nonzero_only else members
+
+
+def qscore(h: jax.Array, discriminative: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
+  """Q_i = mean over j in L_i ∩ D of (h_ij - mu_i); 0 when that set is empty. (N,) float32."""
+  h = _as_float(h)
   mu, sigma = sample_moments(h)
-  return (h > (mu + eps * sigma)[..., None]) & _varies(h)[..., None]
+  return _qscore_given(h, mu, _active_given(h, mu, sigma, eps), discriminative)
+
+
+def _qscore_given(h, mu, active, discriminative):
+  """:func:`qscore` from precomputed means and highly active sets."""
+  selected = active & jnp.asarray(discriminative, bool)[None, :]
+  count = jnp.sum(selected, axis=-1)
+  total = jnp.sum(jnp.where(selected, h - mu[:, None], 0.0), axis=-1)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def qscore_v1(h: jax.Array) -> jax.Array:
+  """The first version: ((max_j h_j - mean(h)) / std(h)) / ||h||_1; 0 for constant rows. (N,)."""
+  h = _as_float(h)
+  mu, sigma = sample_moments(h)
+  return _qscore_v1_given(h, mu, sigma, jnp.sum(jnp.abs(h), axis=-1))
+
+
+def _qscore_v1_given(h, mu, sigma, l1):
+  """:func:`qscore_v1` from precomputed moments and L1 norms."""
+  ok = (sigma > 0) & (l1 > 0)
+  score = (jnp.max(h, axis=-1) - mu) / jnp.where(ok, sigma, 1.0) / jnp.where(ok, l1, 1.0)
+  return jnp.where(ok, score, 0.0)
+
+
+def nonfinite_rows(h: jax.Array) -> jax.Array:
+  """Number of rows holding a NaN or an infinity (int32 scalar; jit-compatible)."""
+  return jnp.sum(~jnp.all(jnp.isfinite(jnp.asarray(h)), axis=-1), dtype=jnp.int32)
+
+
+def check_finite(h, what: str = 'representations') -> None:
+  """Raises ``ValueError`` naming how many rows of ``h`` hold NaN or inf."""
+  bad = int(np.sum(~np.all(np.isfinite(np.asarray(h)), axis=-1)))
+  if bad:
+    raise ValueError(
+        f'{bad} of {len(h)} rows of the {what} contain NaN or inf. The model produced '
+        'non-finite values (diverged weights, wrong preprocessing or a bfloat16 overflow); '
+        'Q-Score is undefined for them. Find them with ~np.isfinite(h).all(axis=1).')

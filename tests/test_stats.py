@@ -1,48 +1,172 @@
-"""Per-sample statistics against an independent float64 numpy implementation."""
+"""Statistics against an independent float64 numpy implementation, and streaming versions."""
 
 import jax
 import numpy as np
 import pytest
+from sklearn import metrics as sk_metrics
 
-from qscore_jax import stats
+import qscore_jax
+from qscore_jax import metrics, stats, streaming
 
 
-def _numpy_highly_active(h, eps):
+# ------------------------------------------------------------------ reference
+
+def reference(h, eps=4.0, band=(50.0, 95.0), nonzero_only=True):
+  """The definitions of METHOD.md, in float64, written independently of qscore_jax."""
   h = np.asarray(h, np.float64)
-  mu = h.mean(axis=1, keepdims=True)
-  sigma = h.std(axis=1, keepdims=True)  # population std, ddof=0
-  return h > mu + eps * sigma, mu[:, 0], sigma[:, 0]
+  n, d = h.shape
+  mu = h.mean(axis=1)
+  sigma = h.std(axis=1)
+  constant = h.max(axis=1) == h.min(axis=1)
+  active = (h > (mu + eps * sigma)[:, None]) & ~constant[:, None]
+  a = active.sum(axis=0) / n
+  pool = a[a > 0] if nonzero_only else a
+  if pool.size:
+    lo, hi = np.percentile(pool, band)
+    member = (a >= lo) & (a <= hi)
+    if nonzero_only:
+      member &= a > 0
+  else:
+    member = np.zeros(d, bool)
+  q = np.zeros(n)
+  for i in range(n):
+    chosen = active[i] & member
+    if chosen.any():
+      q[i] = np.mean(h[i, chosen] - mu[i])
+  l1 = np.abs(h).sum(axis=1)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    v1 = np.where((sigma > 0) & (l1 > 0) & ~constant, (h.max(axis=1) - mu) / sigma / l1, 0.0)
+  return {'mu': mu, 'sigma': np.where(constant, 0, sigma), 'active': active, 'a': a,
+          'member': member, 'q': q, 'v1': v1}
 
 
-@pytest.mark.parametrize('eps', [4.0, 2.0, 0.5])
-def test_moments_and_highly_active_match_float64(eps):
+def _representations(seed=0, n=300, d=256, signed=False):
+  rng = np.random.default_rng(seed)
+  if signed:  # ViT-like
+    h = rng.standard_normal((n, d)) + 0.3 * rng.standard_normal((n, 1))
+  else:  # pooled ReLU features: sparse, heavy-tailed, with a few shared active features
+    h = np.maximum(rng.standard_normal((n, d)) * rng.gamma(1.0, 1.0, d), 0) ** 2
+    h[:, :8] += rng.gamma(2.0, 2.0, (n, 8)) * (rng.random((n, 8)) < 0.3)
+  return h.astype(np.float32)
+
+
+def _check(h, **options):
+  ref = reference(h, **options)
+  counts = np.asarray(jax.jit(stats.activation_counts, static_argnums=1)(h, options.get('eps', 4.0)))
+  np.testing.assert_array_equal(counts, ref['active'].sum(0))
+  member = np.asarray(stats.discriminative_features(
+      counts, options.get('band', (50.0, 95.0)), options.get('nonzero_only', True)))
+  np.testing.assert_array_equal(member, ref['member'])
+  q = np.asarray(jax.jit(stats.qscore, static_argnums=2)(h, member, options.get('eps', 4.0)))
+  np.testing.assert_allclose(q, ref['q'], rtol=1e-5, atol=1e-6 * np.abs(ref['q']).max(initial=1))
+  v1 = np.asarray(stats.qscore_v1(h))
+  np.testing.assert_allclose(v1, ref['v1'], rtol=1e-5, atol=1e-12)
+  mu, sigma = (np.asarray(x) for x in stats.sample_moments(h))
+  np.testing.assert_allclose(mu, ref['mu'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sigma, ref['sigma'], rtol=1e-5, atol=1e-6)
+  assert np.all(np.isfinite(q)) and np.all(np.isfinite(v1))
+  return ref
+
+
+@pytest.mark.parametrize('signed', [False, True])
+@pytest.mark.parametrize('options', [{}, {'eps': 2.0}, {'band': (50.0, 90.0)},
+                                     {'nonzero_only': False}])
+def test_statistics_equal_float64_reference(signed, options):
+  ref = _check(_representations(signed=signed), **options)
+  assert 0 < ref['member'].sum() < len(ref['member'])  # a meaningful D
+
+
+def test_edge_cases_zero_and_constant_rows_n1_d1_empty_d():
+  h = _representations(n=50, d=64)
+  h[3] = 0.0  # all-zero row
+  h[7] = 0.1  # constant row (its float32 mean rounds away from 0.1)
+  h[9] = -2.5
+  ref = _check(h)
+  assert ref['q'][3] == ref['q'][7] == ref['q'][9] == 0
+  q = np.asarray(stats.qscore(h, ref['member']))
+  assert q[3] == q[7] == q[9] == 0
+  _check(h[:1])  # N = 1
+  _check(h[:, :1])  # d = 1: sigma = 0 everywhere, empty D, Q = 0
+  assert not np.asarray(stats.discriminative_features(np.zeros(10, np.int32))).any()  # empty D
+  q = np.asarray(stats.qscore(h, np.zeros(64, bool)))
+  assert np.all(q == 0)
+
+
+def test_statistics_are_exported_at_package_level_and_jit_inside_user_code():
+  h = _representations(n=64, d=32)
+
+  @jax.jit
+  def users_step(h):
+    counts = qscore_jax.activation_counts(h)
+    return qscore_jax.qscore(h, qscore_jax.discriminative_features(counts))
+
+  np.testing.assert_allclose(np.asarray(users_step(h)), reference(h)['q'], rtol=1e-5, atol=1e-6)
+  vmapped = jax.vmap(lambda x: qscore_jax.highly_active(x))(h[None])
+  np.testing.assert_array_equal(np.asarray(vmapped[0]), reference(h)['active'])
+
+
+def test_nonfinite_rows_are_a_clear_error():
+  h = _representations(n=40, d=16)
+  h[2, 3] = np.nan
+  h[5, 0] = np.inf
+  assert int(stats.nonfinite_rows(h)) == 2
+  with pytest.raises(ValueError, match='2 of 40 rows of the representations contain NaN or inf'):
+    stats.check_finite(h)
+  with pytest.raises(ValueError, match='2 of 40 rows'):
+    streaming.feature_stats(h, chunk_rows=16)
+
+
+# Chunks are rounded to multiples of streaming.BLOCK_ROWS (256): 301 rows are two
+# chunks (one padded) with chunk_rows=7 or 256, one chunk with 1000.
+@pytest.mark.parametrize('chunk_rows', [7, 256, 1000])
+def test_streaming_equals_in_memory(chunk_rows):
+  h = _representations(n=301, d=128)
+  ref = reference(h)
+  feature = streaming.feature_stats(h, chunk_rows=chunk_rows)
+  np.testing.assert_array_equal(feature.counts, ref['active'].sum(0))
+  np.testing.assert_array_equal(feature.discriminative, ref['member'])
+  scores = streaming.sample_scores(h, feature, chunk_rows=chunk_rows)
+  np.testing.assert_allclose(scores['qscore'], ref['q'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(scores['num_active'], ref['active'].sum(1))
+  np.testing.assert_array_equal(scores['num_active_discriminative'],
+                                (ref['active'] & ref['member']).sum(1))
+  np.testing.assert_allclose(scores['l2_norm'], np.linalg.norm(h.astype(np.float64), axis=1),
+                             rtol=1e-5)
+
+
+def test_misclassification_metrics_equal_sklearn():
   rng = np.random.default_rng(0)
-  # Sparse non-negative rows like pooled ReLU features, plus signed ViT-like rows.
-  h = np.concatenate([np.maximum(rng.standard_normal((50, 512)), 0) ** 2,
-                      rng.standard_normal((50, 512))]).astype(np.float32)
-  expected, mu, sigma = _numpy_highly_active(h, eps)
-  got_mu, got_sigma = jax.jit(stats.sample_moments)(h)
-  np.testing.assert_allclose(got_mu, mu, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(got_sigma, sigma, rtol=1e-5)
-  got = np.asarray(jax.jit(stats.highly_active, static_argnums=1)(h, eps))
-  # Entries within float32 rounding of the threshold may legitimately flip.
-  threshold = mu + eps * sigma
-  ambiguous = np.abs(h - threshold[:, None]) < 1e-5 * np.abs(threshold[:, None]) + 1e-6
-  assert np.array_equal(got[~ambiguous], expected[~ambiguous])
+  correct = rng.random(500) < 0.7
+  score = rng.standard_normal(500) + correct
+  m = metrics.misclassification_metrics(score, correct)
+  assert m['auprc'] == sk_metrics.average_precision_score(correct, score)
+  assert m['auroc'] == sk_metrics.roc_auc_score(correct, score)
+  assert m['auprc_mirrored'] == sk_metrics.average_precision_score(~correct, -score)
+  assert m['chance_auprc'] == correct.mean() and m['chance_auprc_mirrored'] == 1 - correct.mean()
+  assert m['auprc'] > m['chance_auprc'] and m['auroc'] > 0.5
+  one_class = metrics.misclassification_metrics(score, np.ones(500, bool))
+  assert np.isnan(one_class['auprc'])
 
 
-@pytest.mark.parametrize('row', [np.zeros(64), np.full(64, 0.1), np.full(64, -3.7)])
-def test_constant_rows_have_no_active_feature_and_no_nan(row):
-  h = np.stack([row, np.arange(64.0)]).astype(np.float32)
-  mu, sigma = stats.sample_moments(h)
-  assert np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma)) and float(sigma[0]) == 0
-  for eps in (4.0, 0.5, 0.0):
-    assert not np.asarray(stats.highly_active(h, eps))[0].any()
-
-
-def test_single_sample_and_vmap():
-  h = np.random.default_rng(1).standard_normal((1, 100)).astype(np.float32) ** 3
-  expected, _, _ = _numpy_highly_active(h, 4.0)
-  assert np.array_equal(np.asarray(stats.highly_active(h)), expected)
-  batched = jax.vmap(stats.highly_active)(h[None])
-  assert np.array_equal(np.asarray(batched[0]), expected)
+def test_knn_agreement_rankme_alpha_req():
+  rng = np.random.default_rng(0)
+  centres = rng.standard_normal((4, 16)) * 5
+  labels = np.repeat(np.arange(4), 25)
+  h = centres[labels] + rng.standard_normal((100, 16))
+  agreement = metrics.knn_agreement(h, labels, k=5, chunk_rows=32)
+  assert agreement.shape == (100,) and agreement.mean() > 0.95
+  # Against a direct float64 computation.
+  normed = h / np.linalg.norm(h, axis=1, keepdims=True)
+  sim = normed @ normed.T
+  np.fill_diagonal(sim, -np.inf)
+  neighbours = np.argsort(-sim, axis=1)[:, :5]
+  np.testing.assert_allclose(agreement, (labels[neighbours] == labels[:, None]).mean(1))
+  # RankMe of an isotropic Gaussian is close to d; of a rank-3 matrix close to 3.
+  assert metrics.rankme(rng.standard_normal((2000, 16))) > 15
+  low_rank = rng.standard_normal((500, 3)) @ rng.standard_normal((3, 16))
+  assert metrics.rankme(low_rank) < 3.2
+  # alpha-ReQ recovers a planted power law.
+  d, alpha = 64, 1.5
+  spectrum = np.arange(1, d + 1) ** (-alpha / 2)
+  planted = rng.standard_normal((20000, d)) * spectrum
+  assert abs(metrics.alpha_req(planted, max_rows=20000) - alpha) < 0.15

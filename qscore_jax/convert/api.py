@@ -69,7 +69,8 @@ def infer_resnet(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
   stage_sizes = tuple(blocks.get(s, 0) for s in (1, 2, 3, 4))
   block = 'bottleneck' if 'layer1.0.conv3.weight' in state else 'basic'
   stem_channels, _, kernel, _ = state['conv1.weight'].shape
-  width = stem_channels // 64
+  width = stem_channels / 64
+  width = int(width) if width.is_integer() else width
   options: dict[str, Any] = {}
   if width != 1:
     options['width_multiplier'] = width
@@ -82,7 +83,7 @@ def infer_resnet(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
                           'no ResNet-18/34/50/101/152/200.')
   arch = f'resnet{depth}'
   if block == 'bottleneck' and 'layer1.0.conv1.weight' in state:
-    inner = state['layer1.0.conv1.weight'].shape[0] // width
+    inner = round(state['layer1.0.conv1.weight'].shape[0] / width)
     if inner != 64:
       if depth == 50 and inner == 128:
         arch = 'wide_resnet50_2'

@@ -18,10 +18,11 @@ from qscore_jax.data.datasets import (BUILT_IN, DatasetError, DatasetInfo, datas
                                       decode_image, ensure_prepared, prepare, read_split,
                                       split_size)
 from qscore_jax.data.imagenet100 import imagenet100_wnids
+from qscore_jax.data.preprocess import native_preprocessing
 from qscore_jax.data.pipeline import (Batches, eval_batches, iterate_global, shard_bounds,
                                       ssl_batches)
 
 __all__ = ['BUILT_IN', 'Batches', 'DatasetError', 'DatasetInfo', 'Recipe', 'ViewSpec',
            'dataset_info', 'decode_image', 'ensure_prepared', 'eval_batches',
-           'imagenet100_wnids', 'iterate_global', 'prepare', 'read_split', 'recipe',
+           'imagenet100_wnids', 'iterate_global', 'native_preprocessing', 'prepare', 'read_split', 'recipe',
            'shard_bounds', 'split_size', 'ssl_batches']

@@ -248,8 +248,12 @@ def read_split(name: str, split: str, *, data_dir: str | None = None, start: int
     # One file at a time (no interleave) keeps the canonical order, so ids are
     # positions in the split whatever the number of processes.
     decoders = None if decode else {'image': tfds.decode.SkipDecoding()}
-    ds = b.as_dataset(split=f'{split}[{start}:{end}]', shuffle_files=False, decoders=decoders,
+    # tfds refuses empty slices: read one example and drop it, keeping the structure.
+    first, last = (start, end) if end > start else (max(0, start - 1), max(1, start))
+    ds = b.as_dataset(split=f'{split}[{first}:{last}]', shuffle_files=False, decoders=decoders,
                       read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    if end == start:
+      ds = ds.take(0)
     keep = ('image', 'label') + (MASK_FEATURES if with_masks else ())
 
     def select(example):

@@ -100,7 +100,7 @@ def eval_batches(dataset: str, split: str, *, batch_size: int,
                  preprocessing: Preprocessing | None = None, image_size: int | None = None,
                  data_dir: str | None = None, with_masks: bool = False,
                  process_index: int | None = None, process_count: int | None = None,
-                 local_device_count: int | None = None) -> Batches:
+                 local_device_count: int | None = None, skip_batches: int = 0) -> Batches:
   """Padded, masked, id-carrying evaluation batches of one split.
 
   Args:
@@ -112,6 +112,8 @@ def eval_batches(dataset: str, split: str, *, batch_size: int,
     image_size: overrides ``preprocessing.image_size``.
     with_masks: add ``core_mask``/``spurious_mask`` (float32, S x S, in [0, 1]).
     process_index, process_count, local_device_count: default to JAX's.
+    skip_batches: start after this many batches (resuming; every process must
+      skip the same number). Skipped examples are not read.
 
   Returns:
     :class:`Batches` of dicts: ``image`` float32 (b, S, S, 3), ``label``
@@ -121,7 +123,11 @@ def eval_batches(dataset: str, split: str, *, batch_size: int,
   plan = _plan(dataset, split, batch_size, data_dir, process_index, process_count,
                local_device_count)
   info, size, start, end, local = plan.info, plan.size, plan.start, plan.end, plan.local
-  num_batches = max(1, math.ceil(max(plan.shard_sizes) / local))
+  total_batches = max(1, math.ceil(max(plan.shard_sizes) / local))
+  if not 0 <= skip_batches <= total_batches:
+    raise ValueError(f'skip_batches {skip_batches} is outside 0..{total_batches}.')
+  num_batches = total_batches - skip_batches
+  start = min(end, start + skip_batches * local)
 
   image_shape = _output_image_shape(info, preprocessing, image_size)
   transform = eval_transform(preprocessing, image_size=image_size)
@@ -138,6 +144,8 @@ def eval_batches(dataset: str, split: str, *, batch_size: int,
   ds = datasets.read_split(dataset, split, data_dir=data_dir, start=start, end=end,
                            with_masks=with_masks)
   ds = ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if num_batches == 0:
+    ds = ds.take(0)
   pad = num_batches * local - (end - start)
   if pad:
     blank = {'image': tf.zeros(image_shape, tf.float32), 'label': tf.constant(-1, tf.int32),

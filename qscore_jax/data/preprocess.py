@@ -54,6 +54,21 @@ def crop_and_resize(tf, image, preprocessing: Preprocessing, image_size: int, me
   return _resize(tf, image, size, size, method)
 
 
+def native_preprocessing(info) -> Preprocessing:
+  """Preprocessing for a model trained from scratch on a fixed-size dataset.
+
+  Images at their native size (no crop), scaled to [0, 1] and normalised with
+  mean 0.5 and std 0.25 per channel. Raises for datasets of varying image size.
+  """
+  size = info.image_shape[0]
+  if size is None:
+    raise ValueError(f'{info.name} has images of varying size: give image_size and a '
+                     'preprocessing (e.g. a registry one) explicitly.')
+  return Preprocessing(name=f'{info.name}-native', image_size=size, crop_fraction=1.0,
+                       crop_mode='resize_then_crop', interpolation='bilinear',
+                       mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
 def eval_transform(preprocessing: Preprocessing | None, *, image_size: int | None = None
                    ) -> Callable:
   """A function uint8 image (H, W, 3) -> float32 network input (S, S, 3).

@@ -140,6 +140,8 @@ class ResNet(nn.Module):
     block: ``'basic'`` or ``'bottleneck'``.
     width_multiplier: multiplies every channel count (SimCLR/SwAV/VICReg/BYOL
       "x2" models); the representation has ``num_features`` dimensions.
+      Fractions (e.g. 0.25: 16 stem channels) make small encoders for CPU
+      experiments; ``64 * width_multiplier`` must be a whole number.
     width_per_group: inner width of a bottleneck per 64 planes; 128 gives
       torchvision's ``wide_resnet50_2``.
     stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool) or ``'cifar'``
@@ -158,7 +160,7 @@ class ResNet(nn.Module):
   """
   stage_sizes: Sequence[int]
   block: str = 'bottleneck'
-  width_multiplier: int = 1
+  width_multiplier: float = 1
   width_per_group: int = 64
   stem: str = 'imagenet'
   conv_padding: PaddingMode = 'torch'
@@ -178,6 +180,9 @@ class ResNet(nn.Module):
                          f'got {getattr(self, field)!r}.')
     if self.stem not in ('imagenet', 'cifar'):
       raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
+    if self.width_multiplier <= 0 or (64 * self.width_multiplier) % 1:
+      raise ValueError('64 * width_multiplier must be a positive whole number of channels, '
+                       f'got width_multiplier={self.width_multiplier}.')
     if self.block == 'basic' and self.width_per_group != 64:
       raise ValueError('width_per_group other than 64 exists only for '
                        'bottleneck blocks (wide_resnet50_2).')
@@ -189,7 +194,7 @@ class ResNet(nn.Module):
   @property
   def num_features(self) -> int:
     """Dimension d of the pooled representation."""
-    return 512 * self.width_multiplier * BLOCKS[self.block].expansion
+    return int(512 * self.width_multiplier) * BLOCKS[self.block].expansion
 
   @property
   def feature_names(self) -> tuple[str, ...]:
@@ -203,9 +208,9 @@ class ResNet(nn.Module):
     norm = functools.partial(
         nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         axis_name=self.bn_axis_name, dtype=self.dtype)
-    width = self.width_multiplier
+    base = int(64 * self.width_multiplier)
     x = images.astype(self.dtype)
-    stem = functools.partial(_conv_bn, train=train, features=64 * width, norm=norm,
+    stem = functools.partial(_conv_bn, train=train, features=base, norm=norm,
                              conv_name='conv1', bn_name='bn1', dtype=self.dtype)
     if self.stem == 'cifar':
       x = nn.relu(stem(x, kernel_size=3, stride=1, padding=((2, 2), (2, 2))))
@@ -218,7 +223,7 @@ class ResNet(nn.Module):
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         x = block_cls(
-            planes=64 * width * 2**stage,
+            planes=base * 2**stage,
             stride=2 if stage > 0 and index == 0 else 1,
             conv_padding=self.conv_padding,
             norm=norm,

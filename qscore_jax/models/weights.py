@@ -252,6 +252,26 @@ def load_heads(directory: str | pathlib.Path, *,
   return {name: (modules[name], restored[name]) for name in modules}
 
 
+def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
+  """A saved model directory from a path or a converted registry id (``checkpoints/<id>``).
+
+  Raises:
+    FileNotFoundError: saying whether the id is known but not converted yet.
+  """
+  path = pathlib.Path(ref).expanduser()
+  if (path / METADATA_FILE).is_file():
+    return path.resolve()
+  converted = pathlib.Path('checkpoints') / str(ref)
+  if (converted / METADATA_FILE).is_file():
+    return converted.resolve()
+  from qscore_jax.models import registry  # pylint: disable=import-outside-toplevel
+  if str(ref) in {s.id for s in registry.list_models()}:
+    raise FileNotFoundError(f'{ref} is not converted yet: run `qscore convert {ref}` (it '
+                            f'writes checkpoints/{ref}).')
+  raise FileNotFoundError(f'{ref} is neither a saved model directory ({METADATA_FILE} '
+                          'missing) nor a converted registry id (`qscore models` lists them).')
+
+
 def load_model(directory: str | pathlib.Path, *,
                sharding: jax.sharding.Sharding | None = None,
                **overrides: Any) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:

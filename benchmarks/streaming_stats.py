@@ -1,0 +1,182 @@
+"""Streaming statistics over a 1,000,000 x 2048 float32 store on disk (8.2 GB).
+
+Writes the store (pooled-ReLU-like random features), then measures on this machine:
+
+  * the disk's sequential read bandwidth, cold (the file's pages evicted from the page cache
+    with posix_fadvise(DONTNEED) first), and the memory copy bandwidth;
+  * pass 1, :func:`qscore_jax.streaming.feature_stats` (activation counts, A_j, D), cold;
+  * pass 2, :func:`qscore_jax.streaming.sample_scores` (Q-Score, v1, baselines per row), cold;
+  * rows/s and GB/s of each pass, the ratio to the bandwidth bound (the time a bare read of
+    the store takes), and the peak resident memory of the process (the store is generated
+    in a child process, so its buffers do not count);
+  * both passes again with the store in the page cache (the cost of the computation).
+
+Run (needs ~9 GB of free disk; about 10 minutes):
+
+    python benchmarks/streaming_stats.py --dir /tmp/qscore_bench --out benchmarks/results/streaming_stats.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _evict(path: pathlib.Path) -> None:
+  """Drops a file's pages from the page cache (the next read comes from disk)."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+  finally:
+    os.close(fd)
+
+
+def _read_bandwidth(path: pathlib.Path, block: int = 64 << 20) -> float:
+  _evict(path)
+  buffer = bytearray(block)
+  total, start = 0, time.perf_counter()
+  with open(path, 'rb', buffering=0) as f:
+    while (n := f.readinto(buffer)):
+      total += n
+  return total / (time.perf_counter() - start) / 1e9
+
+
+def _warm(path: pathlib.Path, block: int = 64 << 20) -> None:
+  """Reads a file once so that its pages are in the page cache."""
+  buffer = bytearray(block)
+  with open(path, 'rb', buffering=0) as f:
+    while f.readinto(buffer):
+      pass
+
+
+def _memory_bandwidth(size: int = 1 << 30) -> float:
+  source = np.ones(size // 4, np.float32)
+  target = np.empty_like(source)
+  np.copyto(target, source)
+  start = time.perf_counter()
+  for _ in range(3):
+    np.copyto(target, source)
+  return 3 * 2 * source.nbytes / (time.perf_counter() - start) / 1e9  # read + write
+
+
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def make_store(directory: pathlib.Path, rows: int, dim: int, seed: int = 0) -> pathlib.Path:
+  from qscore_jax.store import ShardWriter  # pylint: disable=import-outside-toplevel
+  writer = ShardWriter(directory, shard_index=0, shard_count=1, rows=rows, dim=dim, first_id=0,
+                       metadata={'model': 'benchmark', 'dataset': 'random', 'split': 'train',
+                                 'split_size': rows})
+  rng = np.random.default_rng(seed)
+  scale = rng.gamma(1.0, 1.0, dim).astype(np.float32)
+  block = 65536
+  for start in range(writer.done, rows, block):
+    n = min(block, rows - start)
+    values = rng.standard_normal((n, dim), dtype=np.float32) * scale
+    np.maximum(values, 0, out=values)
+    np.square(values, out=values)
+    writer.append(values, np.zeros(n, np.int32), np.arange(start, start + n))
+  return directory
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser.add_argument('--dir', required=True, help='scratch directory for the store (~9 GB)')
+  parser.add_argument('--rows', type=int, default=1_000_000)
+  parser.add_argument('--dim', type=int, default=2048)
+  parser.add_argument('--chunk-rows', type=int, default=16384)
+  parser.add_argument('--keep', action='store_true', help='keep the store afterwards')
+  parser.add_argument('--out', help='write the results as JSON here')
+  parser.add_argument('--write-only', action='store_true',
+                      help='only write the store (run in a child process, so that the peak '
+                           'memory of generating the data is not counted against the passes)')
+  args = parser.parse_args()
+
+  import jax  # pylint: disable=import-outside-toplevel
+  from qscore_jax import streaming  # pylint: disable=import-outside-toplevel
+  from qscore_jax.store import RepresentationStore  # pylint: disable=import-outside-toplevel
+
+  root = pathlib.Path(args.dir).expanduser().resolve() / 'store'
+  if args.write_only:
+    if not (root / 'metadata.json').exists() or not RepresentationStore.open(
+        root, require_complete=False).num_rows == args.rows:
+      make_store(root, args.rows, args.dim)
+    print(json.dumps({'memory_copy_gb_s': _memory_bandwidth()}))
+    return
+  start = time.perf_counter()
+  child = subprocess.run([sys.executable, __file__, '--dir', args.dir, '--rows', str(args.rows),
+                          '--dim', str(args.dim), '--write-only'], check=True,
+                         capture_output=True, text=True)
+  memory = json.loads(child.stdout.strip().splitlines()[-1])['memory_copy_gb_s']
+  write_s = time.perf_counter() - start
+  data = root / 'shard-00000-of-00001' / 'representations.npy'
+  size_gb = data.stat().st_size / 1e9
+  rss_before = _peak_rss_gb()
+
+  disk = _read_bandwidth(data)
+  bound_s = size_gb / disk
+  store = RepresentationStore.open(root)
+
+  _evict(data)
+  start = time.perf_counter()
+  feature = streaming.feature_stats(store, chunk_rows=args.chunk_rows)
+  pass1 = time.perf_counter() - start
+  _evict(data)
+  start = time.perf_counter()
+  scores = streaming.sample_scores(store, feature, chunk_rows=args.chunk_rows)
+  pass2 = time.perf_counter() - start
+  peak = _peak_rss_gb()
+  # The same passes with the store in the page cache (a second read): what the
+  # computation costs when the disk is out of the way.
+  _warm(data)
+  start = time.perf_counter()
+  streaming.feature_stats(store, chunk_rows=args.chunk_rows)
+  warm1 = time.perf_counter() - start
+  start = time.perf_counter()
+  streaming.sample_scores(store, feature, chunk_rows=args.chunk_rows)
+  warm2 = time.perf_counter() - start
+  result = {
+      'rows': args.rows, 'dim': args.dim, 'store_gb': size_gb, 'write_s': write_s,
+      'disk_read_gb_s': disk, 'memory_copy_gb_s': memory, 'bandwidth_bound_s': bound_s,
+      'pass1_feature_stats_s': pass1, 'pass2_sample_scores_s': pass2,
+      'pass1_rows_per_s': args.rows / pass1, 'pass2_rows_per_s': args.rows / pass2,
+      'pass1_gb_s': size_gb / pass1, 'pass2_gb_s': size_gb / pass2,
+      'pass1_vs_bound': pass1 / bound_s, 'pass2_vs_bound': pass2 / bound_s,
+      'pass1_warm_s': warm1, 'pass2_warm_s': warm2,
+      'peak_rss_gb': peak, 'rss_before_passes_gb': rss_before,
+      'num_discriminative': feature.num_discriminative,
+      'mean_qscore': float(scores['qscore'].mean()),
+      'chunk_rows': args.chunk_rows, 'devices': jax.device_count(), 'cpu_cores': os.cpu_count(),
+  }
+  print('| quantity | value |\n|---|---|')
+  print(f"| store | {args.rows:,} x {args.dim} float32, {size_gb:.2f} GB |")
+  print(f"| disk read bandwidth (cold, sequential) | {disk:.2f} GB/s |")
+  print(f"| memory copy bandwidth | {memory:.2f} GB/s |")
+  print(f"| bandwidth bound of one pass (bare read) | {bound_s:.1f} s |")
+  for name, seconds in (('pass 1: counts, A_j, D', pass1), ('pass 2: Q-Score and baselines', pass2)):
+    print(f"| {name} | {seconds:.1f} s, {args.rows / seconds:,.0f} rows/s, "
+          f"{size_gb / seconds:.2f} GB/s, {seconds / bound_s:.2f}x the bound |")
+  print(f"| same passes, store in the page cache | pass 1 {warm1:.1f} s "
+        f"({args.rows / warm1:,.0f} rows/s), pass 2 {warm2:.1f} s ({args.rows / warm2:,.0f} rows/s) |")
+  print(f"| peak resident memory | {peak:.2f} GB ({100 * peak / size_gb:.1f}% of the store) |")
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=2)
+  if not args.keep:
+    shutil.rmtree(root)
+
+
+if __name__ == '__main__':
+  main()

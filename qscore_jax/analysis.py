@@ -1,0 +1,276 @@
+"""The whole analysis of one representation space (``qscore analyze``).
+
+Given the representations of a reference (training) split and an evaluation
+split — stores written by :func:`qscore_jax.embed.embed_dataset`, or arrays —
+:func:`analyze`:
+
+1. computes A_j and the discriminative set D on the reference split;
+2. scores every evaluation sample: Q-Score (default and v1) and label-free
+   baselines (L2 norm, Hoyer sparsity);
+3. trains the linear probe on the reference split and evaluates it (top-1,
+   top-5, per-sample correctness and max softmax), adds k-NN agreement;
+4. measures how well each score predicts correct classification (AUPRC,
+   AUROC, mirrored AUPRC, chance levels), and the dataset-level RankMe and
+   alpha-ReQ;
+5. draws the compression curve (kept by discriminativeness vs random);
+6. writes ``report.json``, the per-sample scores (``scores.npz``) and the plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from qscore_jax import compression, metrics, report, stats, streaming
+from qscore_jax.probe import ProbeConfig, evaluate_probe, train_linear_probe
+from qscore_jax.store import RepresentationStore
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+  """Every option of the analysis (defaults: METHOD.md)."""
+  eps: float = stats.DEFAULT_EPS
+  band: tuple[float, float] = stats.DEFAULT_BAND
+  nonzero_only: bool = True
+  probe: ProbeConfig = ProbeConfig()
+  compression: compression.CompressionConfig | None = compression.CompressionConfig()
+  knn_k: int = 10
+  spectrum_rows: int = 25600
+  chunk_rows: int = streaming.DEFAULT_CHUNK_ROWS
+
+
+@dataclasses.dataclass
+class Split:
+  """Representations (array or memory map), labels and ids of one split."""
+  representations: Any
+  labels: np.ndarray
+  ids: np.ndarray
+  source: Any
+  description: dict[str, Any]
+
+  @classmethod
+  def from_store(cls, path) -> 'Split':
+    store = RepresentationStore.open(path)
+    reps = store.representations() if store.num_rows * store.dim * 4 <= 2 ** 31 else \
+        _StoreMatrix(store)
+    meta = {k: store.metadata.get(k) for k in ('model', 'dataset', 'split', 'split_size')}
+    return cls(reps, store.labels, store.ids, store, meta)
+
+  @classmethod
+  def from_arrays(cls, representations, labels, name: str = 'arrays') -> 'Split':
+    representations = np.asarray(representations, np.float32)
+    return cls(representations, np.asarray(labels), np.arange(len(representations)),
+               representations, {'split': name})
+
+
+class _StoreMatrix:
+  """Row-indexable view of a store larger than 2 GiB (for the probe)."""
+
+  def __init__(self, store: RepresentationStore):
+    self.parts = [np.load(s / 'representations.npy', mmap_mode='r')[:r]
+                  for s, r in zip(store.shards, store.shard_rows())]
+    self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+    self.shape = (int(self.offsets[-1]), store.dim)
+
+  def __len__(self):
+    return self.shape[0]
+
+  def __getitem__(self, rows):
+    if isinstance(rows, tuple):
+      rows, columns = rows
+      return self[rows][:, columns]
+    rows = np.arange(*rows.indices(len(self))) if isinstance(rows, slice) else np.asarray(rows)
+    part = np.searchsorted(self.offsets, rows, side='right') - 1
+    out = np.empty((len(rows), self.shape[1]), np.float32)
+    for p in np.unique(part):
+      where = part == p
+      local = rows[where] - self.offsets[p]
+      order = np.argsort(local)
+      block = self.parts[p][local[order]]
+      out[np.flatnonzero(where)[order]] = block
+    return out
+
+
+def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
+            num_classes: int | None = None, class_names: Sequence[str] | None = None,
+            config: AnalysisConfig = AnalysisConfig(), plots: bool = True) -> dict[str, Any]:
+  """Runs the analysis and writes ``report.json``, ``scores.npz`` and the plots.
+
+  Returns:
+    The report dict (also in ``<out_dir>/report.json``).
+  """
+  out = pathlib.Path(out_dir).expanduser().resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  timings: dict[str, float] = {}
+  clock = time.perf_counter()
+
+  def lap(name):
+    nonlocal clock
+    now = time.perf_counter()
+    timings[name] = round(now - clock, 3)
+    clock = now
+
+  num_classes = num_classes or int(max(train.labels.max(), evaluation.labels.max())) + 1
+  feature = streaming.feature_stats(train.source, eps=config.eps, band=config.band,
+                                    nonzero_only=config.nonzero_only, chunk_rows=config.chunk_rows)
+  lap('feature_stats')
+  sample = streaming.sample_scores(evaluation.source, feature, chunk_rows=config.chunk_rows)
+  lap('sample_scores')
+  probe = train_linear_probe(train.representations, train.labels, num_classes, config.probe)
+  result = evaluate_probe(probe, evaluation.representations, evaluation.labels)
+  train_accuracy = evaluate_probe(probe, train.representations, train.labels)['top1']
+  lap('probe')
+  eval_h = np.asarray(evaluation.representations[:]) if len(evaluation.labels) <= 200_000 else None
+  knn = (metrics.knn_agreement(eval_h, result['predictions'], config.knn_k)
+         if eval_h is not None else None)
+  lap('knn')
+  correct = result['correct']
+  scores = {'qscore': sample['qscore'], 'qscore_v1': sample['qscore_v1'],
+            'max_softmax': result['max_softmax'], 'l2_norm': sample['l2_norm'],
+            'hoyer_sparsity': sample['hoyer_sparsity']}
+  if knn is not None:
+    scores['knn_agreement'] = knn
+  table = metrics.score_table(scores, correct)
+  spectrum_source = eval_h if eval_h is not None else np.asarray(
+      evaluation.representations[np.arange(min(len(evaluation.labels), config.spectrum_rows))])
+  dataset_level = {'rankme': metrics.rankme(spectrum_source, max_rows=config.spectrum_rows),
+                   'alpha_req': metrics.alpha_req(spectrum_source, max_rows=config.spectrum_rows)}
+  lap('metrics')
+  curve = None
+  if config.compression is not None:
+    curve = compression.compression_curve(train.representations, train.labels,
+                                          evaluation.representations, evaluation.labels,
+                                          num_classes, feature, config.compression)
+  lap('compression')
+
+  labels = evaluation.labels
+  per_class = [{'class': int(c),
+                'name': str(class_names[c]) if class_names is not None and c < len(class_names) else str(c),
+                'count': int((labels == c).sum()),
+                'accuracy': float(correct[labels == c].mean()),
+                'mean_qscore': float(sample['qscore'][labels == c].mean())}
+               for c in np.unique(labels)]
+  report_dict = {
+      'train': train.description, 'evaluation': evaluation.description,
+      'num_classes': num_classes, 'dim': int(len(feature.counts)),
+      'options': {'eps': config.eps, 'band': list(config.band),
+                  'nonzero_only': config.nonzero_only,
+                  'probe': dataclasses.asdict(config.probe), 'knn_k': config.knn_k},
+      'feature_stats': feature.to_json(),
+      'probe': {'top1': result['top1'], 'top5': result['top5'], 'train_top1': train_accuracy,
+                'final_loss': float(probe.losses[-1])},
+      'misclassification': table,
+      'dataset_level': dataset_level,
+      'qscore_summary': {
+          'mean': float(sample['qscore'].mean()),
+          'mean_correct': float(sample['qscore'][correct].mean()) if correct.any() else None,
+          'mean_misclassified': float(sample['qscore'][~correct].mean()) if (~correct).any() else None,
+          'zero_fraction': float(np.mean(sample['qscore'] == 0))},
+      'compression': compression.as_table(curve) if curve else None,
+      'compression_discriminative_only': curve['discriminative_only'] if curve else None,
+      'per_class': per_class,
+      'timings_s': timings,
+  }
+  np.savez_compressed(out / 'scores.npz', ids=evaluation.ids, labels=labels,
+                      predictions=result['predictions'], correct=correct,
+                      activation_counts=feature.counts, discriminative=feature.discriminative,
+                      **{f'score_{k}': v for k, v in scores.items()},
+                      num_active=sample['num_active'],
+                      num_active_discriminative=sample['num_active_discriminative'])
+  if plots:
+    figures = {
+        'activation_frequencies': report.plot_activation_frequencies(
+            feature.frequencies, feature.discriminative, feature.band_frequencies,
+            out / 'activation_frequencies.png'),
+        'qscore_histograms': report.plot_qscore_histograms(sample['qscore'], correct,
+                                                           out / 'qscore_histograms.png'),
+        'precision_recall': report.plot_precision_recall(scores, correct, table,
+                                                         out / 'precision_recall.png'),
+        'class_accuracy_vs_qscore': report.plot_class_accuracy(
+            sample['qscore'], labels, correct, class_names, out / 'class_accuracy_vs_qscore.png'),
+    }
+    if curve:
+      figures['compression'] = report.plot_compression(curve, out / 'compression.png')
+    report_dict['figures'] = {k: v.name for k, v in figures.items()}
+  report.write_json(report_dict, out / 'report.json')
+  return report_dict
+
+
+def summary_lines(report_dict: dict[str, Any]) -> list[str]:
+  """A short human-readable summary of a report."""
+  m = report_dict['misclassification']
+  fs = report_dict['feature_stats']
+  lines = [
+      f"linear probe   top-1 {100 * report_dict['probe']['top1']:.2f}%  top-5 "
+      f"{100 * report_dict['probe']['top5']:.2f}%  (train {100 * report_dict['probe']['train_top1']:.2f}%)",
+      f"features       d={fs['dim']}, |D|={fs['num_discriminative']}, never active "
+      f"{fs['never_active']}, band A in [{fs['band_frequencies'][0]:.4f}, {fs['band_frequencies'][1]:.4f}]",
+      'score          AUPRC   AUROC   AUPRC(mirrored)   chance ' +
+      f"{m['qscore']['chance_auprc']:.3f} / {m['qscore']['chance_auprc_mirrored']:.3f}"]
+  for name, row in m.items():
+    lines.append(f'  {name:<14} {row["auprc"]:.3f}   {row["auroc"]:.3f}   {row["auprc_mirrored"]:.3f}')
+  dl = report_dict['dataset_level']
+  lines.append(f"dataset        RankMe {dl['rankme']:.1f}   alpha-ReQ {dl['alpha_req']:.3f}")
+  if report_dict.get('compression'):
+    row = next((r for r in report_dict['compression'] if abs(r['removed'] - 0.4) < 1e-9), None)
+    if row:
+      lines.append(f"compression    40% removed: ranked {100 * row['ranked']:.2f}%, random "
+                   f"{100 * row['random_mean']:.2f} ± {100 * row['random_std']:.2f}% "
+                   f"(all features {100 * report_dict['compression'][0]['ranked']:.2f}%)")
+  return lines
+
+
+def compare_models(model_refs: Sequence[str], dataset: str, out_dir: str | pathlib.Path, *,
+                   train_split: str = 'train', eval_split: str = 'test', batch_size: int = 256,
+                   data_dir: str | None = None, config: AnalysisConfig | None = None,
+                   progress: bool = True) -> list[dict[str, Any]]:
+  """Embeds and analyses several models on the same data (``qscore compare``).
+
+  Each model is a saved model directory, a ``qscore finetune`` workdir (its
+  ``model/``) or a converted registry id. Stores and reports go to
+  ``<out_dir>/<i>-<name>/``; stores are resumed/reused when present.
+
+  Returns:
+    One report dict per model, in order.
+  """
+  from qscore_jax.embed import embed_model_on_dataset  # pylint: disable=import-outside-toplevel
+  config = config or AnalysisConfig(compression=None)
+  out = pathlib.Path(out_dir).expanduser().resolve()
+  reports = []
+  for index, ref in enumerate(model_refs):
+    path = pathlib.Path(ref).expanduser()
+    if (path / 'run.json').is_file() and (path / 'model').is_dir():
+      ref = str(path / 'model')  # a finetune workdir
+    name = f'{index}-{pathlib.Path(ref).name}'
+    stores = {}
+    for split in (train_split, eval_split):
+      stores[split] = embed_model_on_dataset(ref, dataset, split, out / name / f'store_{split}',
+                                             batch_size=batch_size, data_dir=data_dir,
+                                             progress=progress)
+    result = analyze(Split.from_store(stores[train_split]), Split.from_store(stores[eval_split]),
+                     out / name, config=config, plots=False)
+    result['model_ref'] = str(ref)
+    reports.append(result)
+  return reports
+
+
+def comparison_lines(reports: Sequence[dict[str, Any]]) -> list[str]:
+  """The side-by-side table of :func:`compare_models`."""
+  rows = [('model', lambda r: pathlib.Path(r['model_ref']).name),
+          ('linear top-1 %', lambda r: f"{100 * r['probe']['top1']:.2f}"),
+          ('linear top-5 %', lambda r: f"{100 * r['probe']['top5']:.2f}"),
+          ('AUPRC of Q', lambda r: f"{r['misclassification']['qscore']['auprc']:.3f}"),
+          ('AUROC of Q', lambda r: f"{r['misclassification']['qscore']['auroc']:.3f}"),
+          ('AUPRC chance', lambda r: f"{r['misclassification']['qscore']['chance_auprc']:.3f}"),
+          ('mean Q', lambda r: f"{r['qscore_summary']['mean']:.4f}"),
+          ('|D| / d', lambda r: f"{r['feature_stats']['num_discriminative']} / {r['dim']}"),
+          ('RankMe', lambda r: f"{r['dataset_level']['rankme']:.1f}")]
+  width = max(len(label) for label, _ in rows)
+  cells = [[fn(r) for r in reports] for _, fn in rows]
+  col = max(12, *(len(c) for row in cells for c in row))
+  return [f'{label:<{width}}  ' + '  '.join(f'{c:>{col}}' for c in row)
+          for (label, _), row in zip(rows, cells)]

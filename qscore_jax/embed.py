@@ -1,0 +1,152 @@
+"""Embedding at scale: a data-parallel forward step and a resumable driver.
+
+* :func:`embed_images` is the pure step ``(variables, images) -> representations``
+  (inference mode). :func:`make_embed_step` jits it over a device mesh (variables
+  replicated, the batch split along ``'data'``, every device and host);
+  ``jax.pmap(functools.partial(embed_images, model), in_axes=(None, 0))`` runs
+  the same step under ``pmap``.
+* :func:`embed_dataset` walks a dataset split (:func:`qscore_jax.data.eval_batches`),
+  embeds each global batch, and writes this process's rows into its shard of a
+  :mod:`qscore_jax.store` with a progress bar (images/s, ETA). Killed and
+  restarted with the same arguments, it resumes after the last committed batch
+  and produces the same store as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qscore_jax import parallel
+from qscore_jax.models.features import keep_state
+from qscore_jax.store import RepresentationStore, ShardWriter
+
+
+def embed_images(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
+  """Representations of a batch, ``(b, H, W, 3) -> (b, d)`` float32, inference mode."""
+  return model.apply(keep_state(variables), images, train=False)
+
+
+def make_embed_step(model: nn.Module, mesh=None):
+  """:func:`embed_images` jitted for a mesh: variables replicated, batch sharded on ``'data'``.
+
+  Cached per (model, mesh): embedding another split or dataset with the same
+  model reuses the compiled step.
+  """
+  return _cached_embed_step(model, mesh or parallel.data_mesh())
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_embed_step(model: nn.Module, mesh):
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
+  return jax.jit(functools.partial(embed_images, model), in_shardings=(replicated, batch),
+                 out_shardings=batch)
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order."""
+  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, parts = set(), []
+  for shard in shards:
+    start = shard.index[0].start or 0
+    if start not in seen:  # replicated copies of the same rows appear once
+      seen.add(start)
+      parts.append(np.asarray(shard.data))
+  return np.concatenate(parts)
+
+
+def _agree_on_resume(done_batches: int) -> int:
+  """The number of batches every process has committed (processes may have died apart)."""
+  if jax.process_count() == 1:
+    return done_batches
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  counts = multihost_utils.process_allgather(np.asarray([done_batches], np.int64))
+  return int(np.min(counts))
+
+
+def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
+                  store_dir: str | pathlib.Path, *, batch_size: int = 256,
+                  preprocessing=None, image_size: int | None = None,
+                  data_dir: str | None = None, metadata: Mapping[str, Any] | None = None,
+                  mesh=None, progress: bool = True) -> pathlib.Path:
+  """Embeds a split into a representation store (resuming an interrupted run).
+
+  Args:
+    model, variables: the backbone (see :mod:`qscore_jax.models`).
+    dataset, split: what to embed (see :mod:`qscore_jax.data.datasets`).
+    store_dir: the store; created, or resumed when it holds this same run.
+    batch_size: global batch size, divisible by the number of devices.
+    preprocessing: the model's preprocessing metadata (registry or saved model).
+    metadata: extra facts recorded in the store (model id, ...).
+    mesh: device mesh (default: every device of every process on ``'data'``).
+    progress: show a progress bar on process 0.
+
+  Returns:
+    The absolute store path (every process returns once its shard is complete).
+  """
+  from qscore_jax.data import eval_batches, split_size, shard_bounds  # pylint: disable=import-outside-toplevel
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  mesh = mesh or parallel.data_mesh()
+  process, processes = jax.process_index(), jax.process_count()
+  size = split_size(dataset, split, data_dir)
+  start, end = shard_bounds(size, process, processes)
+  local = parallel.check_batch_divisible(batch_size)
+  run = {'dataset': dataset, 'split': split, 'split_size': size,
+         'preprocessing': preprocessing.to_json() if preprocessing is not None else None,
+         'image_size': image_size, 'batch_size': batch_size, **dict(metadata or {})}
+  run.setdefault('model', None)
+  dim = model.num_features
+  writer = ShardWriter(store_dir, shard_index=process, shard_count=processes, rows=end - start,
+                       dim=dim, first_id=start, metadata=run)
+  done_batches = _agree_on_resume(writer.done // local if not writer.complete else
+                                  -(-writer.rows // local))
+  writer.done = min(writer.done, done_batches * local)
+  batches = eval_batches(dataset, split, batch_size=batch_size, preprocessing=preprocessing,
+                         image_size=image_size, data_dir=data_dir,
+                         skip_batches=done_batches)
+  step = make_embed_step(model, mesh)
+  # Host copies first: a value committed to one device cannot be moved across hosts.
+  variables = jax.device_put(jax.device_get(keep_state(variables)),
+                             NamedSharding(mesh, PartitionSpec()))
+  bar = tqdm(total=size, initial=min(size, done_batches * batch_size), unit='img',
+             disable=not progress or process != 0, desc=f'embed {dataset}/{split}',
+             smoothing=0.1)
+  for batch in batches:
+    images = parallel.global_batch({'image': batch['image']}, mesh)['image']
+    representations = _local_rows(step(variables, images))
+    keep = batch['mask']
+    writer.append(representations[keep], batch['label'][keep], batch['id'][keep])
+    bar.update(int(keep.sum()) * processes)
+  bar.close()
+  return writer.root
+
+
+def embed_model_on_dataset(model_ref: str, dataset: str, split: str,
+                           store_dir: str | pathlib.Path, **kwargs) -> pathlib.Path:
+  """:func:`embed_dataset` for a saved model (``qscore embed``).
+
+  ``model_ref`` is a directory written by ``save_model``/``qscore convert``, or a
+  registry id whose conversion lives in ``checkpoints/<id>``.
+  """
+  from qscore_jax.models import registry  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models.weights import load_model, resolve_model_dir  # pylint: disable=import-outside-toplevel
+  model_ref = str(resolve_model_dir(model_ref))
+  model, variables, meta = load_model(model_ref)
+  pre = meta.get('preprocessing')
+  kwargs.setdefault('preprocessing', registry.Preprocessing.from_json(pre) if pre else None)
+  extra = {'model': meta.get('model_id') or str(pathlib.Path(model_ref).resolve()),
+           'method': meta.get('method'), 'arch': meta['arch'],
+           'arch_options': meta['arch_options']}
+  kwargs['metadata'] = {**extra, **dict(kwargs.get('metadata') or {})}
+  return embed_dataset(model, variables, dataset, split, store_dir, **kwargs)
+
+
+__all__ = ['RepresentationStore', 'embed_dataset', 'embed_images', 'embed_model_on_dataset',
+           'make_embed_step']

@@ -1,0 +1,131 @@
+"""Figures of an analysis (matplotlib, headless) and the report file.
+
+Each function draws one figure from arrays and returns the written path:
+sorted activation frequencies with the D band, Q-Score histograms for correct
+vs misclassified samples, precision-recall curves of Q and the baselines, the
+compression curve, and per-class accuracy against mean Q.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg', force=False)
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def _save(fig, path: pathlib.Path) -> pathlib.Path:
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  _pyplot().close(fig)
+  return path
+
+
+def plot_activation_frequencies(frequencies: np.ndarray, discriminative: np.ndarray,
+                                band: tuple[float, float], path: pathlib.Path) -> pathlib.Path:
+  plt = _pyplot()
+  order = np.argsort(frequencies)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ranks = np.arange(len(order))
+  ax.plot(ranks, frequencies[order], color='0.3', lw=1, label='A_j, sorted')
+  members = discriminative[order]
+  ax.scatter(ranks[members], frequencies[order][members], s=4, color='tab:red',
+             label=f'D ({int(members.sum())} features)')
+  if all(math.isfinite(b) for b in band):
+    ax.axhspan(band[0], band[1], color='tab:red', alpha=0.12, label='band of D')
+  ax.set_xlabel('feature (sorted by activation frequency)')
+  ax.set_ylabel('A_j: fraction of samples where highly active')
+  ax.legend(loc='upper left')
+  return _save(fig, path)
+
+
+def plot_qscore_histograms(q: np.ndarray, correct: np.ndarray, path: pathlib.Path) -> pathlib.Path:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  bins = np.histogram_bin_edges(q, bins=40)
+  for group, name in ((correct, 'correct'), (~correct, 'misclassified')):
+    if group.any():
+      ax.hist(q[group], bins=bins, alpha=0.6, density=True, label=f'{name} ({int(group.sum())})')
+  ax.set_xlabel('Q-Score')
+  ax.set_ylabel('density')
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_precision_recall(scores: Mapping[str, np.ndarray], correct: np.ndarray,
+                          table: Mapping[str, Mapping[str, float]], path: pathlib.Path) -> pathlib.Path:
+  from sklearn.metrics import precision_recall_curve  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 5))
+  if 0 < correct.sum() < len(correct):
+    for name, values in scores.items():
+      precision, recall, _ = precision_recall_curve(correct, values)
+      ax.plot(recall, precision, lw=1.5 if name == 'qscore' else 1,
+              label=f'{name} (AUPRC {table[name]["auprc"]:.3f})')
+  ax.axhline(correct.mean(), color='0.5', ls='--', lw=1, label=f'chance ({correct.mean():.3f})')
+  ax.set_xlabel('recall (correctly classified)')
+  ax.set_ylabel('precision')
+  ax.set_ylim(0, 1.02)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def plot_compression(curve: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  removed = np.asarray(curve['fractions_removed'])
+  ax.plot(removed, curve['ranked'], 'o-', label='kept by discriminativeness')
+  mean, std = np.asarray(curve['random_mean']), np.asarray(curve['random_std'])
+  ax.plot(removed, mean, 's--', label=f'random subsets (mean ± std, {len(curve["random"][0])} seeds)')
+  ax.fill_between(removed, mean - std, mean + std, alpha=0.2)
+  only = curve['discriminative_only']
+  if only['kept'] and math.isfinite(only['accuracy']):
+    d = curve['kept'][0]
+    ax.plot([1 - only['kept'] / d], [only['accuracy']], 'r*', ms=12,
+            label=f'only D ({only["kept"]} features)')
+  ax.set_xlabel('fraction of dimensions removed')
+  ax.set_ylabel('linear accuracy')
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_class_accuracy(q: np.ndarray, labels: np.ndarray, correct: np.ndarray,
+                        class_names, path: pathlib.Path) -> pathlib.Path:
+  plt = _pyplot()
+  classes = np.unique(labels)
+  mean_q = np.array([q[labels == c].mean() for c in classes])
+  accuracy = np.array([correct[labels == c].mean() for c in classes])
+  fig, ax = plt.subplots(figsize=(6, 5))
+  ax.scatter(mean_q, accuracy, s=18)
+  if len(classes) <= 30 and class_names:
+    for c, x, y in zip(classes, mean_q, accuracy):
+      ax.annotate(str(class_names[c]), (x, y), fontsize=7, xytext=(3, 2),
+                  textcoords='offset points')
+  if len(classes) > 2 and np.std(mean_q) > 0 and np.std(accuracy) > 0:
+    r = np.corrcoef(mean_q, accuracy)[0, 1]
+    ax.set_title(f'per-class accuracy vs mean Q (Pearson r = {r:.2f})')
+  ax.set_xlabel('mean Q-Score of the class')
+  ax.set_ylabel('linear accuracy of the class')
+  return _save(fig, path)
+
+
+def write_json(report: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path:
+  def default(value):
+    if isinstance(value, (np.integer,)):
+      return int(value)
+    if isinstance(value, (np.floating,)):
+      return float(value)
+    if isinstance(value, np.ndarray):
+      return value.tolist()
+    raise TypeError(f'not serialisable: {type(value).__name__}')
+  path.write_text(json.dumps(report, indent=2, default=default) + '\n')
+  return path

@@ -1,0 +1,256 @@
+"""Representation stores: embeddings of a dataset split on disk, one shard per process.
+
+Layout::
+
+    <store>/
+      metadata.json                      model id, dataset, split, preprocessing, d,
+                                         split size, number of shards, ...
+      shard-00000-of-00002/
+        representations.npy              float32 (rows, d), a memory-mapped .npy
+        labels.npy                       int32 (rows,)
+        ids.npy                          int64 (rows,): index of each row in the split
+        progress.json                    {"rows": k}: rows 0..k-1 are final
+
+Process ``p`` owns shard ``p``, the contiguous id range it embeds (see
+:func:`qscore_jax.data.shard_bounds`), so the shards concatenated in order hold
+the split in id order, whatever the number of processes. The arrays are
+preallocated; rows are written in place and ``progress.json`` is replaced
+atomically after each flush, so a killed run resumes exactly after the last
+committed row: no gap, no duplicate. Readers stream fixed-size chunks with
+plain file reads, so memory stays bounded whatever N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+METADATA_FILE = 'metadata.json'
+PROGRESS_FILE = 'progress.json'
+FORMAT_VERSION = 1
+
+
+class StoreError(ValueError):
+  """A representation store is missing, incomplete or inconsistent."""
+
+
+def shard_name(index: int, count: int) -> str:
+  return f'shard-{index:05d}-of-{count:05d}'
+
+
+def _write_json_atomic(path: pathlib.Path, data: Mapping[str, Any]) -> None:
+  tmp = path.with_name(path.name + '.tmp')
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(data, f, indent=2)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class ShardWriter:
+  """Writes one process's rows into its preallocated shard, resumably."""
+
+  def __init__(self, directory: str | pathlib.Path, *, shard_index: int, shard_count: int,
+               rows: int, dim: int, first_id: int, metadata: Mapping[str, Any]):
+    self.root = pathlib.Path(directory).expanduser().resolve()
+    self.path = self.root / shard_name(shard_index, shard_count)
+    self.rows, self.dim, self.first_id = rows, dim, first_id
+    self.root.mkdir(parents=True, exist_ok=True)
+    meta_path = self.root / METADATA_FILE
+    metadata = json.loads(json.dumps({**metadata, 'format_version': FORMAT_VERSION, 'dim': dim,
+                                      'shard_count': shard_count}))  # as it reads back
+    if meta_path.exists():
+      existing = json.loads(meta_path.read_text())
+      keys = ('model', 'dataset', 'split', 'dim', 'shard_count', 'split_size', 'preprocessing')
+      diff = {k: (existing.get(k), metadata.get(k)) for k in keys
+              if existing.get(k) != metadata.get(k)}
+      if diff:
+        raise StoreError(
+            f'{self.root} already holds a store of another run ({diff}); use another '
+            'directory or delete it.')
+    elif shard_index == 0:
+      _write_json_atomic(meta_path, metadata)
+    self.path.mkdir(exist_ok=True)
+    self._columns = {name: self._allocate(name, dtype, shape) for name, dtype, shape in (
+        ('representations.npy', np.float32, (rows, dim)), ('labels.npy', np.int32, (rows,)),
+        ('ids.npy', np.int64, (rows,)))}
+    progress = self.path / PROGRESS_FILE
+    self.done = json.loads(progress.read_text())['rows'] if progress.exists() else 0
+
+  def _allocate(self, name, dtype, shape) -> int:
+    """Creates (sparse) or checks a preallocated .npy file; returns its data offset."""
+    path = self.path / name
+    if not path.exists():
+      with open(path, 'wb') as f:  # header, then a sparse file of the full size
+        np.lib.format.write_array_header_2_0(f, {'descr': np.lib.format.dtype_to_descr(
+            np.dtype(dtype)), 'fortran_order': False, 'shape': shape})
+        f.truncate(f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    with open(path, 'rb') as f:
+      offset, found_shape, found_dtype = _npy_layout(f)
+    if found_shape != shape or found_dtype != np.dtype(dtype):
+      raise StoreError(f'{path} has shape {found_shape} {found_dtype}, expected {shape} '
+                       f'{np.dtype(dtype)}: the store belongs to another run.')
+    return offset
+
+  @property
+  def complete(self) -> bool:
+    return self.done == self.rows
+
+  def append(self, representations: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
+    """Writes the next rows (valid rows only, in id order) and commits them."""
+    n = len(ids)
+    if self.done + n > self.rows:
+      raise StoreError(f'{self.path}: {self.done + n} rows exceed the shard size {self.rows}.')
+    expected = np.arange(self.first_id + self.done, self.first_id + self.done + n)
+    if not np.array_equal(ids, expected):
+      raise StoreError(f'{self.path}: rows arrive out of order (ids {ids[:3]}..., expected '
+                       f'{expected[:3]}...).')
+    # Plain positioned writes, not memory maps: the written pages do not stay
+    # in this process's resident memory, whatever the size of the store.
+    values = {'representations.npy': np.ascontiguousarray(representations, np.float32),
+              'labels.npy': np.ascontiguousarray(labels, np.int32),
+              'ids.npy': np.ascontiguousarray(ids, np.int64)}
+    for name, offset in self._columns.items():
+      array = values[name]
+      row_bytes = array.nbytes // max(n, 1)
+      with open(self.path / name, 'r+b') as f:
+        f.seek(offset + self.done * row_bytes)
+        f.write(memoryview(array).cast('B'))
+        f.flush()
+        os.fsync(f.fileno())
+    self.done += n
+    _write_json_atomic(self.path / PROGRESS_FILE, {'rows': self.done})
+
+
+@dataclasses.dataclass
+class RepresentationStore:
+  """Read access to a complete store (all shards), in id order."""
+  path: pathlib.Path
+  metadata: dict[str, Any]
+  shards: list[pathlib.Path]
+
+  @classmethod
+  def open(cls, path: str | pathlib.Path, *, require_complete: bool = True
+           ) -> 'RepresentationStore':
+    path = pathlib.Path(path).expanduser().resolve()
+    meta = path / METADATA_FILE
+    if not meta.is_file():
+      raise StoreError(f'{path} is not a representation store ({METADATA_FILE} missing); '
+                       'stores are written by `qscore embed` / qscore_jax.embed_dataset.')
+    metadata = json.loads(meta.read_text())
+    count = metadata['shard_count']
+    shards = [path / shard_name(i, count) for i in range(count)]
+    store = cls(path, metadata, shards)
+    if require_complete:
+      missing = [s.name for s in shards if not (s / PROGRESS_FILE).exists()]
+      rows = store.shard_rows()
+      total = sum(rows)
+      unfinished = [s.name for s, r in zip(shards, rows) if r != _allocated(s)]
+      if missing or unfinished or total != metadata['split_size']:
+        raise StoreError(
+            f'{path} is incomplete: {total} of {metadata["split_size"]} rows written'
+            + (f'; shards not started: {missing}' if missing else '')
+            + (f'; shards unfinished: {unfinished}' if unfinished else '')
+            + '. Run the same `qscore embed` command again to resume.')
+    return store
+
+  def shard_rows(self) -> list[int]:
+    rows = []
+    for shard in self.shards:
+      progress = shard / PROGRESS_FILE
+      rows.append(json.loads(progress.read_text())['rows'] if progress.exists() else 0)
+    return rows
+
+  @property
+  def num_rows(self) -> int:
+    return sum(self.shard_rows())
+
+  @property
+  def dim(self) -> int:
+    return int(self.metadata['dim'])
+
+  def _column(self, name: str) -> np.ndarray:
+    parts = [np.load(s / name, mmap_mode='r')[:r] for s, r in zip(self.shards, self.shard_rows())]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+  @property
+  def labels(self) -> np.ndarray:
+    return self._column('labels.npy')
+
+  @property
+  def ids(self) -> np.ndarray:
+    return self._column('ids.npy')
+
+  def read_rows(self, first: int, out: np.ndarray) -> int:
+    """Reads representations ``[first, first + len(out))`` into ``out`` (k, d) float32.
+
+    Plain positioned file reads (no memory maps), across shard boundaries; fewer
+    rows at the end of the store. Returns the number of rows read.
+    """
+    if out.dtype != np.float32 or out.ndim != 2 or out.shape[1] != self.dim:
+      raise ValueError(f'out must be float32 (k, {self.dim}), got {out.dtype} {out.shape}.')
+    done, shard_start = 0, 0
+    for shard, rows in zip(self.shards, self.shard_rows()):
+      if done == len(out):
+        break
+      local = first + done - shard_start
+      if 0 <= local < rows:
+        count = min(rows - local, len(out) - done)
+        target = out[done:done + count]
+        with open(shard / 'representations.npy', 'rb', buffering=0) as f:
+          os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+          f.seek(_npy_data_offset(f) + local * self.dim * 4)
+          view, read = memoryview(target).cast('B'), 0
+          while read < target.nbytes:
+            n = f.readinto(view[read:])
+            if not n:
+              raise StoreError(f'{shard} is truncated: row {local + read // (self.dim * 4)} '
+                               'cannot be read.')
+            read += n
+        done += count
+      shard_start += rows
+    return done
+
+  def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields ``(first_row, representations[first_row:first_row + k])`` in row order.
+
+    Each chunk is a fresh array read with :meth:`read_rows`, so the process holds
+    only the chunks in flight, whatever the store size.
+    """
+    for first in range(0, self.num_rows, chunk_rows):
+      chunk = np.empty((min(chunk_rows, self.num_rows - first), self.dim), np.float32)
+      self.read_rows(first, chunk)
+      yield first, chunk
+
+  def representations(self) -> np.ndarray:
+    """All representations in memory (N, d); for stores that fit in RAM."""
+    return np.concatenate([chunk for _, chunk in self.iter_chunks()]) if self.num_rows else \
+        np.zeros((0, self.dim), np.float32)
+
+
+def _npy_layout(f) -> tuple[int, tuple[int, ...], np.dtype]:
+  """(data offset, shape, dtype) of an open C-ordered .npy file."""
+  version = np.lib.format.read_magic(f)
+  shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0(f))
+  if fortran:
+    raise StoreError(f'{f.name} is Fortran-ordered; stores are C-ordered.')
+  return f.tell(), shape, dtype
+
+
+def _npy_data_offset(f) -> int:
+  """Byte offset of the data of an open .npy file (checks it is a float32 matrix)."""
+  offset, shape, dtype = _npy_layout(f)
+  if dtype != np.dtype('<f4') or len(shape) != 2:
+    raise StoreError(f'{f.name} is not a float32 matrix.')
+  return offset
+
+
+def _allocated(shard: pathlib.Path) -> int:
+  ids = shard / 'ids.npy'
+  return int(np.load(ids, mmap_mode='r').shape[0]) if ids.exists() else -1

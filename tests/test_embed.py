@@ -1,0 +1,227 @@
+"""The embedding step and the resumable store driver, on 1 and 8 devices and 2 processes."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import random_variables
+from qscore_jax import analysis, streaming
+from qscore_jax.data import eval_batches
+from qscore_jax.embed import embed_dataset, embed_images, make_embed_step
+from qscore_jax.models import build_model, get_preprocessing, save_model
+from qscore_jax.store import RepresentationStore, StoreError
+
+DATASET = 'synthetic_shapes/tiny'
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('tfds'))
+  from qscore_jax.data import dataset_info  # pylint: disable=import-outside-toplevel
+  dataset_info(DATASET, path)  # prepare once, before any subprocess reads it
+  return path
+
+
+@pytest.fixture(scope='module')
+def saved_model(tmp_path_factory):
+  model = build_model('resnet18', width_multiplier=0.5)
+  path = tmp_path_factory.mktemp('model') / 'r18'
+  save_model(path, random_variables(model, (1, 32, 32, 3)), arch='resnet18',
+             arch_options={'width_multiplier': 0.5}, preprocessing=get_preprocessing('cifar'))
+  return path
+
+
+def _direct(model, variables, data_dir, split='train'):
+  """Representations computed without the driver, in id order."""
+  reps, ids = [], []
+  for batch in eval_batches(DATASET, split, batch_size=64, data_dir=data_dir,
+                            preprocessing=get_preprocessing('cifar'), process_count=1,
+                            local_device_count=1):
+    out = np.asarray(jax.jit(model.apply)(variables, batch['image']))
+    reps.append(out[batch['mask']])
+    ids.append(batch['id'][batch['mask']])
+  return np.concatenate(reps), np.concatenate(ids)
+
+
+def test_store_holds_the_split_in_id_order(tmp_path, data_dir, saved_model):
+  from qscore_jax.models import load_model  # pylint: disable=import-outside-toplevel
+  model, variables, _ = load_model(saved_model)
+  path = embed_dataset(model, variables, DATASET, 'train', tmp_path / 'store', batch_size=48,
+                       preprocessing=get_preprocessing('cifar'), data_dir=data_dir,
+                       progress=False, metadata={'model': 'r18-random'})
+  store = RepresentationStore.open(path)
+  expected, ids = _direct(model, variables, data_dir)
+  assert store.num_rows == 256 and store.dim == 256
+  np.testing.assert_array_equal(store.ids, np.arange(256))
+  np.testing.assert_array_equal(ids, np.arange(256))
+  np.testing.assert_allclose(store.representations(), expected, rtol=1e-5, atol=1e-5)
+  assert store.metadata['model'] == 'r18-random' and store.metadata['dataset'] == DATASET
+  assert store.metadata['preprocessing']['name'] == 'cifar'
+  chunks = list(store.iter_chunks(100))
+  assert [offset for offset, _ in chunks] == [0, 100, 200]
+  # Running again on the complete store is a no-op that changes nothing.
+  before = (path / 'shard-00000-of-00001' / 'representations.npy').read_bytes()
+  embed_dataset(model, variables, DATASET, 'train', path, batch_size=48,
+                preprocessing=get_preprocessing('cifar'), data_dir=data_dir, progress=False,
+                metadata={'model': 'r18-random'})
+  assert (path / 'shard-00000-of-00001' / 'representations.npy').read_bytes() == before
+  with pytest.raises(StoreError, match='another run'):
+    embed_dataset(model, variables, DATASET, 'test', path, batch_size=48,
+                  preprocessing=get_preprocessing('cifar'), data_dir=data_dir, progress=False)
+
+
+def test_incomplete_store_is_refused_with_how_to_resume(tmp_path):
+  from qscore_jax.store import ShardWriter  # pylint: disable=import-outside-toplevel
+  writer = ShardWriter(tmp_path, shard_index=0, shard_count=1, rows=10, dim=4, first_id=0,
+                       metadata={'split_size': 10, 'model': None, 'dataset': 'x', 'split': 'y'})
+  writer.append(np.ones((4, 4), np.float32), np.zeros(4, np.int32), np.arange(4))
+  with pytest.raises(StoreError, match='4 of 10 rows written.*again to resume'):
+    RepresentationStore.open(tmp_path)
+  with pytest.raises(StoreError, match='out of order'):
+    writer.append(np.ones((2, 4), np.float32), np.zeros(2, np.int32), np.array([7, 8]))
+
+
+def test_embed_step_under_jit_mesh_and_pmap():
+  model = build_model('resnet18', width_multiplier=0.25)
+  variables = random_variables(model, (1, 32, 32, 3))
+  images = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
+  expected = np.asarray(embed_images(model, variables, images))
+  np.testing.assert_allclose(np.asarray(make_embed_step(model)(variables, images)), expected,
+                             rtol=1e-5, atol=1e-6)
+  import functools  # pylint: disable=import-outside-toplevel
+  pmapped = jax.pmap(functools.partial(embed_images, model), in_axes=(None, 0))
+  out = pmapped(variables, images.reshape(jax.local_device_count(), -1, 32, 32, 3))
+  np.testing.assert_allclose(np.asarray(out).reshape(4, -1), expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- in subprocesses
+
+RUN = r"""
+import sys, json, jax
+if len(sys.argv) > 5:
+  jax.distributed.initialize(coordinator_address=sys.argv[5], num_processes=2,
+                             process_id=int(sys.argv[6]))
+from qscore_jax.embed import embed_model_on_dataset
+embed_model_on_dataset(sys.argv[1], 'synthetic_shapes/tiny', 'train', sys.argv[2],
+                       batch_size=int(sys.argv[3]), data_dir=sys.argv[4], progress=False)
+print(json.dumps({'devices': jax.device_count(), 'processes': jax.process_count()}))
+"""
+
+
+def _run(args, devices=1, env=None):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', **(env or {}))
+  return subprocess.Popen([sys.executable, '-c', RUN, *map(str, args)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process):
+  out, err = process.communicate(timeout=900)
+  assert process.returncode == 0, err[-3000:]
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_eight_devices_and_two_processes_equal_one_device(tmp_path, data_dir, saved_model):
+  one = _finish(_run([saved_model, tmp_path / 'one', 16, data_dir]))
+  eight = _finish(_run([saved_model, tmp_path / 'eight', 16, data_dir], devices=8))
+  address = f'127.0.0.1:{_free_port()}'
+  workers = [_run([saved_model, tmp_path / 'two', 16, data_dir, address, i], devices=4)
+             for i in range(2)]
+  two = [_finish(w) for w in workers]
+  assert (one['devices'], eight['devices'], two[0]['devices'], two[0]['processes']) == (1, 8, 8, 2)
+
+  stores = {name: RepresentationStore.open(tmp_path / name) for name in ('one', 'eight', 'two')}
+  assert len(stores['two'].shards) == 2 and stores['two'].shard_rows() == [128, 128]
+  reference = stores['one'].representations()
+  for name in ('eight', 'two'):
+    store = stores[name]
+    np.testing.assert_array_equal(store.ids, np.arange(256))  # no id lost or doubled
+    np.testing.assert_array_equal(store.labels, stores['one'].labels)
+    np.testing.assert_allclose(store.representations(), reference, rtol=1e-5, atol=1e-5)
+
+  # Statistics and Q from each store: the same sets, and Q within float tolerance
+  # (bit-identical when the representations are).
+  results = {}
+  for name, store in stores.items():
+    feature = streaming.feature_stats(store, chunk_rows=64)
+    results[name] = (feature, streaming.sample_scores(store, feature, chunk_rows=64))
+  for name in ('eight', 'two'):
+    np.testing.assert_array_equal(results[name][0].counts, results['one'][0].counts)
+    np.testing.assert_array_equal(results[name][0].discriminative, results['one'][0].discriminative)
+    np.testing.assert_allclose(results[name][1]['qscore'], results['one'][1]['qscore'],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_on_eight_devices_equal_one_device(tmp_path):
+  """The streaming kernels shard rows over 8 devices: counts, D and Q are bit-identical."""
+  script = r"""
+import numpy as np, jax, sys
+from qscore_jax import streaming
+rng = np.random.default_rng(0)
+h = (np.maximum(rng.standard_normal((1001, 96)), 0) ** 2).astype(np.float32)
+f = streaming.feature_stats(h, chunk_rows=64)
+s = streaming.sample_scores(h, f, chunk_rows=64)
+np.savez(sys.argv[1], counts=f.counts, member=f.discriminative, q=s['qscore'], devices=jax.device_count())
+"""
+  for devices in (1, 8):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    subprocess.run([sys.executable, '-c', script, str(tmp_path / f'{devices}.npz')], env=env,
+                   check=True, capture_output=True)
+  one, eight = np.load(tmp_path / '1.npz'), np.load(tmp_path / '8.npz')
+  assert int(eight['devices']) == 8
+  for key in ('counts', 'member', 'q'):
+    np.testing.assert_array_equal(one[key], eight[key])
+
+
+def test_sigkill_midway_then_resume_gives_the_same_store(tmp_path, data_dir, saved_model):
+  reference = _finish(_run([saved_model, tmp_path / 'whole', 16, data_dir]))
+  del reference
+  target = tmp_path / 'killed'
+  process = _run([saved_model, target, 16, data_dir])
+  progress = target / 'shard-00000-of-00001' / 'progress.json'
+  deadline = time.time() + 600
+  killed_at = None
+  while time.time() < deadline and process.poll() is None:
+    if progress.exists():
+      try:
+        rows = json.loads(progress.read_text())['rows']
+      except (json.JSONDecodeError, KeyError):
+        rows = 0
+      if 16 <= rows < 240:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        killed_at = rows
+        break
+    time.sleep(0.005)
+  assert killed_at is not None, 'the run finished before it could be killed'
+  assert process.returncode == -signal.SIGKILL
+  with pytest.raises(StoreError, match='incomplete'):
+    RepresentationStore.open(target)
+  _finish(_run([saved_model, target, 16, data_dir]))  # resume
+  for name in ('representations.npy', 'labels.npy', 'ids.npy'):
+    whole = (tmp_path / 'whole' / 'shard-00000-of-00001' / name).read_bytes()
+    resumed = (target / 'shard-00000-of-00001' / name).read_bytes()
+    assert whole == resumed, name
+
+
+def test_analysis_split_from_store(tmp_path, data_dir, saved_model):
+  _finish(_run([saved_model, tmp_path / 'train', 32, data_dir]))
+  split = analysis.Split.from_store(tmp_path / 'train')
+  assert split.representations.shape == (256, 256) and split.description['split'] == 'train'
+  assert pathlib.Path(split.source.path).name == 'train'
