@@ -85,9 +85,14 @@ class HeadSpec:
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """``F.normalize(x, dim=-1)``: x / max(||x||, eps)."""
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, eps)
+  """``F.normalize(x, dim=-1)``: x / max(||x||, eps).
+
+  Written as ``x * rsqrt(max(||x||^2, eps^2))``: the same value, and a zero
+  gradient at x = 0 (as PyTorch's), where the gradient of ``jnp.linalg.norm``
+  is NaN — a dead predictor output would otherwise poison a whole step.
+  """
+  squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
 
 
 class MLPHead(nn.Module):

@@ -1,0 +1,145 @@
+r"""Fine-tuning (or pre-training) with an SSL method and the Q-Score regularizer.
+
+One config for every method; the argument after the colon overrides fields:
+
+    qscore finetune --config finetune:method=simclr,dataset=synthetic_shapes \
+        --init random --workdir /tmp/simclr
+
+    qscore finetune --config finetune:method=byol,dataset=imagenet100,batch_size=1024 \
+        --init byol-r50 --workdir gs://bucket/byol_qreg        # regularizer on by default
+
+Fields are documented inline below. ``None`` means "the method's official
+value" (heads, optimizer, learning rate = base_lr x batch / 256, warm-up).
+Unknown fields are errors. Expected figures for the shipped experiment configs
+are in their own docstrings (``qscore_jax/configs/``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The default config, with ``arg`` (``key=value,key.sub=value,...``) applied."""
+  c = ml_collections.ConfigDict()
+  c.method = 'simclr'                  # simclr | byol | simsiam | vicreg | barlowtwins
+  c.dataset = 'synthetic_shapes'       # any name of `qscore datasets`
+  c.split = 'train'
+  c.data_dir = ml_collections.config_dict.placeholder(str)
+  c.image_size = ml_collections.config_dict.placeholder(int)  # default: the model's / dataset's
+  c.arch = ml_collections.config_dict.placeholder(str)  # default: the init's, or resnet18
+  c.arch_options = ml_collections.ConfigDict()  # e.g. width_multiplier, stem (random init)
+  c.batch_size = 256                   # global batch, divisible by the number of devices
+  c.num_epochs = 50.0                  # the paper's fine-tuning schedule
+  c.num_steps = -1                     # > 0 overrides num_epochs
+  c.seed = 0
+
+  c.heads = ml_collections.ConfigDict()
+  c.heads.projector_hidden = ml_collections.config_dict.placeholder(int)
+  c.heads.projector_out = ml_collections.config_dict.placeholder(int)
+  c.heads.predictor_hidden = ml_collections.config_dict.placeholder(int)
+
+  c.loss = ml_collections.ConfigDict()  # method options; unset = official values
+  c.loss.temperature = ml_collections.config_dict.placeholder(float)  # simclr
+  c.loss.sim_coeff = ml_collections.config_dict.placeholder(float)  # vicreg
+  c.loss.std_coeff = ml_collections.config_dict.placeholder(float)
+  c.loss.cov_coeff = ml_collections.config_dict.placeholder(float)
+  c.loss.lambd = ml_collections.config_dict.placeholder(float)  # barlowtwins
+  c.ema_base = ml_collections.config_dict.placeholder(float)  # byol target momentum
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = ml_collections.config_dict.placeholder(str)  # lars | sgd | adamw
+  c.optimizer.learning_rate = 1e-5     # absolute (the paper's fine-tuning lr); None: recipe
+  c.optimizer.base_learning_rate = ml_collections.config_dict.placeholder(float)
+  c.optimizer.weight_decay = ml_collections.config_dict.placeholder(float)
+  c.optimizer.momentum = 0.9
+  c.optimizer.warmup_epochs = 0.0      # fine-tuning starts from a trained model
+  c.optimizer.schedule = 'cosine'      # cosine | constant
+
+  c.regularizer = ml_collections.ConfigDict()
+  c.regularizer.kind = 'qscore'        # qscore | l1 | none
+  c.regularizer.lambda1 = 1e-4
+  c.regularizer.lambda2 = 1e-4
+  c.regularizer.normalization = 'sum'  # sum | mean
+  c.regularizer.stop_gradient = True
+  c.regularizer.views = 'all'          # all | first
+  c.regularizer.discriminative = 'fixed'  # fixed (from the initial model) | batch
+  c.regularizer.refresh_every = 0      # steps between recomputations of a fixed D (0: never)
+  c.regularizer.reference_examples = 10000  # examples embedded to compute the fixed D
+  c.regularizer.eps = 4.0
+  c.regularizer.band = (50.0, 95.0)
+
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.best_metric = 'loss'               # a logged metric (lower is better) for best/
+  c.log_every_steps = 10
+  c.export_model = True                # write <workdir>/model (for qscore embed/compare)
+  c.progress = True
+  c.lock()
+  if arg:
+    apply_overrides(c, arg.split(','))
+  return c
+
+
+def _parse_value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  lowered = text.lower()
+  if lowered in ('true', 'false'):
+    return lowered == 'true'
+  if lowered in ('none', 'null'):
+    return None
+  if ':' in text and text.replace(':', '').replace('.', '').replace('-', '').isdigit():
+    return tuple(_parse_value(part) for part in text.split(':'))
+  return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:
+  """Applies ``key=value`` strings (dotted keys; ``a:b`` for tuples) to a locked config.
+
+  Raises:
+    ValueError: for an unknown field (with the closest names) or a malformed item.
+  """
+  for item in items:
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'config override {item!r} is not KEY=VALUE.')
+    node, parts = config, key.split('.')
+    for depth, part in enumerate(parts):
+      known = list(node.keys())
+      if part not in known:
+        if depth == 1 and parts[0] == 'arch_options':  # free-form architecture options
+          break
+        path = '.'.join(parts[:depth])
+        close = difflib.get_close_matches(part, known, n=3)
+        hint = f' Did you mean {", ".join(close)}?' if close else ''
+        raise ValueError(f'unknown config field {key!r}{" in " + path if path else ""}.{hint} '
+                         f'Known fields here: {", ".join(sorted(known))}.')
+      if depth < len(parts) - 1:
+        node = node[part]
+    current = node[parts[-1]] if parts[-1] in node else None
+    parsed = value if isinstance(current, str) else _parse_value(value)  # 'none' stays a word
+    with config.unlocked() if parts[0] == 'arch_options' else contextlib.nullcontext():
+      try:
+        _set(config, parts, parsed)
+      except TypeError as error:
+        raise ValueError(f'config field {key!r} cannot take {value!r}: {error}') from None
+  return config
+
+
+def _set(config, parts, value):
+  node = config
+  for part in parts[:-1]:
+    node = node[part]
+  if isinstance(node[parts[-1]] if parts[-1] in node else None, float) and isinstance(value, int):
+    value = float(value)
+  node[parts[-1]] = value

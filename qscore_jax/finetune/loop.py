@@ -1,0 +1,412 @@
+"""The training loop: config -> trainer -> steps, checkpoints, logs, resume.
+
+:func:`run` is ``qscore finetune``. A workdir holds::
+
+    run.json             the config and init it was started with (a resumed run must match)
+    checkpoints/<step>/  orbax CheckpointManager: the whole TrainState, the last k kept
+    best/<step>/         the checkpoint with the lowest ``best_metric`` so far
+    metrics.jsonl        one JSON line per logged step (every loss term, Q, lr, img/s)
+    tensorboard/         the same scalars for TensorBoard
+    model/               the final backbone + heads (save_model): `qscore embed`/`compare` it
+
+Killed at any point and run again with the same command, training resumes from
+the last checkpoint: the state (parameters, optimizer, EMA target, D, step),
+the data order and augmentations (a pure function of seed and step) and the
+schedule continue exactly, so the parameters after the last step are
+bit-identical to an uninterrupted run's (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qscore_jax import parallel, regularizer, stats
+from qscore_jax.finetune import core
+from qscore_jax.finetune.methods import get_method
+
+# Fields that may change between a run and its resumption.
+RESUMABLE_FIELDS = ('progress', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                    'export_model')
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (diverged, or a workdir of another run)."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything :func:`run` builds from a config before the first step."""
+  trainer: core.Trainer
+  state: core.TrainState
+  preprocessing: Any
+  image_size: int
+  arch: str
+  arch_options: dict[str, Any]
+  steps_per_epoch: int
+  init: str
+
+
+def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json())
+
+
+def _init_model(config, init: str, key):
+  """(model, backbone variables, heads {name: variables}, metadata) of the initialisation."""
+  from qscore_jax.models import build_model, init_variables  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models.weights import load_heads, load_model, resolve_model_dir  # pylint: disable=import-outside-toplevel
+  if init == 'random':
+    arch = config.arch or 'resnet18'
+    options = dict(config.arch_options)
+    model = build_model(arch, **options)
+    return model, None, {}, {'arch': arch, 'arch_options': options}
+  path = resolve_model_dir(init)
+  model, variables, meta = load_model(path)
+  if config.arch and config.arch != meta['arch']:
+    raise ValueError(f'--init {init} is a {meta["arch"]} but the config asks for '
+                     f'{config.arch}: drop arch from the config or use an init of that '
+                     'architecture.')
+  wanted = dict(config.arch_options)
+  stored = dict(meta.get('arch_options') or {})
+  clash = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+  if clash:
+    raise ValueError(f'--init {init} was built with other architecture options '
+                     f'(init vs config: {clash}); drop them from the config.')
+  heads = {name: variables_ for name, (_, variables_) in load_heads(path).items()}
+  return model, jax.device_get(variables), jax.device_get(heads), meta
+
+
+def _head_options(config) -> dict[str, Any]:
+  return {k: v for k, v in dict(config.heads).items() if v is not None}
+
+
+def _compatible_heads(trainer, heads, dim):
+  """The init's heads whose shapes fit the method's head specs (others are built fresh)."""
+  out = {}
+  for name, spec in trainer.heads:
+    if name not in heads:
+      continue
+    shapes = jax.eval_shape(spec.build().init, jax.random.key(0),
+                            jnp.zeros((2, core.head_input_dim(trainer, name, dim))))
+    expected = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
+    given = {'params': heads[name]['params'], 'batch_stats': heads[name].get('batch_stats', {})}
+    if jax.tree.map(np.shape, expected) == jax.tree.map(np.shape, given):
+      out[name] = given
+  return out
+
+
+def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
+  """Builds the trainer and the initial state (D included) from a config."""
+  from qscore_jax.data import dataset_info, native_preprocessing, ssl_batches  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models.registry import Preprocessing  # pylint: disable=import-outside-toplevel
+  method = get_method(config.method)
+  parallel.check_batch_divisible(config.batch_size)
+  key = jax.random.key(config.seed)
+  model, backbone_vars, init_heads, meta = _init_model(config, init, key)
+  info = dataset_info(config.dataset, config.data_dir)
+  preprocessing = (Preprocessing.from_json(meta['preprocessing']) if meta.get('preprocessing')
+                   else native_preprocessing(info))
+  image_size = config.image_size or preprocessing.image_size
+  if backbone_vars is None:
+    from qscore_jax.models import init_variables  # pylint: disable=import-outside-toplevel
+    backbone_vars = jax.device_get(init_variables(model, key, (1, image_size, image_size, 3)))
+
+  steps_per_epoch = ssl_batches(config.dataset, config.split, recipe=method.augmentation,
+                                batch_size=config.batch_size, image_size=image_size,
+                                preprocessing=preprocessing,
+                                data_dir=config.data_dir).num_batches
+  total = config.num_steps if config.num_steps > 0 else max(
+      1, math.ceil(config.num_epochs * steps_per_epoch))
+  recipe = method.optimizer
+  opt = config.optimizer
+  learning_rate = opt.learning_rate if opt.learning_rate is not None else (
+      (opt.base_learning_rate or recipe.base_learning_rate) * config.batch_size / 256)
+  tx, schedule = core.make_optimizer(
+      opt.name or recipe.name, learning_rate,
+      weight_decay=recipe.weight_decay if opt.weight_decay is None else opt.weight_decay,
+      momentum=opt.momentum, total_steps=total,
+      warmup_steps=round(opt.warmup_epochs * steps_per_epoch), schedule=opt.schedule)
+  loss_options = dict(method.loss_defaults)
+  loss_options.update({k: v for k, v in dict(config.loss).items()
+                       if v is not None and k in loss_options})
+  unused = [k for k, v in dict(config.loss).items() if v is not None and k not in loss_options]
+  if unused:
+    raise ValueError(f'loss options {unused} do not apply to {method.name} (its options: '
+                     f'{sorted(method.loss_defaults) or "none"}).')
+  reg_fields = {f.name for f in dataclasses.fields(regularizer.RegularizerConfig)}
+  reg = regularizer.RegularizerConfig(**{
+      k: (tuple(float(x) for x in v) if k == 'band' else v)
+      for k, v in dict(config.regularizer).items() if k in reg_fields})
+  dim = model.num_features
+  heads = (('projector', method.projector(dim, _head_options(config))),)
+  if method.predictor:
+    heads += (('predictor', method.predictor(dim, _head_options(config))),)
+  trainer = core.Trainer(model, heads, method, tuple(sorted(loss_options.items())), tx,
+                         schedule, reg, total,
+                         config.ema_base if config.ema_base is not None else method.ema_base)
+  kept = _compatible_heads(trainer, init_heads, dim)
+  head_vars = core.init_heads(trainer, jax.random.fold_in(key, 1), dim, kept)
+  discriminative = None
+  if reg.needs_fixed_discriminative:
+    discriminative = reference_discriminative(
+        model, backbone_vars, config.dataset, config.split, preprocessing=preprocessing,
+        image_size=image_size, examples=config.regularizer.reference_examples,
+        batch_size=config.batch_size, eps=reg.eps, band=reg.band, data_dir=config.data_dir)
+  state = core.create_state(trainer, backbone_vars, head_vars, discriminative)
+  return Setup(trainer, state, preprocessing, image_size, meta['arch'],
+               dict(meta.get('arch_options') or {}), steps_per_epoch, init)
+
+
+def reference_discriminative(model, variables, dataset: str, split: str, *, preprocessing,
+                             image_size: int, examples: int, batch_size: int,
+                             eps: float = stats.DEFAULT_EPS,
+                             band=stats.DEFAULT_BAND, data_dir=None) -> np.ndarray:
+  """D of ``model`` on the first ``examples`` examples of a split (eval preprocessing).
+
+  Counts are summed over processes, so every process gets the same D. bool (d,).
+  """
+  from qscore_jax.data import eval_batches  # pylint: disable=import-outside-toplevel
+  from qscore_jax.embed import _local_rows, make_embed_step  # pylint: disable=import-outside-toplevel
+  mesh = parallel.data_mesh()
+  step = make_embed_step(model, mesh)
+  replicated = jax.device_put(jax.device_get(variables), NamedSharding(mesh, PartitionSpec()))
+  counts = np.zeros(model.num_features, np.int64)
+  seen = 0
+  for batch in eval_batches(dataset, split, batch_size=batch_size, preprocessing=preprocessing,
+                            image_size=image_size, data_dir=data_dir):
+    images = parallel.global_batch({'image': batch['image']}, mesh)['image']
+    h = _local_rows(step(replicated, images))
+    counts += np.asarray(stats.activation_counts(h, eps, batch['mask']), np.int64)
+    seen += int(batch['mask'].sum()) * jax.process_count()
+    if seen >= examples:
+      break
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+  return np.asarray(stats.discriminative_features(counts, band))
+
+
+# --- the workdir ---------------------------------------------------------------------------
+
+def _check_workdir(workdir: pathlib.Path, config, init: str) -> None:
+  """Writes run.json, or checks that the workdir was started by the same run."""
+  run_file = workdir / 'run.json'
+  current = {'config': {k: v for k, v in _plain(config).items() if k not in RESUMABLE_FIELDS},
+             'init': init}
+  if run_file.exists():
+    previous = json.loads(run_file.read_text())
+    if previous != current:
+      diff = _differences(previous, current)
+      raise TrainingError(
+          f'{workdir} holds a run of another config or init ({"; ".join(diff[:8])}). '
+          'Use a new --workdir, or the same config and --init to resume.')
+    return
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = run_file.with_suffix('.tmp')
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+    tmp.replace(run_file)
+
+
+def _differences(a, b, prefix=''):
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for key in sorted(set(a) | set(b)):
+      out += _differences(a.get(key), b.get(key), f'{prefix}{key}.')
+    return out
+  return [] if a == b else [f'{prefix[:-1]}: {a!r} in the workdir, {b!r} now']
+
+
+def _managers(workdir: pathlib.Path, config):
+  """The periodic (last k) and best checkpoint managers.
+
+  Both remove the unfinished ``*.orbax-checkpoint-tmp`` directories a killed run leaves.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  periodic = ocp.CheckpointManager(
+      workdir / 'checkpoints',
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           cleanup_tmp_directories=True))
+  best = ocp.CheckpointManager(
+      workdir / 'best',
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True, best_fn=lambda m: m[config.best_metric], best_mode='min',
+          keep_checkpoints_without_metrics=False, cleanup_tmp_directories=True))
+  return periodic, best
+
+
+def _save(manager, state, step: int, metrics=None) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+               metrics=metrics)
+
+
+def _restore(manager, target, step: int):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  return manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))['state']
+
+
+class _Logger:
+  """metrics.jsonl and TensorBoard scalars, written by process 0."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
+      self.jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+      self.tensorboard = tensorboard.SummaryWriter(str(workdir / 'tensorboard'))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self.jsonl.flush()
+    for name, value in scalars.items():
+      self.tensorboard.scalar(name, value, step)
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tensorboard.close()
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+        init: str = 'random', stop_after: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the run of ``config`` in ``workdir``.
+
+  Args:
+    config: see :mod:`qscore_jax.configs.finetune`.
+    workdir: where checkpoints, logs and the final model go (absolute or relative).
+    init: ``'random'`` (pre-training from scratch), a saved model directory or a
+      converted registry id.
+    stop_after: stop after this step even if the run is not finished (for tests and
+      time-boxed jobs; the run resumes later from the checkpoint written then).
+  Returns:
+    ``{'step', 'metrics' (last logged), 'model' (exported directory or None)}``.
+  Raises:
+    TrainingError: a NaN/inf loss (the step is named; earlier checkpoints are kept),
+      or a workdir of another run.
+  """
+  from qscore_jax.data import ssl_batches  # pylint: disable=import-outside-toplevel
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  workdir = pathlib.Path(workdir).expanduser().resolve()
+  get_method(config.method)  # fail fast on an unknown method
+  _check_workdir(workdir, config, init)
+  built = setup(config, init)
+  trainer = built.trainer
+  mesh = parallel.data_mesh()
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state = jax.device_put(built.state, replicated)
+  periodic, best = _managers(workdir, config)
+  latest = periodic.latest_step()
+  if latest is not None:
+    state = _restore(periodic, state, latest)
+  start = int(state.step)
+  total = trainer.total_steps
+  end = min(total, stop_after) if stop_after is not None else total
+  batches = ssl_batches(config.dataset, config.split, recipe=trainer.method.augmentation,
+                        batch_size=config.batch_size, seed=config.seed,
+                        preprocessing=built.preprocessing, image_size=built.image_size,
+                        data_dir=config.data_dir, start_step=start)
+  step_fn = trainer.jit_step(mesh)
+  logger = _Logger(workdir)
+  bar = tqdm(total=total, initial=start, unit='step', desc=f'{config.method}',
+             disable=not config.progress or jax.process_index() != 0)
+  window: list[dict[str, float]] = []
+  since_checkpoint: list[float] = []
+  last: dict[str, float] = {}
+  clock, images = time.perf_counter(), 0
+  try:
+    iterator = iter(batches)
+    for step in range(start, end):
+      batch = next(iterator)
+      views = parallel.global_batch({'views': batch['views']}, mesh)['views']
+      state, metrics = step_fn(state, views)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not metrics.pop('finite'):
+        kept = periodic.latest_step()
+        where = (f'The last good checkpoint is step {kept} in {workdir / "checkpoints"}; '
+                 if kept is not None else 'No checkpoint was written yet; ')
+        raise TrainingError(
+            f'the loss is {metrics["loss"]} at step {step + 1} (ssl {metrics["ssl_loss"]}, '
+            f'regularizer {metrics["regularizer"]}); training stopped. {where}lower the '
+            'learning rate or the regularizer weights, then run again.')
+      images += config.batch_size
+      window.append(metrics)
+      since_checkpoint.append(metrics.get(config.best_metric, metrics['loss']))
+      done = step + 1
+      bar.update(1)
+      if done % config.log_every_steps == 0 or done == end:
+        elapsed = time.perf_counter() - clock
+        last = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        last.update(images_per_second=images / max(elapsed, 1e-9), epoch=done / built.steps_per_epoch)
+        logger.write(done, last)
+        bar.set_postfix(loss=f'{last["loss"]:.4f}', q=f'{last["qscore_mean"]:.3f}')
+        window, clock, images = [], time.perf_counter(), 0
+      refresh = trainer.regularizer.refresh_every
+      if trainer.regularizer.needs_fixed_discriminative and refresh and done % refresh == 0:
+        state = state.replace(discriminative=jax.device_put(
+            _current_discriminative(built, state, config), replicated))
+      if done % config.checkpoint_every_steps == 0 or done == end:
+        _save(periodic, state, done)
+        _save(best, state, done, {config.best_metric: float(np.mean(since_checkpoint))})
+        since_checkpoint = []
+  finally:
+    bar.close()
+    periodic.wait_until_finished()
+    best.wait_until_finished()
+    periodic.close()
+    best.close()
+    logger.close()
+  exported = None
+  if int(state.step) == total and config.export_model:
+    exported = export_model(built, state, workdir / 'model', config)
+  return {'step': int(state.step), 'metrics': last, 'model': exported}
+
+
+def _current_discriminative(built: Setup, state: core.TrainState, config) -> np.ndarray:
+  """D recomputed with the current backbone (``regularizer.refresh_every``)."""
+  variables = jax.device_get({'params': state.params['backbone'],
+                              'batch_stats': state.batch_stats['backbone']})
+  reg = built.trainer.regularizer
+  return reference_discriminative(
+      built.trainer.backbone, variables, config.dataset, config.split,
+      preprocessing=built.preprocessing, image_size=built.image_size,
+      examples=config.regularizer.reference_examples, batch_size=config.batch_size,
+      eps=reg.eps, band=reg.band, data_dir=config.data_dir)
+
+
+def export_model(built: Setup, state: core.TrainState, directory: pathlib.Path,
+                 config: ml_collections.ConfigDict) -> pathlib.Path:
+  """Saves the backbone and heads of a state like a converted model (``qscore embed``-able)."""
+  from qscore_jax.models import save_model  # pylint: disable=import-outside-toplevel
+  params, batch_stats = jax.device_get((state.params, state.batch_stats))
+  heads = {name: (spec, {'params': params[name], **({'batch_stats': batch_stats[name]}
+                                                     if batch_stats.get(name) else {})})
+           for name, spec in built.trainer.heads}
+  return save_model(
+      directory, {'params': params['backbone'], 'batch_stats': batch_stats['backbone']},
+      arch=built.arch, arch_options=built.arch_options, method=config.method,
+      preprocessing=built.preprocessing, heads=heads,
+      provenance={'trained_by': 'qscore finetune', 'init': built.init, 'steps': int(state.step),
+                  'config': _plain(config)},
+      overwrite=True)
+
+
+__all__ = ['RESUMABLE_FIELDS', 'Setup', 'TrainingError', 'export_model',
+           'reference_discriminative', 'run', 'setup']
