@@ -136,7 +136,6 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_eight_devices_and_two_processes_equal_one_device(tmp_path, data_dir, saved_model):
   one = _finish(_run([saved_model, tmp_path / 'one', 16, data_dir]))
   eight = _finish(_run([saved_model, tmp_path / 'eight', 16, data_dir], devices=8))

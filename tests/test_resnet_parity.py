@@ -76,7 +76,6 @@ def test_torchvision_parity(arch, size):
   _assert_parity(_torchvision(arch, seed=1), build_model(arch), size)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('size', SIZES)
 def test_width_x2_all_channels_parity(size):
   """SwAV/VICReg/SimCLR/BYOL 'x2': every channel doubled.
@@ -99,7 +98,6 @@ def test_width_x2_all_channels_parity(size):
   _assert_parity(reference, model, size)
 
 
-@pytest.mark.slow
 def test_wide_resnet50_2_parity():
   """torchvision's wide variant widens only the inner 3x3 width."""
   _assert_parity(_torchvision('wide_resnet50_2', seed=3), build_model('wide_resnet50_2'),
