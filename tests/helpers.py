@@ -1,5 +1,8 @@
 """Small helpers shared by the tests (no torch here)."""
 
+import json
+import socket
+
 import jax
 import numpy as np
 
@@ -27,3 +30,17 @@ def random_variables(model, input_shape=None, seed=0):
     return value.astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(draw, abstract_variables(model, input_shape))
+
+
+def free_port() -> int:
+  """A free local TCP port (for the jax.distributed coordinator of 2-process tests)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def finish_json(process, timeout: int = 1500):
+  """Waits for a test subprocess, asserts success (with its stderr), parses its last line."""
+  out, err = process.communicate(timeout=timeout)
+  assert process.returncode == 0, err[-4000:]
+  return json.loads(out.strip().splitlines()[-1])

@@ -4,7 +4,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import random_variables
+from helpers import finish_json, free_port, random_variables
 from qscore_jax import analysis, streaming
 from qscore_jax.data import eval_batches
 from qscore_jax.embed import embed_dataset, embed_images, make_embed_step
@@ -124,25 +123,13 @@ def _run(args, devices=1, env=None):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(process):
-  out, err = process.communicate(timeout=900)
-  assert process.returncode == 0, err[-3000:]
-  return json.loads(out.strip().splitlines()[-1])
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_eight_devices_and_two_processes_equal_one_device(tmp_path, data_dir, saved_model):
-  one = _finish(_run([saved_model, tmp_path / 'one', 16, data_dir]))
-  eight = _finish(_run([saved_model, tmp_path / 'eight', 16, data_dir], devices=8))
-  address = f'127.0.0.1:{_free_port()}'
+  one = finish_json(_run([saved_model, tmp_path / 'one', 16, data_dir]))
+  eight = finish_json(_run([saved_model, tmp_path / 'eight', 16, data_dir], devices=8))
+  address = f'127.0.0.1:{free_port()}'
   workers = [_run([saved_model, tmp_path / 'two', 16, data_dir, address, i], devices=4)
              for i in range(2)]
-  two = [_finish(w) for w in workers]
+  two = [finish_json(w) for w in workers]
   assert (one['devices'], eight['devices'], two[0]['devices'], two[0]['processes']) == (1, 8, 8, 2)
 
   stores = {name: RepresentationStore.open(tmp_path / name) for name in ('one', 'eight', 'two')}
@@ -189,7 +176,7 @@ np.savez(sys.argv[1], counts=f.counts, member=f.discriminative, q=s['qscore'], d
 
 
 def test_sigkill_midway_then_resume_gives_the_same_store(tmp_path, data_dir, saved_model):
-  reference = _finish(_run([saved_model, tmp_path / 'whole', 16, data_dir]))
+  reference = finish_json(_run([saved_model, tmp_path / 'whole', 16, data_dir]))
   del reference
   target = tmp_path / 'killed'
   process = _run([saved_model, target, 16, data_dir])
@@ -212,7 +199,7 @@ def test_sigkill_midway_then_resume_gives_the_same_store(tmp_path, data_dir, sav
   assert process.returncode == -signal.SIGKILL
   with pytest.raises(StoreError, match='incomplete'):
     RepresentationStore.open(target)
-  _finish(_run([saved_model, target, 16, data_dir]))  # resume
+  finish_json(_run([saved_model, target, 16, data_dir]))  # resume
   for name in ('representations.npy', 'labels.npy', 'ids.npy'):
     whole = (tmp_path / 'whole' / 'shard-00000-of-00001' / name).read_bytes()
     resumed = (target / 'shard-00000-of-00001' / name).read_bytes()
@@ -220,7 +207,7 @@ def test_sigkill_midway_then_resume_gives_the_same_store(tmp_path, data_dir, sav
 
 
 def test_analysis_split_from_store(tmp_path, data_dir, saved_model):
-  _finish(_run([saved_model, tmp_path / 'train', 32, data_dir]))
+  finish_json(_run([saved_model, tmp_path / 'train', 32, data_dir]))
   split = analysis.Split.from_store(tmp_path / 'train')
   assert split.representations.shape == (256, 256) and split.description['split'] == 'train'
   assert pathlib.Path(split.source.path).name == 'train'

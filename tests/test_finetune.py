@@ -4,7 +4,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import finish_json, free_port
 from qscore_jax.configs.finetune import get_config
 from qscore_jax.finetune import loop
 
@@ -138,18 +138,6 @@ def _spawn(args, devices):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait(process):
-  out, err = process.communicate(timeout=1500)
-  assert process.returncode == 0, err[-4000:]
-  return json.loads(out.strip().splitlines()[-1])
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_steps_on_eight_devices_pmap_and_two_processes_equal_one_device(tmp_path):
   """3 steps of SimCLR and BYOL + the regularizer: 1 device = 8 = pmap = 2 hosts.
@@ -165,12 +153,12 @@ def test_steps_on_eight_devices_pmap_and_two_processes_equal_one_device(tmp_path
   runs = {'one': (['jit', tmp_path / 'one'], 1), 'mesh': (['jit', tmp_path / 'mesh'], 8),
           'pmap': (['pmap', tmp_path / 'pmap'], 8)}
   started = {name: _spawn(args, devices) for name, (args, devices) in runs.items()}
-  port = _free_port()
+  port = free_port()
   workers = [_spawn(['processes', tmp_path / 'procs', f'127.0.0.1:{port}', i], 4)
              for i in range(2)]
   for name, process in started.items():  # all five processes compile side by side
-    assert _wait(process)['devices'] == runs[name][1], name
-  assert [_wait(w)['processes'] for w in workers] == [2, 2]
+    assert finish_json(process)['devices'] == runs[name][1], name
+  assert [finish_json(w)['processes'] for w in workers] == [2, 2]
   for method in ('simclr', 'byol'):
     one = np.load(tmp_path / f'one_{method}.npz')
     for other in ('mesh', 'pmap', 'procs'):
