@@ -154,16 +154,24 @@ def _qscore_v1_given(h, mu, sigma, l1):
   return jnp.where(ok, score, 0.0)
 
 
-def nonfinite_rows(h: jax.Array) -> jax.Array:
-  """Number of rows holding a NaN or an infinity (int32 scalar; jit-compatible)."""
-  return jnp.sum(~jnp.all(jnp.isfinite(jnp.asarray(h)), axis=-1), dtype=jnp.int32)
+def nonfinite_rows(h: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """Number of (valid) rows holding a NaN or an infinity (int32 scalar; jit-compatible)."""
+  bad = ~jnp.all(jnp.isfinite(jnp.asarray(h)), axis=-1)
+  if valid is not None:
+    bad = bad & jnp.asarray(valid, bool)
+  return jnp.sum(bad, dtype=jnp.int32)
+
+
+def raise_if_nonfinite(bad: int, total: int, what: str = 'representations') -> None:
+  """Raises ``ValueError`` when ``bad`` of ``total`` rows hold NaN or inf."""
+  if bad:
+    raise ValueError(
+        f'{bad} of {total} rows of the {what} contain NaN or inf. The model produced '
+        'non-finite values (diverged weights, wrong preprocessing or a bfloat16 overflow); '
+        'Q-Score is undefined for them. Find them with ~np.isfinite(h).all(axis=1).')
 
 
 def check_finite(h, what: str = 'representations') -> None:
   """Raises ``ValueError`` naming how many rows of ``h`` hold NaN or inf."""
-  bad = int(np.sum(~np.all(np.isfinite(np.asarray(h)), axis=-1)))
-  if bad:
-    raise ValueError(
-        f'{bad} of {len(h)} rows of the {what} contain NaN or inf. The model produced '
-        'non-finite values (diverged weights, wrong preprocessing or a bfloat16 overflow); '
-        'Q-Score is undefined for them. Find them with ~np.isfinite(h).all(axis=1).')
+  h = np.asarray(h)
+  raise_if_nonfinite(int(np.sum(~np.all(np.isfinite(h), axis=-1))), len(h), what)

@@ -153,18 +153,6 @@ def _prefetched(source, rows: int, dim: int, depth: int = 2
     thread.join()
 
 
-def _nonfinite(h, valid):
-  return jnp.sum(~jnp.all(jnp.isfinite(h), axis=-1) & valid, dtype=jnp.int32)
-
-
-def _raise_nonfinite(bad: int, total: int) -> None:
-  if bad:
-    raise ValueError(
-        f'{bad} of {total} rows of the representations contain NaN or inf. The model produced '
-        'non-finite values (diverged weights, wrong preprocessing or a bfloat16 overflow); '
-        'Q-Score is undefined for them. Find them with ~np.isfinite(h).all(axis=1).')
-
-
 def _row_sharding(mesh):
   return NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
 
@@ -203,7 +191,7 @@ def _dim(source) -> int:
 
 
 def _num_rows(source) -> int:
-  return source.num_rows if isinstance(source, RepresentationStore) else len(np.asarray(source))
+  return source.num_rows if isinstance(source, RepresentationStore) else len(source)
 
 
 def feature_stats(source, *, eps: float = stats.DEFAULT_EPS,
@@ -224,7 +212,7 @@ def feature_stats(source, *, eps: float = stats.DEFAULT_EPS,
   sharding = _row_sharding(mesh)
 
   kernel = _blockwise(mesh, lambda h, valid: (stats.activation_counts(h, eps, valid),
-                                              _nonfinite(h, valid)), row_outputs=False)
+                                              stats.nonfinite_rows(h, valid)), row_outputs=False)
 
   counts, bad, total = None, 0, 0
   for _, count, buffer, release in _prefetched(source, rows, _dim(source)):
@@ -237,7 +225,7 @@ def feature_stats(source, *, eps: float = stats.DEFAULT_EPS,
     total += count
   if counts is None:
     raise ValueError('no representations to compute statistics on (N = 0).')
-  _raise_nonfinite(bad, total)
+  stats.raise_if_nonfinite(bad, total)
   member = np.asarray(stats.discriminative_features(counts, band, nonzero_only))
   lo, hi = (float(x) for x in stats.band_limits(counts, band, nonzero_only))
   return FeatureStats(counts, total, member, (lo, hi), eps, tuple(band), nonzero_only)
@@ -278,7 +266,7 @@ def sample_scores(source, feature: FeatureStats, *, chunk_rows: int = DEFAULT_CH
   sharding = _row_sharding(mesh)
   discriminative = jnp.asarray(feature.discriminative, bool)
   kernel = _blockwise(mesh, lambda h, valid: (_row_scores(h, discriminative, feature.eps),
-                                              _nonfinite(h, valid)), row_outputs=True)
+                                              stats.nonfinite_rows(h, valid)), row_outputs=True)
   total = _num_rows(source)
   out = {name: np.zeros(total, np.float32 if name not in ('num_active', 'num_active_discriminative')
                         else np.int32) for name in SCORES}
@@ -291,5 +279,5 @@ def sample_scores(source, feature: FeatureStats, *, chunk_rows: int = DEFAULT_CH
     bad += int(b)
     for name, values in result.items():
       out[name][first:first + count] = values[:count]
-  _raise_nonfinite(bad, total)
+  stats.raise_if_nonfinite(bad, total)
   return out
