@@ -50,18 +50,6 @@ def _cached_embed_step(model: nn.Module, mesh):
                  out_shardings=batch)
 
 
-def _local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order."""
-  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-  seen, parts = set(), []
-  for shard in shards:
-    start = shard.index[0].start or 0
-    if start not in seen:  # replicated copies of the same rows appear once
-      seen.add(start)
-      parts.append(np.asarray(shard.data))
-  return np.concatenate(parts)
-
-
 def _agree_on_resume(done_batches: int) -> int:
   """The number of batches every process has committed (processes may have died apart)."""
   if jax.process_count() == 1:
@@ -120,7 +108,7 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
              smoothing=0.1)
   for batch in batches:
     images = parallel.global_batch({'image': batch['image']}, mesh)['image']
-    representations = _local_rows(step(variables, images))
+    representations = parallel.local_rows(step(variables, images))
     keep = batch['mask']
     writer.append(representations[keep], batch['label'][keep], batch['id'][keep])
     bar.update(int(keep.sum()) * processes)

@@ -54,3 +54,15 @@ def global_batch(local: Mapping[str, Any], mesh: Mesh | None = None,
   sharding = NamedSharding(mesh, PartitionSpec(axis))
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(local))
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order."""
+  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, parts = set(), []
+  for shard in shards:
+    start = shard.index[0].start or 0
+    if start not in seen:  # replicated copies of the same rows appear once
+      seen.add(start)
+      parts.append(np.asarray(shard.data))
+  return np.concatenate(parts)

@@ -176,7 +176,7 @@ def reference_discriminative(model, variables, dataset: str, split: str, *, prep
   Counts are summed over processes, so every process gets the same D. bool (d,).
   """
   from qscore_jax.data import eval_batches  # pylint: disable=import-outside-toplevel
-  from qscore_jax.embed import _local_rows, make_embed_step  # pylint: disable=import-outside-toplevel
+  from qscore_jax.embed import make_embed_step  # pylint: disable=import-outside-toplevel
   mesh = parallel.data_mesh()
   step = make_embed_step(model, mesh)
   replicated = jax.device_put(jax.device_get(variables), NamedSharding(mesh, PartitionSpec()))
@@ -185,7 +185,7 @@ def reference_discriminative(model, variables, dataset: str, split: str, *, prep
   for batch in eval_batches(dataset, split, batch_size=batch_size, preprocessing=preprocessing,
                             image_size=image_size, data_dir=data_dir):
     images = parallel.global_batch({'image': batch['image']}, mesh)['image']
-    h = _local_rows(step(replicated, images))
+    h = parallel.local_rows(step(replicated, images))
     counts += np.asarray(stats.activation_counts(h, eps, batch['mask']), np.int64)
     seen += int(batch['mask'].sum()) * jax.process_count()
     if seen >= examples:
