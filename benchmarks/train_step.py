@@ -112,7 +112,7 @@ def worker(arch: str, batch: int, rounds: int, ssl: bool) -> dict:
     from qscore_jax import regularizer  # pylint: disable=import-outside-toplevel
     from qscore_jax.finetune import core, get_method  # pylint: disable=import-outside-toplevel
     method = get_method('simclr')
-    heads = (('projector', method.projector(model.num_features, {})),)
+    heads = method.build_heads(model.num_features, {})
     sgd, schedule = core.make_optimizer('lars', 0.1, weight_decay=1e-6, momentum=0.9,
                                         total_steps=100, warmup_steps=0)
     trainer = core.Trainer(model, heads, method, (('temperature', 0.1),), sgd, schedule,

@@ -170,6 +170,11 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
           'mean_correct': float(sample['qscore'][correct].mean()) if correct.any() else None,
           'mean_misclassified': float(sample['qscore'][~correct].mean()) if (~correct).any() else None,
           'zero_fraction': float(np.mean(sample['qscore'] == 0))},
+      'sparsity': {
+          'hoyer_mean': float(sample['hoyer_sparsity'].mean()),
+          'active_features_mean': float(sample['num_active'].mean()),
+          'zero_fraction': float(np.mean(eval_h <= 0))
+          if eval_h is not None else None},
       'compression': compression.as_table(curve) if curve else None,
       'compression_discriminative_only': curve['discriminative_only'] if curve else None,
       'per_class': per_class,

@@ -192,6 +192,21 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+  from qscore_jax import experiment  # pylint: disable=import-outside-toplevel
+  from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
+  config = load_config(args.config, args.set or ())
+  try:
+    results = experiment.run_experiment(config, args.workdir)
+  except loop.TrainingError as error:
+    print(f'qscore experiment: error: {error}', file=sys.stderr)
+    return 1
+  print('\n'.join(experiment.table_lines(results)))
+  print(f"took         {results['seconds']:.0f} s; results in {args.workdir}/results.json, "
+        f"table.md")
+  return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
   from qscore_jax import analysis  # pylint: disable=import-outside-toplevel
   from qscore_jax.probe import ProbeConfig  # pylint: disable=import-outside-toplevel
@@ -350,6 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
   finetune.add_argument('--stop-after', type=int,
                         help='stop after this step (resume later with the same command)')
   finetune.set_defaults(func=_cmd_finetune)
+
+  exp = commands.add_parser(
+      'experiment', help="the paper's experiment offline: pre-train, fine-tune with and without "
+                         'the Q-Score regularizer over seeds, compare',
+      description='Pre-trains each method from scratch on the built-in synthetic data, '
+                  'fine-tunes each checkpoint with and without the regularizer for several '
+                  'seeds, embeds and probes every model, and prints mean and spread of linear '
+                  'accuracy, AUPRC of Q, sparsity and compression. Rerun to resume. Config '
+                  'fields: qscore_jax/configs/experiment.py.')
+  exp.add_argument('--config', default='experiment', help='NAME[:k=v,...] or FILE.py[:arg]')
+  exp.add_argument('--set', action='append', metavar='KEY=VALUE',
+                   help='override a config field (repeatable), e.g. seeds=0:1')
+  exp.add_argument('--workdir', required=True, help='every run, its evaluation, and results')
+  exp.set_defaults(func=_cmd_experiment)
 
   compare = commands.add_parser(
       'compare', help='embed and probe several models on the same data, side by side',

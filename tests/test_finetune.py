@@ -49,24 +49,32 @@ from qscore_jax.finetune import core, get_method
 from qscore_jax.models import build_model
 sys.path.insert(0, sys.argv[-1])
 from helpers import random_variables
+METHODS = sys.argv[-2].split(',')
 
 def trainer_for(method_name, reg):
   method = get_method(method_name)
   model = build_model('resnet18', width_multiplier=0.0625)
-  o = {'projector_hidden': 32, 'projector_out': 16, 'predictor_hidden': 8}
-  heads = (('projector', method.projector(model.num_features, o)),)
-  if method.predictor:
-    heads += (('predictor', method.predictor(model.num_features, o)),)
+  o = {'projector_hidden': 32, 'projector_out': 16, 'predictor_hidden': 8, 'prototypes': 24}
+  heads = method.build_heads(model.num_features, o)
   tx, lr = core.make_optimizer(method.optimizer.name, 0.01, weight_decay=1e-4, momentum=0.9,
                                total_steps=3, warmup_steps=0)
-  return core.Trainer(model, heads, method, tuple(method.loss_defaults.items()), tx, lr, reg, 3,
+  options = {**method.loss_defaults, **LOSS_OPTIONS.get(method_name, {})}
+  return core.Trainer(model, heads, method, tuple(sorted(options.items())), tx, lr, reg, 3,
                       method.ema_base), model
 
+# Small buffers that the 3 steps of batch 16 exercise: MoCo's queue wraps around, SwAV's
+# queue is full (and used) at step 3, frozen heads thaw at step 2, DINO's teacher warms up.
+LOSS_OPTIONS = {'mocov2': {'queue_size': 40},
+                'swav': {'queue_length': 32, 'freeze_prototypes_steps': 1},
+                'dino': {'freeze_last_layer_steps': 1, 'warmup_teacher_steps': 2,
+                         'warmup_teacher_temperature': 0.03}}
+MULTI_CROP = ('swav', 'dino')
 results = {}
 rng = np.random.default_rng(1)
 views_all = [tuple(rng.standard_normal((16, 32, 32, 3)).astype(np.float32) for _ in range(2))
-             for _ in range(3)]
-for method_name in ('simclr', 'byol'):
+             + (rng.standard_normal((16, 16, 16, 3)).astype(np.float32),) for _ in range(3)]
+for method_name in METHODS:
+  views_of = lambda views: views if method_name in MULTI_CROP else views[:2]
   reg = regularizer.RegularizerConfig(lambda1=0.1, lambda2=0.01)
   trainer, model = trainer_for(method_name, reg)
   backbone = random_variables(model, (1, 32, 32, 3))
@@ -80,7 +88,8 @@ for method_name in ('simclr', 'byol'):
     from flax import jax_utils
     state = jax_utils.replicate(state)
     for views in views_all:
-      state, metrics = step(state, tuple(v.reshape(n, -1, *v.shape[1:]) for v in views))
+      state, metrics = step(state, tuple(v.reshape(n, -1, *v.shape[1:])
+                                         for v in views_of(views)))
     state = jax.tree.map(lambda x: x[0], state)
     metrics = jax.tree.map(lambda x: x[0], metrics)
   else:
@@ -90,15 +99,16 @@ for method_name in ('simclr', 'byol'):
     share = 16 // jax.process_count()
     first = jax.process_index() * share
     for views in views_all:
-      local = tuple(v[first:first + share] for v in views)
+      local = tuple(v[first:first + share] for v in views_of(views))
       state, metrics = step(state, parallel.global_batch({'v': local}, mesh)['v'])
   from jax.experimental import multihost_utils
   params = multihost_utils.process_allgather(state.params, tiled=True) if mode == 'processes' \
       else jax.device_get(state.params)
-  stats = jax.device_get(state.batch_stats) if mode != 'processes' else \
-      multihost_utils.process_allgather(state.batch_stats, tiled=True)
-  flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-          jax.tree_util.tree_leaves_with_path({'params': params, 'stats': stats})}
+  stats, buffers = (jax.device_get((state.batch_stats, state.buffers)) if mode != 'processes'
+                    else multihost_utils.process_allgather((state.batch_stats, state.buffers),
+                                                           tiled=True))
+  flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(
+      {'params': params, 'stats': stats, 'buffers': buffers})}
   if jax.process_index() == 0:
     np.savez(f'{out}_{method_name}.npz', **flat,
              **{'metric_' + k: np.asarray(v) for k, v in jax.device_get(metrics).items()})
@@ -130,12 +140,44 @@ print(json.dumps({'devices': jax.device_count(), 'processes': jax.process_count(
 """
 
 
-def _spawn(args, devices):
+def _spawn(args, devices, methods=('simclr', 'byol')):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
   tests_dir = str(pathlib.Path(__file__).parent)
-  return subprocess.Popen([sys.executable, '-c', STEP, *map(str, args), tests_dir], env=env,
+  return subprocess.Popen([sys.executable, '-c', STEP, *map(str, args), ','.join(methods),
+                           tests_dir], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_layouts_agree(tmp_path, methods):
+  """3 steps of each method on 1 device, an 8-device mesh, an 8-device pmap and 2 processes
+  of 4 devices: parameters, BatchNorm statistics, buffers and metrics agree."""
+  runs = {'one': (['jit', tmp_path / 'one'], 1), 'mesh': (['jit', tmp_path / 'mesh'], 8),
+          'pmap': (['pmap', tmp_path / 'pmap'], 8)}
+  started = {name: _spawn(args, devices, methods) for name, (args, devices) in runs.items()}
+  port = free_port()
+  workers = [_spawn(['processes', tmp_path / 'procs', f'127.0.0.1:{port}', i], 4, methods)
+             for i in range(2)]
+  for name, process in started.items():  # all five processes compile side by side
+    assert finish_json(process)['devices'] == runs[name][1], name
+  assert [finish_json(w)['processes'] for w in workers] == [2, 2]
+  for method in methods:
+    one = np.load(tmp_path / f'one_{method}.npz')
+    for other in ('mesh', 'pmap', 'procs'):
+      result = np.load(tmp_path / f'{other}_{method}.npz')
+      assert sorted(result.files) == sorted(one.files)
+      for key in one.files:
+        np.testing.assert_allclose(result[key], one[key], rtol=1e-3, atol=1e-4,
+                                   err_msg=f'{method} {other} {key}')
+    assert float(one['metric_regularizer']) > 0  # the regularizer took part
+
+
+@pytest.mark.slow
+def test_moco_swav_dino_on_eight_devices_pmap_and_two_processes_equal_one_device(tmp_path):
+  """As below for MoCo v2 (queue wrapping around), MoCo v3, SwAV (global Sinkhorn, multi-crop,
+  a queue that is used from step 3, prototypes frozen at step 1) and DINO (global center,
+  multi-crop, teacher temperature warm-up, last layer frozen at step 1)."""
+  _assert_layouts_agree(tmp_path, ('mocov2', 'mocov3', 'swav', 'dino'))
 
 
 @pytest.mark.slow
@@ -150,24 +192,7 @@ def test_steps_on_eight_devices_pmap_and_two_processes_equal_one_device(tmp_path
   device layout and not on another, and the steps then differ by a finite amount. The
   data here (seed 1) has no such near-tie; with lr 0.01 the layouts agree to ~1e-4.
   """
-  runs = {'one': (['jit', tmp_path / 'one'], 1), 'mesh': (['jit', tmp_path / 'mesh'], 8),
-          'pmap': (['pmap', tmp_path / 'pmap'], 8)}
-  started = {name: _spawn(args, devices) for name, (args, devices) in runs.items()}
-  port = free_port()
-  workers = [_spawn(['processes', tmp_path / 'procs', f'127.0.0.1:{port}', i], 4)
-             for i in range(2)]
-  for name, process in started.items():  # all five processes compile side by side
-    assert finish_json(process)['devices'] == runs[name][1], name
-  assert [finish_json(w)['processes'] for w in workers] == [2, 2]
-  for method in ('simclr', 'byol'):
-    one = np.load(tmp_path / f'one_{method}.npz')
-    for other in ('mesh', 'pmap', 'procs'):
-      result = np.load(tmp_path / f'{other}_{method}.npz')
-      assert sorted(result.files) == sorted(one.files)
-      for key in one.files:
-        np.testing.assert_allclose(result[key], one[key], rtol=1e-3, atol=1e-4,
-                                   err_msg=f'{method} {other} {key}')
-    assert float(one['metric_regularizer']) > 0  # the regularizer took part
+  _assert_layouts_agree(tmp_path, ('simclr', 'byol'))
   checks = json.loads((tmp_path / 'pmap_collectives.json').read_text())
   for name, (value, value_error, grad_error, grad_scale) in checks.items():
     assert value_error <= 1e-5 * abs(value) + 1e-6, name
@@ -183,8 +208,8 @@ def test_zero_lambdas_give_the_plain_ssl_step():
   from qscore_jax.models import build_model  # pylint: disable=import-outside-toplevel
   method = get_method('simsiam')
   model = build_model('resnet18', width_multiplier=0.0625)
-  heads = (('projector', method.projector(32, {'projector_hidden': 16, 'projector_out': 8})),
-           ('predictor', method.predictor(32, {'projector_out': 8, 'predictor_hidden': 4})))
+  heads = method.build_heads(32, {'projector_hidden': 16, 'projector_out': 8,
+                                  'predictor_hidden': 4})
   tx, lr = core.make_optimizer('sgd', 0.05, weight_decay=1e-4, momentum=0.9, total_steps=2,
                                warmup_steps=0)
   rng = np.random.default_rng(0)
@@ -228,8 +253,15 @@ def _cli(args):
 
 
 @pytest.mark.slow
-def test_kill_9_midway_then_resume_is_bit_identical(tmp_path, data_dir):
-  spec = (f'finetune:{TINY},data_dir={data_dir},method=byol,num_steps=24,'
+@pytest.mark.parametrize('method', [
+    'byol',
+    'mocov2,loss.queue_size=40',  # the queue wraps around several times
+    'dino,heads.prototypes=32,loss.freeze_last_layer_steps=3,loss.warmup_teacher_steps=10',
+])
+def test_kill_9_midway_then_resume_is_bit_identical(tmp_path, data_dir, method):
+  """Data order, RNG, schedule, EMA target and buffers (MoCo's queue, DINO's center and
+  teacher temperature) are all restored: the resumed run ends bit-identical."""
+  spec = (f'finetune:{TINY},data_dir={data_dir},method={method},num_steps=24,'
           'checkpoint_every_steps=4,keep_checkpoints=2')
   straight = _cli(['finetune', '--config', spec, '--workdir', str(tmp_path / 'straight')])
   killed = _cli(['finetune', '--config', spec, '--workdir', str(tmp_path / 'killed')])

@@ -25,7 +25,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The default config, with ``arg`` (``key=value,key.sub=value,...``) applied."""
   c = ml_collections.ConfigDict()
-  c.method = 'simclr'                  # simclr | byol | simsiam | vicreg | barlowtwins
+  c.method = 'simclr'  # simclr | byol | simsiam | vicreg | barlowtwins | mocov2 | mocov3 | swav | dino
   c.dataset = 'synthetic_shapes'       # any name of `qscore datasets`
   c.split = 'train'
   c.data_dir = ml_collections.config_dict.placeholder(str)
@@ -41,14 +41,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.heads.projector_hidden = ml_collections.config_dict.placeholder(int)
   c.heads.projector_out = ml_collections.config_dict.placeholder(int)
   c.heads.predictor_hidden = ml_collections.config_dict.placeholder(int)
+  c.heads.prototypes = ml_collections.config_dict.placeholder(int)  # swav 3000, dino 65536
 
   c.loss = ml_collections.ConfigDict()  # method options; unset = official values
-  c.loss.temperature = ml_collections.config_dict.placeholder(float)  # simclr
-  c.loss.sim_coeff = ml_collections.config_dict.placeholder(float)  # vicreg
-  c.loss.std_coeff = ml_collections.config_dict.placeholder(float)
-  c.loss.cov_coeff = ml_collections.config_dict.placeholder(float)
-  c.loss.lambd = ml_collections.config_dict.placeholder(float)  # barlowtwins
-  c.ema_base = ml_collections.config_dict.placeholder(float)  # byol target momentum
+  placeholder = ml_collections.config_dict.placeholder
+  c.loss.temperature = placeholder(float)  # simclr, mocov2, mocov3, swav
+  c.loss.sim_coeff = placeholder(float)  # vicreg
+  c.loss.std_coeff = placeholder(float)
+  c.loss.cov_coeff = placeholder(float)
+  c.loss.lambd = placeholder(float)  # barlowtwins
+  c.loss.queue_size = placeholder(int)  # mocov2 (65536)
+  c.loss.queue_length = placeholder(int)  # swav (0: no queue; official 3840 per 256 images)
+  c.loss.epsilon = placeholder(float)  # swav Sinkhorn
+  c.loss.sinkhorn_iterations = placeholder(int)
+  c.loss.freeze_prototypes_steps = placeholder(int)  # swav (313)
+  c.loss.student_temperature = placeholder(float)  # dino
+  c.loss.teacher_temperature = placeholder(float)
+  c.loss.warmup_teacher_temperature = placeholder(float)
+  c.loss.warmup_teacher_steps = placeholder(int)
+  c.loss.center_momentum = placeholder(float)
+  c.loss.freeze_last_layer_steps = placeholder(int)
+  c.ema_base = placeholder(float)  # target momentum (byol, mocov2, mocov3, dino)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = ml_collections.config_dict.placeholder(str)  # lars | sgd | adamw
@@ -127,7 +140,11 @@ def apply_overrides(config: ml_collections.ConfigDict, items) -> ml_collections.
       if depth < len(parts) - 1:
         node = node[part]
     current = node[parts[-1]] if parts[-1] in node else None
-    parsed = value if isinstance(current, str) else _parse_value(value)  # 'none' stays a word
+    if isinstance(current, tuple):  # a:b:c; words stay words
+      parsed = tuple(part if current and isinstance(current[0], str) else _parse_value(part)
+                     for part in value.split(':') if part)
+    else:
+      parsed = value if isinstance(current, str) else _parse_value(value)  # 'none' stays a word
     with config.unlocked() if parts[0] == 'arch_options' else contextlib.nullcontext():
       try:
         _set(config, parts, parsed)

@@ -2,8 +2,9 @@
 
 :class:`TrainState` holds everything a method needs between steps: online
 parameters and BatchNorm statistics (backbone and heads), the optax state, the
-EMA target network (BYOL-like methods), the discriminative set D of the
-regularizer, and the step. :func:`train_step` is the pure step
+EMA target network (BYOL, MoCo, DINO), the method's buffers (MoCo's queue,
+SwAV's queue, DINO's center), the discriminative set D of the regularizer, and
+the step. :func:`train_step` is the pure step
 ``(state, views) -> (state, metrics)``; :meth:`Trainer.jit_step` jits it over a
 device mesh (state replicated, views split along ``'data'``); with
 ``axis_name`` the very same function runs under ``jax.pmap``. Under both,
@@ -27,8 +28,8 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qscore_jax import parallel, regularizer
-from qscore_jax.finetune.methods import Method
-from qscore_jax.models.heads import HeadSpec
+from qscore_jax.finetune.methods import OUTPUT_KEYS, LossContext, Method
+from qscore_jax.models.heads import HeadSpec, l2_normalize
 
 
 @flax.struct.dataclass
@@ -37,10 +38,13 @@ class TrainState:
 
   Attributes:
     step: int32 scalar, optimizer steps taken.
-    params: ``{'backbone', 'projector'[, 'predictor']}``.
+    params: ``{'backbone', 'projector'[, 'predictor' | 'prototypes']}``.
     batch_stats: BatchNorm running statistics, same keys (empty dicts where none).
     opt_state: the optax state.
-    target_params, target_batch_stats: the EMA target (backbone, projector), or empty.
+    target_params, target_batch_stats: the EMA target (backbone and the method's
+      ``target_heads``), or empty.
+    buffers: the method's non-trained state (e.g. ``queue``, ``queue_pointer``,
+      ``center``), or empty.
     discriminative: bool (d,), the fixed D of the regularizer (all False if unused).
   """
   step: jax.Array
@@ -49,6 +53,7 @@ class TrainState:
   opt_state: Any
   target_params: Any
   target_batch_stats: Any
+  buffers: Any
   discriminative: jax.Array
 
 
@@ -59,7 +64,7 @@ class Trainer:
   Frozen and hashed by identity, so jitted steps are cached per trainer.
   """
   backbone: nn.Module
-  heads: tuple[tuple[str, HeadSpec], ...]  # ('projector', spec), ('predictor', spec)
+  heads: tuple[tuple[str, HeadSpec], ...]  # the online chain: ('projector', spec), ...
   method: Method
   loss_options: tuple[tuple[str, Any], ...]
   optimizer: optax.GradientTransformation
@@ -85,18 +90,23 @@ def _jitted_step(trainer: Trainer, mesh):
 
 
 def ema_momentum(trainer: Trainer, step) -> jax.Array:
-  """BYOL's target momentum: 1 - (1 - base) (cos(pi k / K) + 1) / 2."""
+  """The target network's momentum at ``step``: constant (MoCo v2), or BYOL's cosine
+  increase to 1, ``1 - (1 - base) (cos(pi k / K) + 1) / 2``."""
+  if trainer.method.ema_schedule == 'constant':
+    return jnp.asarray(trainer.ema_base, jnp.float32)
   progress = jnp.minimum(step / max(trainer.total_steps, 1), 1.0)
   return 1 - (1 - trainer.ema_base) * (jnp.cos(jnp.pi * progress) + 1) / 2
 
 
 def _forward(trainer: Trainer, params, batch_stats, views, axis_name, *, heads_used):
-  """Backbone and heads on every view, training mode; returns outputs and new statistics."""
+  """Backbone and the heads ``heads_used`` (a prefix of the chain) on every view, in
+  training mode; returns ``{'h': [...], <output key>: [...]}`` and new statistics."""
   backbone = trainer.backbone
   if axis_name and hasattr(backbone, 'bn_axis_name'):  # ViTs have no BatchNorm
     backbone = backbone.clone(bn_axis_name=axis_name)
   modules = trainer.head_modules(axis_name)
-  outputs: dict[str, list] = {'h': [], 'z': [], 'p': []}
+  chain = [name for name, _ in trainer.heads if name in heads_used]
+  outputs: dict[str, list] = {'h': [], **{OUTPUT_KEYS[name]: [] for name in chain}}
   stats = dict(batch_stats)
   for view in views:
     h, updated = backbone.apply({'params': params['backbone'],
@@ -105,14 +115,14 @@ def _forward(trainer: Trainer, params, batch_stats, views, axis_name, *, heads_u
     stats['backbone'] = updated['batch_stats']
     outputs['h'].append(h)
     x = h
-    for name, key in (('projector', 'z'), ('predictor', 'p')):
-      if name not in heads_used:
-        continue
+    for name in chain:
+      # A predictor reads the projector's output; prototypes read it too (normalised).
+      source = outputs['z'][-1] if name in ('predictor', 'prototypes') else x
       x, updated = modules[name].apply({'params': params[name],
-                                        'batch_stats': stats.get(name, {})}, x, train=True,
+                                        'batch_stats': stats.get(name, {})}, source, train=True,
                                        mutable=['batch_stats'])
       stats[name] = updated.get('batch_stats', {})
-      outputs[key].append(x)
+      outputs[OUTPUT_KEYS[name]].append(x)
   return outputs, stats
 
 
@@ -123,46 +133,59 @@ def train_step(trainer: Trainer, state: TrainState, views, *, axis_name: str | N
   Args:
     trainer: the static parts.
     state: the train state (replicated).
-    views: tuple of image batches, each (B, H_v, W_v, 3) (per device under pmap).
-    axis_name: the pmap axis name (None under jit over a mesh).
+    views: tuple of image batches, each (B, H_v, W_v, 3) (per device under pmap);
+      the first ``method.global_views`` are the global crops.
   Returns:
     ``(new_state, metrics)``; metrics are global scalars: ``loss`` (total),
     ``ssl_loss``, ``regularizer`` and its terms, ``qscore_mean``/``qscore_min`` of the
-    batch, ``learning_rate``, ``finite`` (1.0 when the loss is finite).
+    batch, ``learning_rate``, ``finite`` (1.0 when the loss is finite), and the
+    method's own (e.g. DINO's ``teacher_temperature``).
   """
   method = trainer.method
-  online_heads = ('projector', 'predictor') if method.predictor else ('projector',)
   options = dict(trainer.loss_options)
+  online_heads = tuple(name for name, _ in trainer.heads)
+  global_views = tuple(views[:method.global_views])
 
   def loss_fn(params):
     outputs, stats = _forward(trainer, params, state.batch_stats, views, axis_name,
                               heads_used=online_heads)
+    target_stats = state.target_batch_stats
     if method.target:
       target, target_stats = _forward(
-          trainer, state.target_params, state.target_batch_stats, views, axis_name,
-          heads_used=('projector',))
-      outputs['target_z'] = [lax.stop_gradient(z) for z in target['z']]
-    else:
-      target_stats = state.target_batch_stats
-    ssl = method.loss(outputs, options, axis_name)
-    reg, terms = regularizer.regularizer(outputs['h'], trainer.regularizer,
+          trainer, state.target_params, state.target_batch_stats, global_views, axis_name,
+          heads_used=method.target_heads)
+      outputs.update({f'target_{k}': [lax.stop_gradient(x) for x in v]
+                      for k, v in target.items() if k != 'h'})
+    context = LossContext(options, state.buffers, params, state.step, trainer.total_steps,
+                          axis_name)
+    ssl, buffers, extra = method.loss(outputs, context)
+    reg, terms = regularizer.regularizer(outputs['h'][:method.global_views], trainer.regularizer,
                                          state.discriminative, axis_name=axis_name)
-    return ssl + reg, (ssl, reg, terms, stats, target_stats, outputs['h'][0])
+    return ssl + reg, (ssl, reg, terms, extra, stats, target_stats, buffers, outputs['h'][0])
 
-  (loss, (ssl, reg, terms, stats, target_stats, h0)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (ssl, reg, terms, extra, stats, target_stats, buffers, h0)), grads = (
+      jax.value_and_grad(loss_fn, has_aux=True)(state.params))
   if axis_name is not None:
     grads = lax.pmean(grads, axis_name)
+  frozen = _frozen(method, options, state.step)
+  if frozen is not None:  # no gradient, and no update below: the head stays as it is
+    grads = {**grads, method.frozen_head[0]: jax.tree.map(
+        lambda g: jnp.where(frozen, jnp.zeros_like(g), g), grads[method.frozen_head[0]])}
   updates, opt_state = trainer.optimizer.update(grads, state.opt_state, state.params)
+  if frozen is not None:
+    updates = {**updates, method.frozen_head[0]: jax.tree.map(
+        lambda u: jnp.where(frozen, jnp.zeros_like(u), u), updates[method.frozen_head[0]])}
   params = optax.apply_updates(state.params, updates)
+  if method.unit_columns_head:
+    params = unit_columns(params, method.unit_columns_head)
   target_params = state.target_params
   if method.target:
     tau = ema_momentum(trainer, state.step)
-    online = {'backbone': params['backbone'], 'projector': params['projector']}
+    online = {name: params[name] for name in target_params}
     target_params = jax.tree.map(lambda t, o: tau * t + (1 - tau) * o, target_params, online)
   metrics = {'loss': loss, 'ssl_loss': ssl, 'regularizer': reg,
              'learning_rate': trainer.schedule(state.step),
-             'finite': jnp.isfinite(loss).astype(jnp.float32), **terms}
+             'finite': jnp.isfinite(loss).astype(jnp.float32), **terms, **extra}
   if 'qscore_mean' not in metrics:  # monitor Q even when the regularizer is off
     h = lax.stop_gradient(h0 if axis_name is None else lax.all_gather(h0, axis_name, tiled=True))
     d = state.discriminative
@@ -171,8 +194,25 @@ def train_step(trainer: Trainer, state: TrainState, views, *, axis_name: str | N
     metrics.update(qscore_mean=jnp.mean(q), qscore_min=jnp.min(q))
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                             opt_state=opt_state, target_params=target_params,
-                            target_batch_stats=target_stats)
+                            target_batch_stats=target_stats, buffers=buffers)
   return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def _frozen(method: Method, options: Mapping[str, Any], step) -> jax.Array | None:
+  """True while the method's frozen head must not move; None if it has none."""
+  if method.frozen_head is None or not options.get(method.frozen_head[1]):
+    return None
+  return step < options[method.frozen_head[1]]
+
+
+def unit_columns(params, head: str):
+  """``params`` with the last kernel of ``head`` renormalised to unit-norm columns
+  (SwAV normalises its prototypes before every step)."""
+  layers = params[head]
+  last = sorted(layers, key=lambda name: int(name.rsplit('_', 1)[-1]))[-1]
+  kernel = layers[last]['kernel']
+  normalized = l2_normalize(kernel.T).T
+  return {**params, head: {**layers, last: {**layers[last], 'kernel': normalized}}}
 
 
 # --- the optimizer -------------------------------------------------------------------------
@@ -213,8 +253,14 @@ def make_optimizer(name: str, learning_rate: float, *, weight_decay: float, mome
 # --- building a state ----------------------------------------------------------------------
 
 def head_input_dim(trainer: Trainer, name: str, dim: int) -> int:
-  """Input width of a head: the backbone's for the projector, the projector's output after."""
+  """Input width of a head: the backbone's for the projector, the projector's output for
+  a predictor or prototypes."""
   return dim if name == 'projector' else dict(trainer.heads)['projector'].layers[-1].features
+
+
+def head_output_dims(trainer: Trainer) -> dict[str, int]:
+  """Output width of every head."""
+  return {name: spec.layers[-1].features for name, spec in trainer.heads}
 
 
 def init_heads(trainer: Trainer, key: jax.Array, dim: int,
@@ -233,8 +279,12 @@ def init_heads(trainer: Trainer, key: jax.Array, dim: int,
 
 
 def create_state(trainer: Trainer, backbone_variables: Mapping[str, Any],
-                 head_variables: Mapping[str, Any], discriminative=None) -> TrainState:
-  """The initial state from backbone and head variables (host or device arrays)."""
+                 head_variables: Mapping[str, Any], discriminative=None,
+                 key: jax.Array | None = None) -> TrainState:
+  """The initial state from backbone and head variables (host or device arrays).
+
+  ``key`` seeds the method's buffers (MoCo v2's initial queue); default key 0.
+  """
   names = [name for name, _ in trainer.heads]
   params = {'backbone': backbone_variables['params'],
             **{n: head_variables[n]['params'] for n in names}}
@@ -242,20 +292,28 @@ def create_state(trainer: Trainer, backbone_variables: Mapping[str, Any],
                  **{n: head_variables[n].get('batch_stats', {}) for n in names}}
   params = jax.tree.map(jnp.asarray, params)
   batch_stats = jax.tree.map(jnp.asarray, batch_stats)
-  if trainer.method.target:
-    target_params = {'backbone': params['backbone'], 'projector': params['projector']}
-    target_stats = {'backbone': batch_stats['backbone'], 'projector': batch_stats['projector']}
-    target_params, target_stats = jax.tree.map(jnp.copy, (target_params, target_stats))
+  method = trainer.method
+  if method.unit_columns_head:
+    params = unit_columns(params, method.unit_columns_head)
+  if method.target:
+    names = ('backbone', *method.target_heads)
+    target_params, target_stats = jax.tree.map(
+        jnp.copy, ({n: params[n] for n in names}, {n: batch_stats[n] for n in names}))
   else:
     target_params, target_stats = {}, {}
+  buffers = {}
+  if method.init_buffers is not None:
+    buffers = method.init_buffers(head_output_dims(trainer), dict(trainer.loss_options),
+                                  jax.random.key(0) if key is None else key)
   dim = trainer.backbone.num_features
   d = np.zeros(dim, bool) if discriminative is None else np.asarray(discriminative, bool)
   if d.shape != (dim,):
     raise ValueError(f'the discriminative set has shape {d.shape}, expected ({dim},).')
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=trainer.optimizer.init(params), target_params=target_params,
-                    target_batch_stats=target_stats, discriminative=jnp.asarray(d))
+                    target_batch_stats=target_stats, buffers=buffers,
+                    discriminative=jnp.asarray(d))
 
 
-__all__ = ['TrainState', 'Trainer', 'create_state', 'ema_momentum', 'head_input_dim', 'init_heads',
-           'make_optimizer', 'train_step']
+__all__ = ['TrainState', 'Trainer', 'create_state', 'ema_momentum', 'head_input_dim',
+           'head_output_dims', 'init_heads', 'make_optimizer', 'train_step', 'unit_columns']

@@ -86,8 +86,12 @@ def _init_model(config, init: str, key):
   return model, jax.device_get(variables), jax.device_get(heads), meta
 
 
-def _head_options(config) -> dict[str, Any]:
-  return {k: v for k, v in dict(config.heads).items() if v is not None}
+def _head_options(config, model) -> dict[str, Any]:
+  """The config's head overrides, plus whether the backbone is a ViT (MoCo v3's heads
+  differ for ViTs)."""
+  from qscore_jax.models import VisionTransformer  # pylint: disable=import-outside-toplevel
+  return {**{k: v for k, v in dict(config.heads).items() if v is not None},
+          'vit': isinstance(model, VisionTransformer)}
 
 
 def _compatible_heads(trainer, heads, dim):
@@ -148,9 +152,7 @@ def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
       k: (tuple(float(x) for x in v) if k == 'band' else v)
       for k, v in dict(config.regularizer).items() if k in reg_fields})
   dim = model.num_features
-  heads = (('projector', method.projector(dim, _head_options(config))),)
-  if method.predictor:
-    heads += (('predictor', method.predictor(dim, _head_options(config))),)
+  heads = method.build_heads(dim, _head_options(config, model))
   trainer = core.Trainer(model, heads, method, tuple(sorted(loss_options.items())), tx,
                          schedule, reg, total,
                          config.ema_base if config.ema_base is not None else method.ema_base)
@@ -162,7 +164,8 @@ def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
         model, backbone_vars, config.dataset, config.split, preprocessing=preprocessing,
         image_size=image_size, examples=config.regularizer.reference_examples,
         batch_size=config.batch_size, eps=reg.eps, band=reg.band, data_dir=config.data_dir)
-  state = core.create_state(trainer, backbone_vars, head_vars, discriminative)
+  state = core.create_state(trainer, backbone_vars, head_vars, discriminative,
+                            key=jax.random.fold_in(key, 2))
   return Setup(trainer, state, preprocessing, image_size, meta['arch'],
                dict(meta.get('arch_options') or {}), steps_per_epoch, init)
 

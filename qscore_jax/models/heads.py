@@ -51,11 +51,16 @@ class HeadLayer:
       (statistics only: MoCo v3, SimSiam, Barlow Twins) or
       ``'batchnorm_no_shift'`` (scale without shift: SimCLR v2's last layer).
     activation: ``None``, ``'relu'`` or ``'gelu'`` (exact, as PyTorch's).
+    weight_norm: the kernel's columns are divided by their norm in the forward
+      pass (PyTorch ``weight_norm`` with the gain fixed at 1: DINO's last layer
+      with ``norm_last_layer=True``). Converted checkpoints store the folded
+      weight, whose columns have norm 1 already, so both readings agree.
   """
   features: int
   use_bias: bool = True
   norm: str | None = None
   activation: str | None = None
+  weight_norm: bool = False
 
   def __post_init__(self):
     if self.norm not in NORMS:
@@ -95,6 +100,20 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
 
 
+class _WeightNormDense(nn.Dense):
+  """``nn.Dense`` (same parameters) whose kernel columns are used at unit norm."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel = self.param('kernel', self.kernel_init, (inputs.shape[-1], self.features),
+                        self.param_dtype)
+    kernel = kernel * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(kernel), axis=0), 1e-24))
+    y = inputs.astype(self.dtype) @ kernel.astype(self.dtype)
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+    return y
+
+
 class MLPHead(nn.Module):
   """Linear layers with optional BatchNorm and activation, (N, d_in) -> (N, d_out).
 
@@ -117,8 +136,8 @@ class MLPHead(nn.Module):
     if self.normalize_input:
       x = l2_normalize(x.astype(jnp.float32)).astype(self.dtype)
     for i, layer in enumerate(self.layers):
-      x = nn.Dense(layer.features, use_bias=layer.use_bias, dtype=self.dtype,
-                   name=f'dense_{i}')(x)
+      dense = _WeightNormDense if layer.weight_norm else nn.Dense
+      x = dense(layer.features, use_bias=layer.use_bias, dtype=self.dtype, name=f'dense_{i}')(x)
       if layer.norm is not None:
         affine = layer.norm == 'batchnorm'
         x = nn.BatchNorm(

@@ -1,0 +1,173 @@
+"""The paper's central experiment, end to end with the project's own code (``qscore experiment``).
+
+1. Pre-train an encoder from scratch with each method (no regularizer).
+2. From each pre-trained checkpoint, fine-tune with the method's loss alone
+   (``plain``) and with the Q-Score regularizer added (``qscore``): same steps,
+   learning rate, data order and seed, for every seed.
+3. Embed every model (train and test splits), train a linear probe, and measure
+   linear accuracy, the AUPRC of Q-Score for predicting the probe's mistakes,
+   sparsity (Hoyer, active features, zeros) and the compression curve.
+4. Aggregate over seeds (mean, sample standard deviation) and write
+   ``<workdir>/results.json`` and ``<workdir>/table.md``.
+
+Every run lives in its own workdir below ``<workdir>``; a finished run (its
+``model/`` exists) is reused, an interrupted one resumes from its checkpoint,
+so the command can be rerun after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+VARIANTS = ('plain', 'qscore')
+
+
+def _finetune_config(config, method: str, *, steps: int, seed: int, regularizer: str,
+                     learning_rate: float | None):
+  from qscore_jax.configs import finetune  # pylint: disable=import-outside-toplevel
+  c = finetune.get_config(f'method={method}')
+  c.dataset = config.dataset
+  c.arch = config.arch
+  with c.unlocked():
+    c.arch_options.width_multiplier = float(config.width_multiplier)
+  c.batch_size = config.batch_size
+  c.num_steps = steps
+  c.seed = seed
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.warmup_epochs = 0.0 if learning_rate is not None else 1.0
+  c.regularizer.kind = regularizer
+  c.regularizer.lambda1 = config.regularizer.lambda1
+  c.regularizer.lambda2 = config.regularizer.lambda2
+  c.regularizer.reference_examples = config.regularizer.reference_examples
+  c.checkpoint_every_steps = max(steps // 2, 1)
+  c.log_every_steps = max(steps // 4, 1)
+  c.progress = False
+  return c
+
+
+def _recipe_learning_rate(method: str, batch_size: int) -> float:
+  from qscore_jax.finetune import get_method  # pylint: disable=import-outside-toplevel
+  return get_method(method).optimizer.base_learning_rate * batch_size / 256
+
+
+def _train(config, workdir: pathlib.Path, init: str, log) -> pathlib.Path:
+  from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
+  if (workdir / 'model').is_dir():
+    log(f'  {workdir.name}: done earlier, reused')
+    return workdir / 'model'
+  start = time.perf_counter()
+  result = loop.run(config, workdir, init=init)
+  log(f"  {workdir.name}: {result['step']} steps in {time.perf_counter() - start:.0f} s, "
+      f"last ssl_loss {result['metrics'].get('ssl_loss', float('nan')):.3f}")
+  return pathlib.Path(result['model'])
+
+
+def _evaluate(config, model_dir: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
+  from qscore_jax import analysis, compression  # pylint: disable=import-outside-toplevel
+  report_path = out / 'report.json'
+  if not report_path.is_file():
+    analysis_config = analysis.AnalysisConfig(compression=compression.CompressionConfig(
+        fractions_removed=tuple(config.compression_removed), random_seeds=(0,)))
+    analysis.compare_models([str(model_dir)], config.eval_dataset, out,
+                            config=analysis_config, progress=False)
+    # compare_models writes <out>/0-model/report.json; keep one report per run.
+    (out / '0-model' / 'report.json').replace(report_path)
+  report = json.loads(report_path.read_text())
+  curve = {row['removed']: row for row in report['compression']}
+  row = {'top1': report['probe']['top1'],
+         'auprc_q': report['misclassification']['qscore']['auprc'],
+         'auprc_chance': report['misclassification']['qscore']['chance_auprc'],
+         'mean_q': report['qscore_summary']['mean'],
+         'num_discriminative': report['feature_stats']['num_discriminative'],
+         'hoyer': report['sparsity']['hoyer_mean'],
+         'active_features': report['sparsity']['active_features_mean'],
+         'zero_fraction': report['sparsity']['zero_fraction']}
+  for removed in config.compression_removed:
+    row[f'top1_removed_{removed:g}'] = curve[float(removed)]['ranked']
+  return row
+
+
+def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                   log=print) -> dict[str, Any]:
+  """Runs (or resumes) the whole experiment; returns ``results.json``'s content."""
+  root = pathlib.Path(workdir).expanduser().resolve()
+  root.mkdir(parents=True, exist_ok=True)
+  start = time.perf_counter()
+  runs: list[dict[str, Any]] = []
+  for method in config.methods:
+    log(f'{method}: pre-training {config.pretrain_steps} steps from scratch')
+    pretrain = _train(_finetune_config(config, method, steps=config.pretrain_steps, seed=0,
+                                       regularizer='none', learning_rate=None),
+                      root / f'{method}-pretrain', 'random', log)
+    runs.append({'method': method, 'variant': 'pretrained', 'seed': None,
+                 'metrics': _evaluate(config, pretrain, root / f'{method}-pretrain' / 'eval')})
+    learning_rate = config.finetune_lr_fraction * _recipe_learning_rate(method,
+                                                                         config.batch_size)
+    for seed in config.seeds:
+      for variant in VARIANTS:
+        name = f'{method}-{variant}-seed{seed}'
+        log(f'{method}: fine-tuning {config.finetune_steps} steps, {variant}, seed {seed}')
+        model = _train(_finetune_config(config, method, steps=config.finetune_steps, seed=seed,
+                                        regularizer='qscore' if variant == 'qscore' else 'none',
+                                        learning_rate=learning_rate),
+                       root / name, str(pretrain), log)
+        runs.append({'method': method, 'variant': variant, 'seed': seed,
+                     'metrics': _evaluate(config, model, root / name / 'eval')})
+  results = {'config': json.loads(config.to_json()), 'runs': runs,
+             'summary': summarize(runs), 'seconds': round(time.perf_counter() - start, 1)}
+  (root / 'results.json').write_text(json.dumps(results, indent=2))
+  (root / 'table.md').write_text('\n'.join(table_lines(results)) + '\n')
+  return results
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float]]]]:
+  """``{method: {variant: {metric: [mean, std over seeds, n]}}}`` (std: ddof=1, 0 if n=1)."""
+  out: dict[str, Any] = {}
+  for run in runs:
+    per_variant = out.setdefault(run['method'], {}).setdefault(run['variant'], {})
+    for key, value in run['metrics'].items():
+      per_variant.setdefault(key, []).append(value)
+  for method in out.values():
+    for variant, metrics in method.items():
+      method[variant] = {k: [float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                             len(v)] for k, v in metrics.items()}
+  return out
+
+
+COLUMNS = (('linear top-1 %', 'top1', 100, 1), ('AUPRC of Q', 'auprc_q', 1, 3),
+           ('mean Q', 'mean_q', 1, 4), ('|D|', 'num_discriminative', 1, 1),
+           ('Hoyer sparsity', 'hoyer', 1, 3), ('zeros %', 'zero_fraction', 100, 1))
+
+
+def table_lines(results: dict[str, Any]) -> list[str]:
+  """The Markdown table of ``results``: mean ± std over seeds per method and variant."""
+  removed = results['config']['compression_removed']
+  columns = list(COLUMNS) + [(f'top-1 % with {100 * r:g}% removed', f'top1_removed_{r:g}', 100, 1)
+                             for r in removed]
+  lines = ['| method | model | seeds | ' + ' | '.join(c[0] for c in columns) + ' |',
+           '|---|---|---|' + '---|' * len(columns)]
+  for method, variants in results['summary'].items():
+    for variant in ('pretrained', *VARIANTS):
+      if variant not in variants:
+        continue
+      metrics = variants[variant]
+      cells = []
+      for _, key, scale, digits in columns:
+        mean, std, n = metrics[key]
+        cells.append(f'{scale * mean:.{digits}f}' + (f' ± {scale * std:.{digits}f}' if n > 1
+                                                     else ''))
+      n = metrics['top1'][2]
+      lines.append(f'| {method} | {variant} | {n} | ' + ' | '.join(cells) + ' |')
+  chance = np.mean([r['metrics']['auprc_chance'] for r in results['runs']])
+  lines.append('')
+  lines.append(f'AUPRC chance level (the misclassified fraction), mean over models: {chance:.3f}.')
+  return lines
+
+
+__all__ = ['run_experiment', 'summarize', 'table_lines']
