@@ -8,12 +8,20 @@ statistics) + linear classifier + cross-entropy, backward, SGD with momentum
 (:func:`qscore_jax.finetune.train_step`: two views, projector, NT-Xent and the
 Q-Score regularizer) on the same number of images.
 
-One worker process per XLA configuration (flags are read once per process):
+One worker process per configuration (XLA flags are read once per process).
+The configurations add, one at a time, what moved the Flax step from "naive"
+to the project's (``benchmarks/README.md`` explains each):
 
-  * ``qscore_jax``: what ``import qscore_jax`` sets up (convolutions on XLA's own
-    kernels, dots on YNNPACK; see ``qscore_jax/_xla_cpu.py``),
-  * ``jaxlib-default``: jaxlib 0.10's defaults (``QSCORE_JAX_KEEP_XLA_FLAGS=1``),
-  * ``no-ynnpack``: nothing on YNNPACK.
+  * ``naive``: jaxlib 0.10's defaults (``QSCORE_JAX_KEEP_XLA_FLAGS=1``: dots,
+    reductions and convolutions on YNNPACK), and the model with
+    ``flax.linen.max_pool`` and without materialized activations;
+  * ``dots-only``: only dots on YNNPACK (the setting of issue #2, tuned for
+    inference), which also takes the reductions off YNNPACK;
+  * ``+xla-conv``: convolutions on XLA's own kernels, dots and reductions on
+    YNNPACK: the flag ``import qscore_jax`` sets (``qscore_jax/_xla_cpu.py``);
+  * ``+maxpool-grad``: + ``qscore_jax.models.pooling.max_pool``'s gradient;
+  * ``qscore_jax``: + activations materialized before the backward pass's
+    transposes (``qscore_jax.models.resnet._materialized``): the library as shipped.
 
 Rounds interleave the frameworks; medians are reported. Run (about 15 minutes):
 
@@ -31,11 +39,25 @@ import subprocess
 import sys
 import time
 
+_YNN = '--xla_cpu_experimental_ynn_fusion_type'
+# name -> (environment, model changes undone in the worker).
 CONFIGS = {
-    'qscore_jax': {},
-    'jaxlib-default': {'QSCORE_JAX_KEEP_XLA_FLAGS': '1'},
-    'no-ynnpack': {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type='},
+    'naive': ({'QSCORE_JAX_KEEP_XLA_FLAGS': '1'}, ('maxpool', 'materialize')),
+    'dots-only': ({'XLA_FLAGS': f'{_YNN}=individual_dot'}, ('maxpool', 'materialize')),
+    '+xla-conv': ({'XLA_FLAGS': f'{_YNN}=individual_dot,reduce'}, ('maxpool', 'materialize')),
+    '+maxpool-grad': ({'XLA_FLAGS': f'{_YNN}=individual_dot,reduce'}, ('materialize',)),
+    'qscore_jax': ({}, ()),
 }
+
+
+def _undo_model_changes(changes: list[str]) -> None:
+  """Puts back what a naive Flax ResNet does, for the ablation rows."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models import resnet  # pylint: disable=import-outside-toplevel
+  if 'maxpool' in changes:
+    resnet.max_pool = nn.max_pool
+  if 'materialize' in changes:
+    resnet._materialized = lambda x, one: x  # pylint: disable=protected-access
 
 
 def _timed(fn) -> float:
@@ -44,8 +66,9 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def worker(arch: str, batch: int, rounds: int, ssl: bool) -> dict:
+def worker(arch: str, batch: int, rounds: int, ssl: bool, undo: list[str]) -> dict:
   """Runs in a fresh process; returns median step times of interleaved rounds."""
+  _undo_model_changes(undo)
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -162,21 +185,23 @@ def main() -> None:
   parser.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=list(CONFIGS))
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--out', help='write the results as JSON here')
-  parser.add_argument('--worker', nargs=4, help=argparse.SUPPRESS)
+  parser.add_argument('--worker', nargs=5, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    arch, batch, rounds, ssl = args.worker
-    print(json.dumps(worker(arch, int(batch), int(rounds), ssl == '1')))
+    arch, batch, rounds, ssl, undo = args.worker
+    print(json.dumps(worker(arch, int(batch), int(rounds), ssl == '1',
+                            [u for u in undo.split(',') if u and u != '-'])))
     return
   results = []
   for config in args.configs:
     env = {k: v for k, v in os.environ.items()
            if k not in ('XLA_FLAGS', 'QSCORE_JAX_KEEP_XLA_FLAGS')}
-    env.update(CONFIGS[config])
+    config_env, undo = CONFIGS[config]
+    env.update(config_env)
     ssl = '1' if config == 'qscore_jax' else '0'
     out = subprocess.run([sys.executable, __file__, '--worker', args.arch, str(args.batch),
-                          str(args.rounds), ssl], env=env, capture_output=True, text=True,
-                         check=True).stdout
+                          str(args.rounds), ssl, ','.join(undo) or '-'], env=env,
+                         capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1]) | {'config': config}
     results.append(result)
     print(f"{config}: {result['step_s']}", file=sys.stderr)

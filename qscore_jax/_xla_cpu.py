@@ -1,10 +1,15 @@
 """XLA:CPU settings applied when qscore_jax is imported, before JAX starts.
 
-jaxlib 0.10 hands every convolution to YNNPACK by default
-(``--xla_cpu_experimental_ynn_fusion_type`` includes ``individual_convolution``).
-On the CPUs we measured, that runs ResNet-50 inference at about half the speed
-of XLA's own (Eigen) convolutions; 1x1 convolutions, rewritten into dots, stay
-on YNNPACK's fast GEMM. ``benchmarks/README.md`` has the figures.
+jaxlib 0.10 hands dots, reductions and every convolution to YNNPACK by default
+(``--xla_cpu_experimental_ynn_fusion_type`` is ``individual_dot,
+individual_convolution,reduce``). On the CPUs we measured, YNNPACK's
+convolutions run ResNet-50 inference at about half the speed of XLA's own
+(Eigen) convolutions, so qscore_jax sets the fusion types to
+``individual_dot,reduce``: convolutions on Eigen, 1x1 convolutions (rewritten
+into dots) and reductions stay on YNNPACK. Keep ``reduce``: XLA's own reduction
+loops are 5-15x slower (a BatchNorm's batch mean over 32x112x112x64: 28 ms
+instead of 5 ms), which costs training steps dearly. ``benchmarks/README.md``
+has the figures.
 
 The flag only touches the CPU backend. It is added to ``XLA_FLAGS`` only
   * for jaxlib versions where it was measured (an unknown flag aborts XLA),
@@ -22,8 +27,8 @@ import warnings
 from typing import MutableMapping
 
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
-# Keep YNNPACK for dots (its GEMM beats Eigen's), not for convolutions.
-YNN_VALUE = 'individual_dot'
+# YNNPACK for dots (its GEMM beats Eigen's) and reductions, not for convolutions.
+YNN_VALUE = 'individual_dot,reduce'
 OPT_OUT_ENV = 'QSCORE_JAX_KEEP_XLA_FLAGS'
 # jaxlib (major, minor) releases on which the flag exists and was measured.
 MEASURED_JAXLIB = ((0, 10),)

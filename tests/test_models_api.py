@@ -231,3 +231,28 @@ def test_preprocessing_normalize():
 def test_all_architectures_listed():
   assert set(ARCHITECTURES) >= {'resnet18', 'resnet50', 'resnet200', 'vit_small', 'vit_base'}
   assert models.STATE_COLLECTIONS == ('params', 'batch_stats')
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
+def test_cpu_training_speedups_change_no_value(arch, monkeypatch):
+  """The CPU-only materialization hint and the fast max-pool gradient leave the
+  training-mode outputs, BatchNorm updates and gradients exactly as they were."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models import resnet  # pylint: disable=import-outside-toplevel
+  model = models.build_model(arch, width_multiplier=0.25)
+  variables = models.init_variables(model, jax.random.key(0), (4, 32, 32, 3))
+  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+
+  def loss_and_grads(variables, images):
+    def loss(params):
+      out, updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                 images, train=True, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(out)), (out, updates)
+    return jax.grad(loss, has_aux=True)(variables['params'])
+
+  fast = jax.jit(loss_and_grads)(variables, images)
+  monkeypatch.setattr(resnet, '_materialized', lambda x, one: x)
+  monkeypatch.setattr(resnet, 'max_pool', nn.max_pool)
+  plain = jax.jit(loss_and_grads)(variables, images)
+  # Overlapping pooling windows sum their gradients in another order: float tolerance.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fast, plain)

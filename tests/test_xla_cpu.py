@@ -14,7 +14,8 @@ import qscore_jax
 conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 text = jax.jit(conv).lower(jnp.zeros((2, 56, 56, 64)), jnp.zeros((3, 3, 64, 64))).compile().as_text()
-print(os.environ.get('XLA_FLAGS', ''), '|', '__ynn_fusion' in text)
+reduce = jax.jit(lambda x: x.sum((0, 1, 2))).lower(jnp.zeros((2, 56, 56, 64))).compile().as_text()
+print(os.environ.get('XLA_FLAGS', ''), '|', '__ynn_fusion' in text, '|', '__ynn_fusion' in reduce)
 """
 
 
@@ -23,21 +24,21 @@ def _run(env_updates):
   env.update(env_updates)
   out = subprocess.run([sys.executable, '-c', CHECK_CONV], env=env, capture_output=True,
                        text=True, check=True).stdout.strip()
-  flags, ynn = out.rsplit('|', 1)
-  return flags.strip(), ynn.strip() == 'True'
+  flags, conv_ynn, reduce_ynn = out.rsplit('|', 2)
+  return flags.strip(), conv_ynn.strip() == 'True', reduce_ynn.strip() == 'True'
 
 
 @pytest.mark.skipif(_xla_cpu._jaxlib_version() not in _xla_cpu.MEASURED_JAXLIB,  # pylint: disable=protected-access
                     reason='the flag is only applied on jaxlib versions where it was measured')
-def test_import_routes_convolutions_away_from_ynnpack():
-  flags, ynn = _run({})
-  assert _xla_cpu.cpu_flag() in flags and not ynn
-  # jaxlib's own default sends the convolution to YNNPACK.
-  flags, ynn = _run({_xla_cpu.OPT_OUT_ENV: '1'})
-  assert flags == '' and ynn
+def test_import_routes_convolutions_away_from_ynnpack_and_reductions_to_it():
+  flags, conv_ynn, reduce_ynn = _run({})
+  assert _xla_cpu.cpu_flag() in flags and not conv_ynn and reduce_ynn
+  # jaxlib's own default sends both to YNNPACK.
+  flags, conv_ynn, reduce_ynn = _run({_xla_cpu.OPT_OUT_ENV: '1'})
+  assert flags == '' and conv_ynn and reduce_ynn
   # The user's own setting wins.
-  flags, ynn = _run({'XLA_FLAGS': f'{_xla_cpu.YNN_FLAG}=individual_convolution'})
-  assert flags == f'{_xla_cpu.YNN_FLAG}=individual_convolution' and ynn
+  flags, conv_ynn, reduce_ynn = _run({'XLA_FLAGS': f'{_xla_cpu.YNN_FLAG}=individual_convolution'})
+  assert flags == f'{_xla_cpu.YNN_FLAG}=individual_convolution' and conv_ynn and not reduce_ynn
 
 
 def test_configure_rules(monkeypatch):
