@@ -199,6 +199,74 @@ def test_steps_on_eight_devices_pmap_and_two_processes_equal_one_device(tmp_path
     assert grad_error <= 1e-5 * grad_scale + 1e-7 and grad_scale > 0, name
 
 
+# --------------------------------------------------------------- the nine methods
+
+def _small_trainer(method_name, options=None, steps=4):
+  from qscore_jax import regularizer  # pylint: disable=import-outside-toplevel
+  from qscore_jax.finetune import core, get_method  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models import build_model  # pylint: disable=import-outside-toplevel
+  method = get_method(method_name)
+  model = build_model('resnet18', width_multiplier=0.0625)
+  heads = method.build_heads(model.num_features, {'projector_hidden': 16, 'projector_out': 8,
+                                                  'predictor_hidden': 4, 'prototypes': 12})
+  tx, lr = core.make_optimizer(method.optimizer.name, 0.05, weight_decay=1e-4, momentum=0.9,
+                               total_steps=steps, warmup_steps=0)
+  loss_options = {**method.loss_defaults, **(options or {})}
+  return core.Trainer(model, heads, method, tuple(sorted(loss_options.items())), tx, lr,
+                      regularizer.RegularizerConfig(), steps, method.ema_base), model
+
+
+@pytest.mark.parametrize('method_name', [
+    # The first six are also covered by the other tests: slow (each compiles a step, ~30 s).
+    *(pytest.param(m, marks=pytest.mark.slow)
+      for m in ('simclr', 'byol', 'simsiam', 'vicreg', 'barlowtwins', 'mocov3')),
+    'mocov2', 'swav', 'dino'])
+def test_every_method_trains_with_its_buffers(method_name):
+  """Two steps of each method: finite losses, parameters move, buffers evolve as released."""
+  from helpers import random_variables  # pylint: disable=import-outside-toplevel
+  from qscore_jax.finetune import core  # pylint: disable=import-outside-toplevel
+  options = {'mocov2': {'queue_size': 12}, 'swav': {'queue_length': 8,
+                                                   'freeze_prototypes_steps': 1},
+             'dino': {'freeze_last_layer_steps': 1, 'warmup_teacher_steps': 2,
+                      'warmup_teacher_temperature': 0.02}}.get(method_name, {})
+  trainer, model = _small_trainer(method_name, options)
+  state = core.create_state(trainer, random_variables(model, (1, 16, 16, 3)),
+                            core.init_heads(trainer, jax.random.key(0), model.num_features),
+                            np.ones(model.num_features, bool))
+  rng = np.random.default_rng(0)
+  views = tuple(rng.standard_normal((8, 16, 16, 3)).astype(np.float32) for _ in range(2))
+  if method_name in ('swav', 'dino'):  # a multi-crop small view
+    views += (rng.standard_normal((8, 8, 8, 3)).astype(np.float32),)
+  step = trainer.jit_step()
+  history = [jax.device_get(state)]
+  for _ in range(2):
+    state, metrics = step(state, views)
+    assert np.isfinite(float(metrics['loss'])), metrics
+    history.append(jax.device_get(state))
+  first, second, third = history
+  # SwAV renormalises its prototypes every step, which moves them by rounding only.
+  moved = lambda a, b, head: max(np.max(np.abs(x - y)) for x, y in zip(  # noqa: E731
+      jax.tree.leaves(a.params[head]), jax.tree.leaves(b.params[head]))) > 1e-6
+  assert moved(first, third, 'backbone') and moved(first, third, 'projector')
+  if method_name == 'mocov2':  # 8 keys per step into a queue of 12: wraps at step 2
+    assert int(second.buffers['queue_pointer']) == 8 and int(third.buffers['queue_pointer']) == 4
+    np.testing.assert_allclose(np.linalg.norm(third.buffers['queue'], axis=1), 1, rtol=1e-5)
+  if method_name == 'swav':
+    assert not moved(first, second, 'prototypes') and moved(second, third, 'prototypes')
+    np.testing.assert_allclose(np.linalg.norm(third.params['prototypes']['dense_0']['kernel'],
+                                              axis=0), 1, rtol=1e-5)
+    assert np.all(third.buffers['queue'] != 0)  # 2 steps of 8 filled the queue of 8 twice
+  if method_name == 'dino':
+    assert not moved(first, second, 'prototypes') and moved(second, third, 'prototypes')
+    assert np.any(third.buffers['center'] != 0)
+    assert float(metrics['teacher_temperature']) == pytest.approx(0.02 + 0.02 * 1 / 2)
+  if trainer.method.target:  # the target moved towards the online network, not onto it
+    assert moved(first, third, 'backbone') and not any(
+        np.array_equal(t, o) for t, o in zip(jax.tree.leaves(third.target_params['backbone']),
+                                             jax.tree.leaves(third.params['backbone']))
+        if t.size > 1)
+
+
 # --------------------------------------------------------------- lambda = 0
 
 def test_zero_lambdas_give_the_plain_ssl_step():
