@@ -444,3 +444,32 @@ def test_compare_puts_two_models_side_by_side(tmp_path, data_dir, capsys):
     top1 = f"{100 * report['probe']['top1']:.2f}"
     assert lines['linear top-1 %'][3 + i] == top1
     assert report['misclassification']['qscore']['chance_auprc'] == report['probe']['top1']
+
+
+def test_imagenet_configs_follow_the_paper_for_every_method():
+  from qscore_jax.configs import imagenet1k, imagenet100  # pylint: disable=import-outside-toplevel
+  from qscore_jax.finetune import METHODS  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models import get_model_spec  # pylint: disable=import-outside-toplevel
+  assert set(imagenet1k.INIT) == set(METHODS) == set(imagenet100.METHODS)
+  for method, model_id in imagenet1k.INIT.items():
+    spec = get_model_spec(model_id)
+    assert spec.arch == 'resnet50' and spec.supported, model_id
+    for module, dataset, arch in ((imagenet1k, 'imagenet2012', 'resnet50'),
+                                  (imagenet100, 'imagenet100', 'resnet18')):
+      c = module.get_config(f'method={method}')
+      assert (c.method, c.dataset, c.arch, c.num_epochs) == (method, dataset, arch, 50.0)
+      assert c.optimizer.learning_rate == 1e-5 and c.regularizer.kind == 'qscore'
+      assert c.regularizer.lambda1 == c.regularizer.lambda2 == 1e-4
+  assert imagenet1k.get_config('method=byol,batch_size=4096').batch_size == 4096
+  for module in (imagenet1k, imagenet100):
+    with pytest.raises(ValueError, match='needs the method'):
+      module.get_config()
+
+
+@pytest.mark.parametrize('name', ['simclr', 'byol', 'simsiam', 'vicreg', 'barlowtwins', 'mocov2',
+                                  'mocov3', 'swav', 'dino'])
+def test_method_configs_load_and_state_their_figures(name):
+  import importlib  # pylint: disable=import-outside-toplevel
+  module = importlib.import_module(f'qscore_jax.configs.{name}')
+  assert module.get_config().method == name
+  assert f'--config {name}:' in module.__doc__ and len(module.EXPECTED['ssl_loss']) == 3

@@ -6,7 +6,7 @@ One config for every method; the argument after the colon overrides fields:
         --init random --workdir /tmp/simclr
 
     qscore finetune --config finetune:method=byol,dataset=imagenet100,batch_size=1024 \
-        --init byol-r50 --workdir gs://bucket/byol_qreg        # regularizer on by default
+        --init byol-r50 --workdir runs/byol_qreg              # regularizer on by default
 
 Fields are documented inline below. ``None`` means "the method's official
 value" (heads, optimizer, learning rate = base_lr x batch / 256, warm-up).
