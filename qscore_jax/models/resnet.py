@@ -60,12 +60,14 @@ def _padding(kernel_size: int, mode: str):
 
 
 def _runtime_one(images, dtype):
-  """1.0 that XLA cannot constant-fold: 1 + 0 * (a pixel of the batch).
+  """1.0 that XLA cannot constant-fold: 1 + 0 * max(images).
 
   Only used in training mode, where BatchNorm's batch statistics already make
-  every output non-finite if any pixel is, so it changes no result.
+  every output non-finite if any pixel is, so it changes no result. (A
+  reduction, not ``images[0, 0, 0, 0]``: slicing a batch sharded over an
+  explicit mesh axis is an error.)
   """
-  return (1 + 0 * jax.lax.stop_gradient(images[0, 0, 0, 0])).astype(dtype)
+  return (1 + 0 * jax.lax.stop_gradient(jnp.max(images))).astype(dtype)
 
 
 def _materialized(x, one):
