@@ -27,4 +27,4 @@ EXPECTED = {'ssl_loss': [1944.375, 1772.021, 1732.732], 'regularizer': 7.998,
 
 def get_config(arg: str | None = None):
   """The fine-tuning config with ``method=barlowtwins`` and ``arg`` applied."""
-  return finetune.get_config(','.join(part for part in ('method=barlowtwins', arg) if part))
+  return finetune.for_method('barlowtwins', arg)

@@ -27,4 +27,4 @@ EXPECTED = {'ssl_loss': [3.054, 1.935, 1.752], 'regularizer': 0.347,
 
 def get_config(arg: str | None = None):
   """The fine-tuning config with ``method=byol`` and ``arg`` applied."""
-  return finetune.get_config(','.join(part for part in ('method=byol', arg) if part))
+  return finetune.for_method('byol', arg)

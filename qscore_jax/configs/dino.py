@@ -28,4 +28,4 @@ EXPECTED = {'ssl_loss': [8.308, 8.328, 8.322], 'regularizer': 0.288,
 
 def get_config(arg: str | None = None):
   """The fine-tuning config with ``method=dino`` and ``arg`` applied."""
-  return finetune.get_config(','.join(part for part in ('method=dino', arg) if part))
+  return finetune.for_method('dino', arg)

@@ -97,6 +97,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
+def for_method(method: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The config with ``method=<method>`` and then ``arg`` applied (the per-method configs)."""
+  return get_config(','.join(part for part in (f'method={method}', arg) if part))
+
+
+def with_defaults(arg: str, defaults: dict, what: str, methods) -> ml_collections.ConfigDict:
+  """The config of ``arg`` (which must name the method) with ``defaults`` for the fields
+  ``arg`` does not set (the dataset-level configs ``imagenet100``, ``imagenet1k``)."""
+  if not arg or 'method=' not in arg:
+    raise ValueError(f'{what} needs the method: --config {what}:method=<one of '
+                     f'{", ".join(methods)}>.')
+  config = get_config(arg)
+  given = {item.split('=', 1)[0] for item in arg.split(',')}
+  for key, value in defaults.items():
+    if key not in given:
+      config[key] = value
+  return config
+
+
 def _parse_value(text: str):
   for cast in (int, float):
     try:

@@ -28,14 +28,6 @@ METHODS = ('simclr', 'byol', 'simsiam', 'vicreg', 'barlowtwins', 'mocov2', 'moco
 
 def get_config(arg: str | None = None):
   """The ImageNet-100 fine-tuning config; ``arg`` must start with ``method=<method>``."""
-  if not arg or 'method=' not in arg:
-    raise ValueError('imagenet100 needs the method: --config imagenet100:method=<one of '
-                     f'{", ".join(METHODS)}>.')
-  c = finetune.get_config(arg)
-  defaults = {'dataset': 'imagenet100', 'arch': 'resnet18', 'batch_size': 256,
-              'num_epochs': 50.0, 'checkpoint_every_steps': 1000, 'log_every_steps': 50}
-  given = {item.split('=', 1)[0] for item in arg.split(',')}
-  for key, value in defaults.items():
-    if key not in given:
-      c[key] = value
-  return c
+  defaults = {'dataset': 'imagenet100', 'arch': 'resnet18', 'batch_size': 256, 'num_epochs': 50.0,
+              'checkpoint_every_steps': 1000, 'log_every_steps': 50}
+  return finetune.with_defaults(arg, defaults, 'imagenet100', METHODS)

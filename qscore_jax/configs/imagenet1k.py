@@ -43,14 +43,6 @@ __doc__ += '\n'.join(f'    {method:<12} --init {model}' for method, model in INI
 
 def get_config(arg: str | None = None):
   """The ImageNet-1K fine-tuning config; ``arg`` must start with ``method=<method>``."""
-  if not arg or 'method=' not in arg:
-    raise ValueError('imagenet1k needs the method: --config imagenet1k:method=<one of '
-                     f'{", ".join(INIT)}>.')
-  c = finetune.get_config(arg)
-  defaults = {'dataset': 'imagenet2012', 'arch': 'resnet50', 'batch_size': 1024,
-              'num_epochs': 50.0, 'checkpoint_every_steps': 1000, 'log_every_steps': 50}
-  given = {item.split('=', 1)[0] for item in arg.split(',')}
-  for key, value in defaults.items():
-    if key not in given:
-      c[key] = value
-  return c
+  defaults = {'dataset': 'imagenet2012', 'arch': 'resnet50', 'batch_size': 1024, 'num_epochs': 50.0,
+              'checkpoint_every_steps': 1000, 'log_every_steps': 50}
+  return finetune.with_defaults(arg, defaults, 'imagenet1k', INIT)

@@ -28,4 +28,4 @@ EXPECTED = {'ssl_loss': [8.135, 8.644, 8.987], 'regularizer': 0.255,
 
 def get_config(arg: str | None = None):
   """The fine-tuning config with ``method=mocov2`` and ``arg`` applied."""
-  return finetune.get_config(','.join(part for part in ('method=mocov2', arg) if part))
+  return finetune.for_method('mocov2', arg)

@@ -28,4 +28,4 @@ EXPECTED = {'ssl_loss': [16.611, 16.588, 16.547], 'regularizer': 0.175,
 
 def get_config(arg: str | None = None):
   """The fine-tuning config with ``method=mocov3`` and ``arg`` applied."""
-  return finetune.get_config(','.join(part for part in ('method=mocov3', arg) if part))
+  return finetune.for_method('mocov3', arg)

@@ -27,4 +27,4 @@ EXPECTED = {'ssl_loss': [5.941, 5.876, 5.847], 'regularizer': 0.498,
 
 def get_config(arg: str | None = None):
   """The fine-tuning config with ``method=simclr`` and ``arg`` applied."""
-  return finetune.get_config(','.join(part for part in ('method=simclr', arg) if part))
+  return finetune.for_method('simclr', arg)

@@ -27,4 +27,4 @@ EXPECTED = {'ssl_loss': [-0.031, -0.266, -0.393], 'regularizer': 0.186,
 
 def get_config(arg: str | None = None):
   """The fine-tuning config with ``method=simsiam`` and ``arg`` applied."""
-  return finetune.get_config(','.join(part for part in ('method=simsiam', arg) if part))
+  return finetune.for_method('simsiam', arg)

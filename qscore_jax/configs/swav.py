@@ -28,4 +28,4 @@ EXPECTED = {'ssl_loss': [8.314, 8.144, 8.082], 'regularizer': 0.178,
 
 def get_config(arg: str | None = None):
   """The fine-tuning config with ``method=swav`` and ``arg`` applied."""
-  return finetune.get_config(','.join(part for part in ('method=swav', arg) if part))
+  return finetune.for_method('swav', arg)

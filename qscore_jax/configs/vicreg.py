@@ -27,4 +27,4 @@ EXPECTED = {'ssl_loss': [41.922, 24.227, 23.05], 'regularizer': 0.862,
 
 def get_config(arg: str | None = None):
   """The fine-tuning config with ``method=vicreg`` and ``arg`` applied."""
-  return finetune.get_config(','.join(part for part in ('method=vicreg', arg) if part))
+  return finetune.for_method('vicreg', arg)

@@ -168,13 +168,10 @@ def train_step(trainer: Trainer, state: TrainState, views, *, axis_name: str | N
   if axis_name is not None:
     grads = lax.pmean(grads, axis_name)
   frozen = _frozen(method, options, state.step)
-  if frozen is not None:  # no gradient, and no update below: the head stays as it is
-    grads = {**grads, method.frozen_head[0]: jax.tree.map(
-        lambda g: jnp.where(frozen, jnp.zeros_like(g), g), grads[method.frozen_head[0]])}
+  # A frozen head gets no gradient and no update (weight decay included): it stays as it is.
+  grads = _zero_head_while(frozen, grads, method)
   updates, opt_state = trainer.optimizer.update(grads, state.opt_state, state.params)
-  if frozen is not None:
-    updates = {**updates, method.frozen_head[0]: jax.tree.map(
-        lambda u: jnp.where(frozen, jnp.zeros_like(u), u), updates[method.frozen_head[0]])}
+  updates = _zero_head_while(frozen, updates, method)
   params = optax.apply_updates(state.params, updates)
   if method.unit_columns_head:
     params = unit_columns(params, method.unit_columns_head)
@@ -203,6 +200,15 @@ def _frozen(method: Method, options: Mapping[str, Any], step) -> jax.Array | Non
   if method.frozen_head is None or not options.get(method.frozen_head[1]):
     return None
   return step < options[method.frozen_head[1]]
+
+
+def _zero_head_while(frozen, tree, method: Method):
+  """``tree`` (grads or updates) with the frozen head's leaves zeroed while ``frozen``."""
+  if frozen is None:
+    return tree
+  head = method.frozen_head[0]
+  return {**tree, head: jax.tree.map(lambda x: jnp.where(frozen, jnp.zeros_like(x), x),
+                                     tree[head])}
 
 
 def unit_columns(params, head: str):
