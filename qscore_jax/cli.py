@@ -221,6 +221,35 @@ def _cmd_compare(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_interpret(args: argparse.Namespace) -> int:
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from qscore_jax import interpret, report  # pylint: disable=import-outside-toplevel
+  if len(args.models) > 2:
+    raise ValueError(f'give one model, or two to compare (before / after), not '
+                     f'{len(args.models)}.')
+  config = interpret.InterpretConfig(
+      stage=args.stage, method=args.method, eps=args.eps, heatmap_threshold=args.heatmap_threshold,
+      threshold_mode=args.threshold_mode, mask_threshold=args.mask_threshold)
+  out = pathlib.Path(args.out)
+  results = []
+  for index, ref in enumerate(args.models):
+    target = out if len(args.models) == 1 else out / f'{index}-{pathlib.Path(ref).name}'
+    results.append(interpret.interpret_model(
+        ref, args.dataset, target, split=args.split, reference_dataset=args.reference_dataset,
+        reference_split=args.reference_split, config=config, batch_size=args.batch_size,
+        feature=args.feature, samples_per_group=args.samples, data_dir=args.data_dir,
+        probe_epochs=args.probe_epochs, progress=not args.no_progress))
+    print('\n'.join(interpret.summary_lines(results[-1])))
+    print(f'figures      {", ".join(str(target / f) for f in results[-1]["figures"].values())}')
+  if len(results) == 2:
+    ious = [interpret.load_result(out / f'{i}-{pathlib.Path(r).name}')[1]
+            for i, r in enumerate(args.models)]
+    compared = interpret.comparison(results[0], results[1], *ious)
+    report.write_json(compared, out / 'comparison.json')
+    print('\n'.join(interpret.comparison_lines(compared)))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='qscore',
@@ -396,6 +425,49 @@ def build_parser() -> argparse.ArgumentParser:
   compare.add_argument('--data-dir')
   compare.add_argument('--no-progress', action='store_true')
   compare.set_defaults(func=_cmd_compare)
+
+  interp = commands.add_parser(
+      'interpret', help='heatmaps of discriminative features and their IoU with core / '
+      'spurious masks',
+      description='For each image of a dataset with masks (synthetic_shapes, salient_imagenet), '
+                  'the Grad-CAM (or input-gradient) heatmap of the sum of its discriminative '
+                  'activations, binarised and compared with the core and the spurious mask (IoU); '
+                  'mean IoU over all, correctly classified and misclassified images, figures '
+                  'of samples chosen by Q-Score and of one feature\'s top images. With two '
+                  'models (e.g. before / after fine-tuning) also their paired difference.')
+  interp.add_argument('models', nargs='+', metavar='MODEL',
+                      help='saved model directory, finetune workdir or converted id; two to '
+                           'compare')
+  interp.add_argument('--dataset', default='synthetic_shapes',
+                      help='dataset with core/spurious masks (default synthetic_shapes)')
+  interp.add_argument('--split', default='test', help='split to explain (default test)')
+  interp.add_argument('--reference-dataset', default=None,
+                      help='dataset whose split gives D and trains the probe (default: '
+                           '--dataset; e.g. imagenet2012 for salient_imagenet)')
+  interp.add_argument('--reference-split', default='train')
+  interp.add_argument('--out', required=True, help='output directory')
+  interp.add_argument('--method', default='gradcam', choices=['gradcam', 'input_gradient'])
+  interp.add_argument('--stage', default=None,
+                      help="Grad-CAM's feature map (default: layer4 of a ResNet; for a ViT the "
+                           'tokens entering its last block)')
+  interp.add_argument('--heatmap-threshold', type=float, default=0.6,
+                      help='binarise heatmaps at this fraction of their max (default 0.6)')
+  interp.add_argument('--threshold-mode', default='max_fraction',
+                      choices=['max_fraction', 'top_fraction'],
+                      help='top_fraction: keep the top --heatmap-threshold fraction of pixels')
+  interp.add_argument('--mask-threshold', type=float, default=0.5,
+                      help='a soft mask pixel >= this is inside (default 0.5)')
+  interp.add_argument('--eps', type=float, default=4.0, help='L_i threshold (default 4)')
+  interp.add_argument('--feature', type=int, default=None,
+                      help='feature of the top-images figure (default: the discriminative '
+                           'feature highly active most often)')
+  interp.add_argument('--samples', type=int, default=4,
+                      help='samples per group in the figure (default 4)')
+  interp.add_argument('--batch-size', type=int, default=64)
+  interp.add_argument('--probe-epochs', type=int, default=100)
+  interp.add_argument('--data-dir')
+  interp.add_argument('--no-progress', action='store_true')
+  interp.set_defaults(func=_cmd_interpret)
 
   inspect = commands.add_parser(
       'inspect', help='embed a generated batch with a model and print representation statistics',

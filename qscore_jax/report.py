@@ -3,7 +3,8 @@
 Each function draws one figure from arrays and returns the written path:
 sorted activation frequencies with the D band, Q-Score histograms for correct
 vs misclassified samples, precision-recall curves of Q and the baselines, the
-compression curve, and per-class accuracy against mean Q.
+compression curve, per-class accuracy against mean Q, and the interpretability
+figures (heatmap overlays beside the core and spurious masks; a feature's top images).
 """
 
 from __future__ import annotations
@@ -115,6 +116,51 @@ def plot_class_accuracy(q: np.ndarray, labels: np.ndarray, correct: np.ndarray,
     ax.set_title(f'per-class accuracy vs mean Q (Pearson r = {r:.2f})')
   ax.set_xlabel('mean Q-Score of the class')
   ax.set_ylabel('linear accuracy of the class')
+  return _save(fig, path)
+
+
+def plot_heatmap_rows(rows, path: pathlib.Path, threshold: float | None = 0.6) -> pathlib.Path:
+  """One row per sample: image | heatmap overlay | core mask | spurious mask.
+
+  Each row is a dict with ``title``, ``image`` (H, W, 3) in [0, 1], ``heatmap``
+  (H, W) in [0, 1] and ``core_mask``/``spurious_mask`` (H, W) in [0, 1]; the
+  heatmap's binarised region (>= ``threshold``) is outlined on the overlay.
+  """
+  plt = _pyplot()
+  columns = ('image', 'heatmap', 'core mask', 'spurious mask')
+  fig, axes = plt.subplots(max(1, len(rows)), 4, figsize=(7.2, 1.9 * max(1, len(rows))),
+                           squeeze=False)
+  for r, row in enumerate(rows):
+    panels = (row['image'], row['image'], row['core_mask'], row['spurious_mask'])
+    for c, (ax, panel) in enumerate(zip(axes[r], panels)):
+      ax.imshow(panel, cmap=None if panel.ndim == 3 else 'gray', vmin=0, vmax=1)
+      if c == 1:
+        ax.imshow(row['heatmap'], cmap='jet', alpha=0.45, vmin=0, vmax=1)
+        if threshold is not None and (row['heatmap'] >= threshold).any():
+          ax.contour(row['heatmap'], levels=[threshold], colors='white', linewidths=0.8)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if r == 0:
+        ax.set_title(columns[c], fontsize=9)
+    axes[r][0].set_ylabel(row['title'], fontsize=7)
+  return _save(fig, path)
+
+
+def plot_feature_images(images: np.ndarray, heatmaps: np.ndarray, ids, feature: int,
+                        path: pathlib.Path) -> pathlib.Path:
+  """A feature's most activating images (top row) and its heatmaps on them (bottom row)."""
+  plt = _pyplot()
+  n = max(1, len(images))
+  fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
+  for i in range(len(images)):
+    axes[0][i].imshow(images[i])
+    axes[0][i].set_title(f'#{ids[i]}', fontsize=8)
+    axes[1][i].imshow(images[i])
+    axes[1][i].imshow(heatmaps[i], cmap='jet', alpha=0.45, vmin=0, vmax=1)
+  for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle(f'feature {feature}: its most activating images and heatmaps', fontsize=10)
   return _save(fig, path)
 
 
