@@ -7,6 +7,9 @@ object, one only the texture).
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -301,3 +304,45 @@ def test_interpret_command_errors(tmp_path, two_models, capsys):
                    '--out', str(tmp_path / 'x'), '--data-dir', data_dir,
                    '--stage', 'block3']) == 2
   assert "no stage 'block3'; its stages are stem, layer1" in capsys.readouterr().err
+
+
+MULTI_DEVICE = r"""
+import functools, jax, numpy as np
+import qscore_jax
+from qscore_jax import interpret
+from qscore_jax.models import build_model, init_variables
+assert jax.device_count() == 4, jax.devices()
+model = build_model('resnet18', width_multiplier=0.25)
+variables = init_variables(model, jax.random.key(0), (1, 32, 32, 3))
+rng = np.random.default_rng(0)
+images = rng.standard_normal((8, 32, 32, 3)).astype(np.float32)
+core = (rng.random((8, 32, 32)) < 0.3).astype(np.float32)
+spurious = 1 - core
+d = rng.random(model.num_features) < 0.5
+config = interpret.InterpretConfig(eps=1.0)
+single = jax.jit(functools.partial(interpret.interpret_batch, model, config=config))(
+    variables, images, core, spurious, d)
+mesh = jax.make_mesh((4,), ('data',))
+step = interpret.make_interpret_step(model, config, mesh)
+from qscore_jax import parallel
+batch = parallel.global_batch({'x': images, 'c': core, 's': spurious}, mesh)
+sharded = step(variables, batch['x'], batch['c'], batch['s'], d)
+mapped = jax.pmap(functools.partial(interpret.interpret_batch, model, config=config),
+                  in_axes=(None, 0, 0, 0, None))(
+    variables, images.reshape(4, 2, 32, 32, 3), core.reshape(4, 2, 32, 32),
+    spurious.reshape(4, 2, 32, 32), d)
+assert np.asarray(single['has_target']).sum() >= 4
+for key in single:
+  np.testing.assert_allclose(np.asarray(sharded[key]), np.asarray(single[key]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(mapped[key]).reshape(np.asarray(single[key]).shape),
+                             np.asarray(single[key]), rtol=1e-5, atol=1e-6)
+print('ok')
+"""
+
+
+def test_interpret_step_on_four_devices_equals_one_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  result = subprocess.run([sys.executable, '-c', MULTI_DEVICE], env=env, capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith('ok')
