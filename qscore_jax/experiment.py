@@ -1,6 +1,7 @@
 """The paper's central experiment, end to end with the project's own code (``qscore experiment``).
 
-1. Pre-train an encoder from scratch with each method (no regularizer).
+1. Pre-train an encoder from scratch with each method (no regularizer); a
+   randomly initialised encoder is evaluated too, as the floor.
 2. From each pre-trained checkpoint, fine-tune with the method's loss alone
    (``plain``) and with the Q-Score regularizer added (``qscore``): same steps,
    learning rate, data order and seed, for every seed.
@@ -29,7 +30,7 @@ VARIANTS = ('plain', 'qscore')
 
 
 def _finetune_config(config, method: str, *, steps: int, seed: int, regularizer: str,
-                     learning_rate: float | None):
+                     learning_rate: float, warmup_epochs: float):
   from qscore_jax.configs import finetune  # pylint: disable=import-outside-toplevel
   c = finetune.get_config(f'method={method}')
   c.dataset = config.dataset
@@ -39,8 +40,12 @@ def _finetune_config(config, method: str, *, steps: int, seed: int, regularizer:
   c.batch_size = config.batch_size
   c.num_steps = steps
   c.seed = seed
+  c.min_crop_scale = config.min_crop_scale
+  c.optimizer.name = config.optimizer
   c.optimizer.learning_rate = learning_rate
-  c.optimizer.warmup_epochs = 0.0 if learning_rate is not None else 1.0
+  c.optimizer.warmup_epochs = warmup_epochs
+  for key, value in config.loss.get(method, {}).items():
+    c.loss[key] = value
   c.regularizer.kind = regularizer
   c.regularizer.lambda1 = config.regularizer.lambda1
   c.regularizer.lambda2 = config.regularizer.lambda2
@@ -49,11 +54,6 @@ def _finetune_config(config, method: str, *, steps: int, seed: int, regularizer:
   c.log_every_steps = max(steps // 4, 1)
   c.progress = False
   return c
-
-
-def _recipe_learning_rate(method: str, batch_size: int) -> float:
-  from qscore_jax.finetune import get_method  # pylint: disable=import-outside-toplevel
-  return get_method(method).optimizer.base_learning_rate * batch_size / 256
 
 
 def _train(config, workdir: pathlib.Path, init: str, log) -> pathlib.Path:
@@ -66,6 +66,23 @@ def _train(config, workdir: pathlib.Path, init: str, log) -> pathlib.Path:
   log(f"  {workdir.name}: {result['step']} steps in {time.perf_counter() - start:.0f} s, "
       f"last ssl_loss {result['metrics'].get('ssl_loss', float('nan')):.3f}")
   return pathlib.Path(result['model'])
+
+
+def _random_encoder(config, workdir: pathlib.Path) -> pathlib.Path:
+  """The architecture with random weights (seed 0), saved: what pre-training must beat."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from qscore_jax.data import dataset_info, native_preprocessing  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models import build_model, init_variables, save_model  # pylint: disable=import-outside-toplevel
+  if (workdir / 'model').is_dir():
+    return workdir / 'model'
+  options = {'width_multiplier': float(config.width_multiplier)}
+  model = build_model(config.arch, **options)
+  preprocessing = native_preprocessing(dataset_info(config.dataset))
+  size = preprocessing.image_size
+  variables = init_variables(model, jax.random.key(0), (1, size, size, 3))
+  return save_model(workdir / 'model', variables, arch=config.arch, arch_options=options,
+                    preprocessing=preprocessing,
+                    provenance={'trained_by': 'nothing: random initialisation (seed 0)'})
 
 
 def _evaluate(config, model_dir: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
@@ -110,22 +127,25 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   for method in config.methods:
     log(f'{method}: pre-training {config.pretrain_steps} steps from scratch')
     pretrain = _train(_finetune_config(config, method, steps=config.pretrain_steps, seed=0,
-                                       regularizer='none', learning_rate=None),
+                                       regularizer='none', learning_rate=config.learning_rate,
+                                       warmup_epochs=1.0),
                       root / f'{method}-pretrain', 'random', log)
     runs.append({'method': method, 'variant': 'pretrained', 'seed': None,
                  'metrics': _evaluate(config, pretrain, root / f'{method}-pretrain' / 'eval')})
-    learning_rate = config.finetune_lr_fraction * _recipe_learning_rate(method,
-                                                                         config.batch_size)
+    learning_rate = config.finetune_lr_fraction * config.learning_rate
     for seed in config.seeds:
       for variant in VARIANTS:
         name = f'{method}-{variant}-seed{seed}'
         log(f'{method}: fine-tuning {config.finetune_steps} steps, {variant}, seed {seed}')
         model = _train(_finetune_config(config, method, steps=config.finetune_steps, seed=seed,
                                         regularizer='qscore' if variant == 'qscore' else 'none',
-                                        learning_rate=learning_rate),
+                                        learning_rate=learning_rate, warmup_epochs=0.0),
                        root / name, str(pretrain), log)
         runs.append({'method': method, 'variant': variant, 'seed': seed,
                      'metrics': _evaluate(config, model, root / name / 'eval')})
+  runs.append({'method': 'none', 'variant': 'random init', 'seed': None,
+               'metrics': _evaluate(config, _random_encoder(config, root / 'random-init'),
+                                    root / 'random-init' / 'eval')})
   results = {'config': json.loads(config.to_json()), 'runs': runs,
              'summary': summarize(runs), 'seconds': round(time.perf_counter() - start, 1)}
   (root / 'results.json').write_text(json.dumps(results, indent=2))
@@ -160,7 +180,7 @@ def table_lines(results: dict[str, Any]) -> list[str]:
   lines = ['| method | model | seeds | ' + ' | '.join(c[0] for c in columns) + ' |',
            '|---|---|---|' + '---|' * len(columns)]
   for method, variants in results['summary'].items():
-    for variant in ('pretrained', *VARIANTS):
+    for variant in ('random init', 'pretrained', *VARIANTS):
       if variant not in variants:
         continue
       metrics = variants[variant]

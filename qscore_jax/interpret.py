@@ -200,6 +200,14 @@ def heatmaps(model: nn.Module, variables: Any, images: jax.Array, *,
       total, chosen = target_of(h)
       return total, (h, chosen, sown['intermediates'][stage][0])
 
+    grid_hw = _stage_grid(model, zeros[stage], (height, width)).shape[1:3]
+    if grid_hw == (1, 1):
+      sizes = ', '.join(f'{name} {_stage_grid(model, z, (height, width)).shape[1]}x'
+                        f'{_stage_grid(model, z, (height, width)).shape[2]}'
+                        for name, z in zeros.items())
+      raise InterpretError(f'{stage} is 1x1 for {height}x{width} images, so its Grad-CAM '
+                           f'would be constant; choose a stage with a spatial grid ({sizes}) '
+                           "or method='input_gradient'.")
     grads, (h, chosen, stage_map) = jax.grad(objective, has_aux=True)(zeros[stage])
     grid = _stage_grid(model, stage_map, (height, width)).astype(jnp.float32)
     grad_grid = _stage_grid(model, grads, (height, width)).astype(jnp.float32)
@@ -376,12 +384,19 @@ def _display_images(images: np.ndarray, preprocessing) -> np.ndarray:
   return np.clip(images * np.asarray(preprocessing.std) + np.asarray(preprocessing.mean), 0, 1)
 
 
-def figure_samples(q: np.ndarray, correct: np.ndarray, ids: np.ndarray, per_group: int = 4
-                   ) -> dict[str, np.ndarray]:
-  """Ids to draw: the highest and lowest Q-Scores, and the misclassified with the lowest Q."""
+def figure_samples(q: np.ndarray, correct: np.ndarray, ids: np.ndarray, has_target: np.ndarray,
+                   per_group: int = 4) -> dict[str, np.ndarray]:
+  """Ids to draw: the highest Q-Scores, the lowest, and the misclassified with the lowest Q.
+
+  The last two prefer images with a target (Q = 0 images have no discriminative
+  feature active, hence an empty heatmap); they fall back to any image.
+  """
   order = np.argsort(-q, kind='stable')
-  wrong = order[~correct[order]]
-  return {'highest Q': ids[order[:per_group]], 'lowest Q': ids[order[::-1][:per_group]],
+  shown = order[has_target[order]] if has_target.any() else order
+  wrong = shown[~correct[shown]]
+  if not len(wrong):
+    wrong = order[~correct[order]]
+  return {'highest Q': ids[order[:per_group]], 'lowest Q': ids[shown[::-1][:per_group]],
           'misclassified': ids[wrong[::-1][:per_group]]}
 
 
@@ -441,12 +456,18 @@ def interpret_model(model_ref: str, dataset: str, out_dir: str | pathlib.Path, *
                                           batch_size=batch_size, data_dir=data_dir,
                                           progress=progress)
   scores_path = out / 'analysis' / 'scores.npz'
-  if not scores_path.is_file():
+  # The analysis is reused only if it was made with the same settings.
+  settings = {'eps': config.eps, 'probe_epochs': probe_epochs,
+              'reference': f'{reference_dataset}/{reference_split}', 'split': f'{dataset}/{split}'}
+  settings_path = out / 'analysis' / 'interpret_settings.json'
+  if not scores_path.is_file() or not settings_path.is_file() or json.loads(
+      settings_path.read_text()) != settings:
     analysis.analyze(analysis.Split.from_store(stores['reference']),
                      analysis.Split.from_store(stores['evaluated']), out / 'analysis',
                      config=analysis.AnalysisConfig(eps=config.eps, compression=None,
                                                     probe=ProbeConfig(epochs=probe_epochs)),
                      plots=False)
+    settings_path.write_text(json.dumps(settings))
   scores = dict(np.load(scores_path))
   discriminative = scores['discriminative'].astype(bool)
   if not discriminative.any():
@@ -496,7 +517,7 @@ def interpret_model(model_ref: str, dataset: str, out_dir: str | pathlib.Path, *
     np.savez_compressed(out / 'ious.npz', **per_image)
     figures = {}
     groups = figure_samples(per_image['qscore'], per_image['correct'], per_image['ids'],
-                            samples_per_group)
+                            per_image['has_target'], samples_per_group)
     figures['samples'] = _draw_samples(model, variables, groups, discriminative, config,
                                        dataset, split, preprocessing, image_size, data_dir,
                                        out / 'heatmaps_by_qscore.png', report)

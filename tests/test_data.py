@@ -69,6 +69,23 @@ def test_synthetic_ground_truth_is_sound():
     assert (e['texture'] != e['label']) == e['misleading']
 
 
+def test_fixed_colours_change_only_the_colours():
+  random_, fixed = synthetic.ShapesParams(), synthetic.ShapesParams(colours='fixed')
+  for i in range(20):
+    a, b = synthetic.generate(random_, 0, 'train', i), synthetic.generate(fixed, 0, 'train', i)
+    for key in ('label', 'texture', 'core_mask', 'spurious_mask'):
+      np.testing.assert_array_equal(a[key], b[key])
+    core = b['core_mask'][..., 0] > 0
+    background = ~core & ~(b['spurious_mask'][..., 0] > 0)
+    # Grey background, red object (up to brightness x0.8..1.2 and noise).
+    grey = b['image'][background].astype(float).mean(axis=0)
+    assert np.ptp(grey) < 8 and 95 < grey.mean() < 160
+    red = b['image'][core].astype(float).mean(axis=0)
+    assert red[0] > red[1] + 60 and red[0] > red[2] + 60
+  with pytest.raises(ValueError, match="colours must be 'random' or 'fixed'"):
+    synthetic.ShapesParams(colours='pastel')
+
+
 # ------------------------------------------------------------------- digits
 
 def test_sklearn_digits_are_the_real_scans(data_dir):

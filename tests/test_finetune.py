@@ -216,6 +216,47 @@ def _small_trainer(method_name, options=None, steps=4):
                       regularizer.RegularizerConfig(), steps, method.ema_base), model
 
 
+@pytest.mark.parametrize('method_name', ['mocov3', 'dino'])
+def test_vit_training_with_the_released_vit_heads(method_name):
+  """MoCo v3 and DINO on a small one-block ViT: the ViT heads as released, and real steps."""
+  from helpers import random_variables  # pylint: disable=import-outside-toplevel
+  from qscore_jax import regularizer  # pylint: disable=import-outside-toplevel
+  from qscore_jax.finetune import core, get_method  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models import build_model  # pylint: disable=import-outside-toplevel
+  method = get_method(method_name)
+  model = build_model('vit_small', depth=1, embed_dim=48, num_heads=3, image_size=32)
+  heads = method.build_heads(model.num_features, {'projector_hidden': 16, 'projector_out': 8,
+                                                  'predictor_hidden': 4, 'prototypes': 12,
+                                                  'vit': True})
+  specs = dict(heads)
+  if method_name == 'mocov3':  # moco-v3 builder.py, MoCo_ViT: projector 3 layers, predictor last BN
+    assert [layer.norm for layer in specs['projector'].layers] == [
+        'batchnorm', 'batchnorm', 'batchnorm_no_affine']
+    assert specs['predictor'].layers[-1].norm == 'batchnorm_no_affine'
+  options = {'freeze_last_layer_steps': 1} if method_name == 'dino' else {}
+  tx, lr = core.make_optimizer(method.optimizer.name, 1e-3, weight_decay=0.04, momentum=0.9,
+                               total_steps=2, warmup_steps=0)
+  trainer = core.Trainer(model, heads, method,
+                         tuple(sorted({**method.loss_defaults, **options}.items())), tx, lr,
+                         regularizer.RegularizerConfig(), 2, method.ema_base)
+  state = core.create_state(trainer, random_variables(model, (1, 32, 32, 3)),
+                            core.init_heads(trainer, jax.random.key(0), model.num_features),
+                            np.ones(model.num_features, bool))
+  rng = np.random.default_rng(0)
+  views = tuple(rng.standard_normal((8, 32, 32, 3)).astype(np.float32) for _ in range(2))
+  if method_name == 'dino':  # a local crop: 16 px, one patch
+    views += (rng.standard_normal((8, 16, 16, 3)).astype(np.float32),)
+  first = jax.device_get(state)
+  step = trainer.jit_step()
+  for _ in range(2):
+    state, metrics = step(state, views)
+    assert np.isfinite(float(metrics['loss'])), metrics
+  last = jax.device_get(state)
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first.params['backbone']),
+                                                     jax.tree.leaves(last.params['backbone']))]
+  assert all(changed), 'every ViT parameter (patch embedding, class token, block, norm) moves'
+
+
 @pytest.mark.parametrize('method_name', [
     # The first six are also covered by the other tests: slow (each compiles a step, ~30 s).
     *(pytest.param(m, marks=pytest.mark.slow)

@@ -250,6 +250,14 @@ def test_unknown_stage_lists_the_available_ones(resnet):
                        discriminative=np.ones(512, bool), stage='layer5')
 
 
+def test_a_one_by_one_stage_is_refused_for_gradcam(resnet):
+  _, model, variables = resnet
+  with pytest.raises(interpret.InterpretError,
+                     match=r'layer4 is 1x1 for 32x32 images.*layer2 4x4, layer3 2x2'):
+    interpret.heatmaps(model, variables, factories.images(32, n=1),
+                       discriminative=np.ones(512, bool))
+
+
 def test_bad_options_are_explained():
   with pytest.raises(interpret.InterpretError, match='method must be one of'):
     interpret.InterpretConfig(method='occlusion')
@@ -346,3 +354,33 @@ def test_interpret_step_on_four_devices_equals_one_device():
                           text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith('ok')
+
+
+def test_interpret_command_on_salient_imagenet_masks(tmp_path, capsys):
+  """imagenet2012 + Salient ImageNet, in miniature: the published layout made here
+  (tests/test_salient.py), the reference split from an ImageNet train folder."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from qscore_jax.data import salient  # pylint: disable=import-outside-toplevel
+  import test_salient  # pylint: disable=import-outside-toplevel
+  root, annotations, train, _ = test_salient._make(tmp_path)  # pylint: disable=protected-access
+  data_dir = str(tmp_path / 'tfds')
+  salient.prepare(data_dir=data_dir, salient_dir=root, annotations=annotations,
+                  imagenet_train_dir=train)
+  model = build_model('resnet18', width_multiplier=0.25)
+  saved = save_model(tmp_path / 'r18', random_variables(model, (1, 32, 32, 3)), arch='resnet18',
+                     arch_options={'width_multiplier': 0.25},
+                     preprocessing=dataclasses.replace(get_preprocessing('imagenet'),
+                                                       image_size=32))
+  out = tmp_path / 'out'
+  assert cli.main(['interpret', str(saved), '--dataset', 'salient_imagenet', '--split', 'train',
+                   '--reference-dataset', f'folder:{train}', '--out', str(out), '--data-dir',
+                   data_dir, '--eps', '1', '--batch-size', '8', '--probe-epochs', '5',
+                   '--method', 'input_gradient', '--no-progress']) == 0
+  result = json.loads((out / 'interpret.json').read_text())
+  assert result['config']['method'] == 'input_gradient'
+  assert result['reference'] == f'folder:{train}/train'
+  assert result['summary']['all']['images'] == 6
+  # Four images carry a core mask, four a spurious one (test_salient's layout).
+  ious = np.load(out / 'ious.npz')
+  assert ious['core_defined'].sum() <= 4 and ious['spurious_defined'].sum() <= 4
+  assert 'core mIoU' in capsys.readouterr().out

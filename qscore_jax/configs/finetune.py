@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_epochs = 50.0                  # the paper's fine-tuning schedule
   c.num_steps = -1                     # > 0 overrides num_epochs
   c.seed = 0
+  # Lower bound of the global views' crop area (None: the method's, 0.08 for most).
+  c.min_crop_scale = ml_collections.config_dict.placeholder(float)
 
   c.heads = ml_collections.ConfigDict()
   c.heads.projector_hidden = ml_collections.config_dict.placeholder(int)

@@ -51,8 +51,26 @@ class Recipe:
 
 
 def recipe(method: str, *, image_size: int = 224, local_size: int | None = None,
-           num_local: int | None = None) -> Recipe:
-  """The augmentation recipe of a method, at ``image_size`` (and ``local_size`` crops)."""
+           num_local: int | None = None, min_crop_scale: float | None = None) -> Recipe:
+  """The augmentation recipe of a method, at ``image_size`` (and ``local_size`` crops).
+
+  ``min_crop_scale`` replaces the lower bound of the *global* views' crop area
+  (e.g. 0.4 instead of 0.08 for short pre-training on small images, where two
+  crops of 8% of a 32-pixel image rarely share anything); local crops keep
+  theirs.
+  """
+  if min_crop_scale is not None and not 0 < min_crop_scale <= 1:
+    raise ValueError(f'min_crop_scale must be in (0, 1], got {min_crop_scale}.')
+  base = _recipe(method, image_size, local_size, num_local)
+  if min_crop_scale is None:
+    return base
+  return Recipe(base.name, tuple(
+      dataclasses.replace(v, scale=(min_crop_scale, v.scale[1])) if v.size == image_size else v
+      for v in base.views))
+
+
+def _recipe(method: str, image_size: int, local_size: int | None, num_local: int | None
+            ) -> Recipe:
   s = image_size
   local = local_size or max(8, round(image_size * 96 / 224))
   strong = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)

@@ -13,6 +13,11 @@ cue. Every example stores its ground truth:
 * ``texture``: the texture drawn, and ``misleading``: whether it is *not*
   the class's own texture.
 
+Configs: ``default`` (64 px, 4,000 / 1,000), ``small`` (32 px), ``tiny`` (for
+tests), and ``fixed_colours`` / ``fixed_colours_small``: the same images with
+one colour scheme for all (see :class:`ShapesParams`), the data for
+self-supervised pre-training from scratch.
+
 Generation is deterministic: example ``i`` of split ``s`` is drawn from
 ``numpy.random.default_rng([seed, s, i])``, independent of any other example,
 so the same configuration always gives the same bytes. It is registered as the
@@ -121,12 +126,29 @@ class ShapesParams:
     scale_range: object radius as a fraction of the image side.
     patch_area: range of the textured patch's area fraction.
     noise: std of the Gaussian pixel noise (images in [0, 1]).
+    colours: ``'random'``: background, texture and object colours drawn per
+      image; ``'fixed'``: the same grey background, white/black texture and
+      red object in every image (:data:`FIXED_COLOURS`). Self-supervised
+      pre-training needs ``'fixed'``: with random colours, telling two images
+      apart is solved by their palettes (SimCLR/BYOL encoders trained on them
+      stay at chance on shapes and textures), with fixed colours only shape,
+      texture, size and position are left to learn.
   """
   image_size: int = 64
   spurious_rate: float = 0.8
   scale_range: tuple[float, float] = (0.16, 0.32)
   patch_area: tuple[float, float] = (0.3, 0.6)
   noise: float = 0.06
+  colours: str = 'random'
+
+  def __post_init__(self):
+    if self.colours not in ('random', 'fixed'):
+      raise ValueError(f"colours must be 'random' or 'fixed', got {self.colours!r}.")
+
+
+# background, texture colour a, texture colour b, object ('fixed' colours).
+FIXED_COLOURS = tuple(np.array(c, np.float32) for c in
+                      ((0.5, 0.5, 0.5), (0.95, 0.95, 0.95), (0.1, 0.1, 0.1), (0.9, 0.3, 0.2)))
 
 
 def render_example(params: ShapesParams, rng: np.random.Generator, label: int | None = None):
@@ -171,12 +193,16 @@ def render_example(params: ShapesParams, rng: np.random.Generator, label: int | 
   top, left = rng.uniform(0, 1 - height), rng.uniform(0, 1 - width)
   patch = (y >= top) & (y < top + height) & (x >= left) & (x < left + width)
 
+  # The colours are drawn in both modes, so 'fixed' keeps every other draw of 'random'.
   background = _hsv_colour(rng, saturation=(0.0, 0.4), value=(0.3, 0.8))
-  image = np.broadcast_to(background, (size, size, 3)).copy()
   pattern = texture_pattern(TEXTURES[texture], x, y, rng)[..., None]
   colour_a, colour_b = _hsv_colour(rng), _hsv_colour(rng, value=(0.1, 0.5))
+  colour_object = _hsv_colour(rng)
+  if params.colours == 'fixed':
+    background, colour_a, colour_b, colour_object = FIXED_COLOURS
+  image = np.broadcast_to(background, (size, size, 3)).copy()
   image = np.where(patch[..., None], pattern * colour_a + (1 - pattern) * colour_b, image)
-  image = (1 - alpha[..., None]) * image + alpha[..., None] * _hsv_colour(rng)
+  image = (1 - alpha[..., None]) * image + alpha[..., None] * colour_object
   image = image * rng.uniform(0.8, 1.2) + rng.normal(0, params.noise, image.shape)
   image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
   return {
@@ -203,9 +229,11 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_train: int = 4000
   num_test: int = 1000
   seed: int = 0
+  colours: str = 'random'
 
   def params(self) -> ShapesParams:
-    return ShapesParams(image_size=self.image_size, spurious_rate=self.spurious_rate)
+    return ShapesParams(image_size=self.image_size, spurious_rate=self.spurious_rate,
+                        colours=self.colours)
 
 
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
@@ -219,6 +247,12 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
                    description='32x32, 2000 train / 500 test, spurious rate 0.8.'),
       ShapesConfig(name='tiny', image_size=32, num_train=256, num_test=128,
                    description='32x32, 256 train / 128 test: for tests and CI.'),
+      ShapesConfig(name='fixed_colours', colours='fixed',
+                   description='64x64, 4000 train / 1000 test, spurious rate 0.8, the same '
+                               'colours in every image (for self-supervised pre-training).'),
+      ShapesConfig(name='fixed_colours_small', image_size=32, num_train=2000, num_test=500,
+                   colours='fixed',
+                   description='32x32, 2000 train / 500 test, fixed colours.'),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -109,6 +109,12 @@ def _compatible_heads(trainer, heads, dim):
   return out
 
 
+def _recipe(config: ml_collections.ConfigDict, name: str, image_size: int):
+  """The method's augmentation recipe at ``image_size``, with the config's crop override."""
+  from qscore_jax.data import augment  # pylint: disable=import-outside-toplevel
+  return augment.recipe(name, image_size=image_size, min_crop_scale=config.min_crop_scale)
+
+
 def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
   """Builds the trainer and the initial state (D included) from a config."""
   from qscore_jax.data import dataset_info, native_preprocessing, ssl_batches  # pylint: disable=import-outside-toplevel
@@ -125,7 +131,8 @@ def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
     from qscore_jax.models import init_variables  # pylint: disable=import-outside-toplevel
     backbone_vars = jax.device_get(init_variables(model, key, (1, image_size, image_size, 3)))
 
-  steps_per_epoch = ssl_batches(config.dataset, config.split, recipe=method.augmentation,
+  steps_per_epoch = ssl_batches(config.dataset, config.split,
+                                recipe=_recipe(config, method.augmentation, image_size),
                                 batch_size=config.batch_size, image_size=image_size,
                                 preprocessing=preprocessing,
                                 data_dir=config.data_dir).num_batches
@@ -322,7 +329,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   start = int(state.step)
   total = trainer.total_steps
   end = min(total, stop_after) if stop_after is not None else total
-  batches = ssl_batches(config.dataset, config.split, recipe=trainer.method.augmentation,
+  batches = ssl_batches(config.dataset, config.split,
+                        recipe=_recipe(config, trainer.method.augmentation, built.image_size),
                         batch_size=config.batch_size, seed=config.seed,
                         preprocessing=built.preprocessing, image_size=built.image_size,
                         data_dir=config.data_dir, start_step=start)
