@@ -1,7 +1,10 @@
 """Small helpers shared by the tests (no torch here)."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -44,3 +47,15 @@ def finish_json(process, timeout: int = 1500):
   out, err = process.communicate(timeout=timeout)
   assert process.returncode == 0, err[-4000:]
   return json.loads(out.strip().splitlines()[-1])
+
+
+def run_on_simulated_devices(script: str, devices: int = 4) -> None:
+  """Runs ``script`` in a fresh Python with ``devices`` CPU devices; it must print ``ok`` last.
+
+  (The device count is fixed when JAX starts, hence the subprocess.)
+  """
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith('ok')

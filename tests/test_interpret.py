@@ -7,9 +7,6 @@ object, one only the texture).
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -20,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint_factories as factories
-from helpers import random_variables
+from helpers import random_variables, run_on_simulated_devices
 from qscore_jax import cli, interpret, stats
 from qscore_jax.convert.layout import resnet_from_torch, vit_from_torch
 from qscore_jax.models import build_model, get_preprocessing, save_model
@@ -349,11 +346,7 @@ print('ok')
 
 
 def test_interpret_step_on_four_devices_equals_one_device():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  result = subprocess.run([sys.executable, '-c', MULTI_DEVICE], env=env, capture_output=True,
-                          text=True)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip().endswith('ok')
+  run_on_simulated_devices(MULTI_DEVICE, 4)
 
 
 def test_interpret_command_on_salient_imagenet_masks(tmp_path, capsys):

@@ -6,9 +6,7 @@ device gives on the whole batch: the same outputs and the same updated
 running statistics.
 """
 
-import os
-import subprocess
-import sys
+from helpers import run_on_simulated_devices
 
 SCRIPT = r"""
 import functools, jax, jax.numpy as jnp, numpy as np
@@ -45,8 +43,4 @@ print('ok')
 
 
 def test_batchnorm_statistics_are_global_over_devices():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  result = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True,
-                          text=True)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip().endswith('ok')
+  run_on_simulated_devices(SCRIPT, 4)
