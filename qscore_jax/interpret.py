@@ -202,9 +202,9 @@ def heatmaps(model: nn.Module, variables: Any, images: jax.Array, *,
 
     grid_hw = _stage_grid(model, zeros[stage], (height, width)).shape[1:3]
     if grid_hw == (1, 1):
-      sizes = ', '.join(f'{name} {_stage_grid(model, z, (height, width)).shape[1]}x'
-                        f'{_stage_grid(model, z, (height, width)).shape[2]}'
-                        for name, z in zeros.items())
+      grids = {name: _stage_grid(model, zeros[name], (height, width)).shape[1:3]
+               for name in model.feature_names if name in zeros}
+      sizes = ', '.join(f'{name} {h}x{w}' for name, (h, w) in grids.items())
       raise InterpretError(f'{stage} is 1x1 for {height}x{width} images, so its Grad-CAM '
                            f'would be constant; choose a stage with a spatial grid ({sizes}) '
                            "or method='input_gradient'.")

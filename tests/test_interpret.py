@@ -250,7 +250,8 @@ def test_unknown_stage_lists_the_available_ones(resnet):
 def test_a_one_by_one_stage_is_refused_for_gradcam(resnet):
   _, model, variables = resnet
   with pytest.raises(interpret.InterpretError,
-                     match=r'layer4 is 1x1 for 32x32 images.*layer2 4x4, layer3 2x2'):
+                     match=r'layer4 is 1x1 for 32x32 images.*\(stem 8x8, layer1 8x8, '
+                           r'layer2 4x4, layer3 2x2, layer4 1x1\)'):
     interpret.heatmaps(model, variables, factories.images(32, n=1),
                        discriminative=np.ones(512, bool))
 
@@ -324,7 +325,7 @@ images = rng.standard_normal((8, 32, 32, 3)).astype(np.float32)
 core = (rng.random((8, 32, 32)) < 0.3).astype(np.float32)
 spurious = 1 - core
 d = rng.random(model.num_features) < 0.5
-config = interpret.InterpretConfig(eps=1.0)
+config = interpret.InterpretConfig(eps=1.0, stage='layer2')
 single = jax.jit(functools.partial(interpret.interpret_batch, model, config=config))(
     variables, images, core, spurious, d)
 mesh = jax.make_mesh((4,), ('data',))
