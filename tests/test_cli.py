@@ -62,7 +62,7 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
 def test_console_script_help():
   result = subprocess.run([sys.executable, '-m', 'qscore_jax.cli', '--help'],
                           capture_output=True, text=True, check=True)
-  assert 'inspect' in result.stdout and 'models' in result.stdout
+  assert all(command in result.stdout for command in ('inspect', 'models', 'interpret', 'experiment'))
 
 
 def test_generated_images_are_deterministic_and_in_range():

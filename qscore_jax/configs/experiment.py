@@ -22,18 +22,21 @@ import ml_collections
 
 from qscore_jax.configs import finetune
 
-# results.json's summary of the shipped command on the project's 2-core CPU machine (762 s,
+# results.json's summary of the shipped command on the project's 2-core CPU machine (1,247 s,
 # 2026-11-25): {method: {model: {metric: (mean, sample std over the seeds)}}}.
 EXPECTED = {
     'simclr': {
-        'pretrained': {'top1': (0.8169, 0.0000), 'auprc_q': (0.1864, 0.0000), 'auprc_chance': (0.1831, 0.0000), 'mean_q': (1.4409, 0.0000), 'num_discriminative': (28.0000, 0.0000), 'hoyer': (0.4224, 0.0000), 'zero_fraction': (0.3703, 0.0000), 'top1_removed_0.5': (0.7465, 0.0000), 'top1_removed_0.75': (0.7324, 0.0000), 'top1_removed_0.9': (0.5493, 0.0000)},
-        'plain': {'top1': (0.8160, 0.0016), 'auprc_q': (0.1850, 0.0102), 'auprc_chance': (0.1840, 0.0016), 'mean_q': (1.3136, 0.1068), 'num_discriminative': (30.0000, 3.0000), 'hoyer': (0.4236, 0.0018), 'zero_fraction': (0.3741, 0.0008), 'top1_removed_0.5': (0.7690, 0.0123), 'top1_removed_0.75': (0.7080, 0.0163), 'top1_removed_0.9': (0.5174, 0.0208)},
-        'qscore': {'top1': (0.8131, 0.0091), 'auprc_q': (0.1933, 0.0156), 'auprc_chance': (0.1869, 0.0091), 'mean_q': (1.3177, 0.0487), 'num_discriminative': (29.3333, 0.5774), 'hoyer': (0.4269, 0.0014), 'zero_fraction': (0.3795, 0.0009), 'top1_removed_0.5': (0.7671, 0.0133), 'top1_removed_0.75': (0.7033, 0.0071), 'top1_removed_0.9': (0.5408, 0.0171)},
+        'pretrained': {'top1': (0.5680, 0.0000), 'auprc_q': (0.4339, 0.0000), 'auprc_chance': (0.4320, 0.0000), 'mean_q': (0.1299, 0.0000), 'num_discriminative': (9.0000, 0.0000), 'hoyer': (0.4263, 0.0000), 'active_features': (0.1080, 0.0000), 'zero_fraction': (0.3982, 0.0000), 'top1_removed_0.5': (0.5620, 0.0000), 'top1_removed_0.75': (0.5600, 0.0000), 'top1_removed_0.9': (0.5160, 0.0000)},
+        'plain': {'top1': (0.5660, 0.0020), 'auprc_q': (0.4353, 0.0036), 'auprc_chance': (0.4340, 0.0020), 'mean_q': (0.2152, 0.0584), 'num_discriminative': (10.3333, 0.5774), 'hoyer': (0.4276, 0.0016), 'active_features': (0.1020, 0.0053), 'zero_fraction': (0.4002, 0.0017), 'top1_removed_0.5': (0.5733, 0.0061), 'top1_removed_0.75': (0.5600, 0.0053), 'top1_removed_0.9': (0.5373, 0.0090)},
+        'qscore': {'top1': (0.5733, 0.0114), 'auprc_q': (0.4286, 0.0110), 'auprc_chance': (0.4267, 0.0114), 'mean_q': (0.3476, 0.0351), 'num_discriminative': (10.6667, 2.0817), 'hoyer': (0.4308, 0.0017), 'active_features': (0.1527, 0.0122), 'zero_fraction': (0.4036, 0.0016), 'top1_removed_0.5': (0.5787, 0.0076), 'top1_removed_0.75': (0.5607, 0.0042), 'top1_removed_0.9': (0.5300, 0.0020)},
     },
     'byol': {
-        'pretrained': {'top1': (0.7972, 0.0000), 'auprc_q': (0.1996, 0.0000), 'auprc_chance': (0.2028, 0.0000), 'mean_q': (0.1627, 0.0000), 'num_discriminative': (26.0000, 0.0000), 'hoyer': (0.3364, 0.0000), 'zero_fraction': (0.2692, 0.0000), 'top1_removed_0.5': (0.7493, 0.0000), 'top1_removed_0.75': (0.6592, 0.0000), 'top1_removed_0.9': (0.5183, 0.0000)},
-        'plain': {'top1': (0.8047, 0.0133), 'auprc_q': (0.1914, 0.0167), 'auprc_chance': (0.1953, 0.0133), 'mean_q': (0.2196, 0.0329), 'num_discriminative': (22.0000, 4.0000), 'hoyer': (0.3350, 0.0017), 'zero_fraction': (0.2663, 0.0020), 'top1_removed_0.5': (0.7455, 0.0091), 'top1_removed_0.75': (0.6854, 0.0043), 'top1_removed_0.9': (0.5540, 0.0117)},
-        'qscore': {'top1': (0.7925, 0.0127), 'auprc_q': (0.2084, 0.0097), 'auprc_chance': (0.2075, 0.0127), 'mean_q': (0.1762, 0.0369), 'num_discriminative': (28.0000, 5.5678), 'hoyer': (0.3356, 0.0014), 'zero_fraction': (0.2686, 0.0013), 'top1_removed_0.5': (0.7427, 0.0155), 'top1_removed_0.75': (0.6779, 0.0099), 'top1_removed_0.9': (0.5493, 0.0049)},
+        'pretrained': {'top1': (0.4920, 0.0000), 'auprc_q': (0.5114, 0.0000), 'auprc_chance': (0.5080, 0.0000), 'mean_q': (0.1270, 0.0000), 'num_discriminative': (8.0000, 0.0000), 'hoyer': (0.4322, 0.0000), 'active_features': (0.1180, 0.0000), 'zero_fraction': (0.4036, 0.0000), 'top1_removed_0.5': (0.4740, 0.0000), 'top1_removed_0.75': (0.4360, 0.0000), 'top1_removed_0.9': (0.4080, 0.0000)},
+        'plain': {'top1': (0.4967, 0.0200), 'auprc_q': (0.5075, 0.0194), 'auprc_chance': (0.5033, 0.0200), 'mean_q': (0.1175, 0.0032), 'num_discriminative': (10.3333, 6.6583), 'hoyer': (0.4241, 0.0025), 'active_features': (0.1207, 0.0042), 'zero_fraction': (0.3971, 0.0018), 'top1_removed_0.5': (0.4653, 0.0204), 'top1_removed_0.75': (0.4367, 0.0186), 'top1_removed_0.9': (0.4133, 0.0180)},
+        'qscore': {'top1': (0.4727, 0.0219), 'auprc_q': (0.5406, 0.0037), 'auprc_chance': (0.5273, 0.0219), 'mean_q': (0.5345, 0.2966), 'num_discriminative': (8.3333, 1.5275), 'hoyer': (0.4091, 0.0035), 'active_features': (0.2720, 0.0280), 'zero_fraction': (0.3473, 0.0051), 'top1_removed_0.5': (0.4467, 0.0221), 'top1_removed_0.75': (0.4213, 0.0212), 'top1_removed_0.9': (0.4113, 0.0269)},
+    },
+    'none': {
+        'random init': {'top1': (0.3140, 0.0000), 'auprc_q': (0.6856, 0.0000), 'auprc_chance': (0.6860, 0.0000), 'mean_q': (0.0965, 0.0000), 'num_discriminative': (3.0000, 0.0000), 'hoyer': (0.4262, 0.0000), 'active_features': (0.1160, 0.0000), 'zero_fraction': (0.1996, 0.0000), 'top1_removed_0.5': (0.2800, 0.0000), 'top1_removed_0.75': (0.2400, 0.0000), 'top1_removed_0.9': (0.2160, 0.0000)},
     },
 }
 
