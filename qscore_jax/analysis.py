@@ -247,9 +247,6 @@ def compare_models(model_refs: Sequence[str], dataset: str, out_dir: str | pathl
   out = pathlib.Path(out_dir).expanduser().resolve()
   reports = []
   for index, ref in enumerate(model_refs):
-    path = pathlib.Path(ref).expanduser()
-    if (path / 'run.json').is_file() and (path / 'model').is_dir():
-      ref = str(path / 'model')  # a finetune workdir
     name = f'{index}-{pathlib.Path(ref).name}'
     stores = {}
     for split in (train_split, eval_split):

@@ -96,3 +96,16 @@ def test_bad_save_and_load_inputs(tmp_path):
   with pytest.raises(ValueError, match='format_version 99'):
     read_metadata(tmp_path / 'b')
   assert not [p for p in os.listdir(tmp_path / 'b' / 'variables') if 'tmp' in p]
+
+
+def test_model_references_resolve_to_saved_directories(tmp_path):
+  from qscore_jax.models.weights import resolve_model_dir  # pylint: disable=import-outside-toplevel
+  model = build_model('resnet18', width_multiplier=0.25)
+  saved = save_model(tmp_path / 'run' / 'model', random_variables(model, (1, 32, 32, 3)),
+                     arch='resnet18', arch_options={'width_multiplier': 0.25})
+  assert resolve_model_dir(saved) == saved
+  assert resolve_model_dir(tmp_path / 'run') == saved  # a finetune workdir: its model/
+  with pytest.raises(FileNotFoundError, match='neither a saved model directory'):
+    resolve_model_dir(tmp_path / 'nothing')
+  with pytest.raises(FileNotFoundError, match='byol-r50x1 is not converted yet'):
+    resolve_model_dir('byol-r50x1')

@@ -253,7 +253,8 @@ def load_heads(directory: str | pathlib.Path, *,
 
 
 def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
-  """A saved model directory from a path or a converted registry id (``checkpoints/<id>``).
+  """A saved model directory from a path, a ``qscore finetune`` workdir (its exported
+  ``model/``) or a converted registry id (``checkpoints/<id>``).
 
   Raises:
     FileNotFoundError: saying whether the id is known but not converted yet.
@@ -261,6 +262,8 @@ def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
   path = pathlib.Path(ref).expanduser()
   if (path / METADATA_FILE).is_file():
     return path.resolve()
+  if (path / 'model' / METADATA_FILE).is_file():
+    return (path / 'model').resolve()
   converted = pathlib.Path('checkpoints') / str(ref)
   if (converted / METADATA_FILE).is_file():
     return converted.resolve()
