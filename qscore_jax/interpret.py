@@ -278,13 +278,21 @@ def interpret_batch(model: nn.Module, variables: Any, images: jax.Array, core_ma
 
   Returns :func:`heatmaps`' ``peak`` and ``num_targets`` and :func:`mask_ious`'
   arrays, all (N,); ``has_target`` (N,) bool is False where no discriminative
-  feature is highly active (or the heatmap is zero).
+  feature is highly active (or the heatmap is zero). ``*_baseline`` are the
+  same IoUs against the image's masks rotated by 180 degrees (the same areas
+  elsewhere): what the heatmap region scores by chance, since IoU grows with
+  the mask's area (a large textured patch collects IoU by its size alone).
   """
   maps = heatmaps(model, variables, images, discriminative=discriminative, eps=config.eps,
                   stage=config.stage, method=config.method)
-  ious = mask_ious(maps['heatmap'], core_mask, spurious_mask,
-                   heatmap_threshold=config.heatmap_threshold,
-                   threshold_mode=config.threshold_mode, mask_threshold=config.mask_threshold)
+  options = dict(heatmap_threshold=config.heatmap_threshold,
+                 threshold_mode=config.threshold_mode, mask_threshold=config.mask_threshold)
+  ious = mask_ious(maps['heatmap'], core_mask, spurious_mask, **options)
+  # Rotated within each image: no op across the batch, so any sharding or pmap gives the same.
+  other = mask_ious(maps['heatmap'], jnp.flip(core_mask, axis=(1, 2)),
+                    jnp.flip(spurious_mask, axis=(1, 2)), **options)
+  ious.update({k.replace('_iou', '_iou_baseline').replace('_defined', '_baseline_defined'): v
+               for k, v in other.items()})
   has_target = (maps['num_targets'] > 0) & (maps['peak'] > 0)
   return {'peak': maps['peak'], 'num_targets': maps['num_targets'], 'has_target': has_target,
           **{k: (v & has_target if k.endswith('_defined') else v) for k, v in ious.items()}}
@@ -320,7 +328,8 @@ def summarize_ious(per_image: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """Mean IoU with the core and spurious masks, over all / correct / misclassified images.
 
   ``per_image`` holds (N,) arrays ``core_iou``, ``spurious_iou``,
-  ``core_defined``, ``spurious_defined``, ``has_target`` and ``correct``.
+  ``core_defined``, ``spurious_defined``, ``has_target`` and ``correct`` (and,
+  optionally, the ``*_baseline`` IoUs of :func:`interpret_batch`).
   Means are over images whose IoU is defined; the counts of left-out images
   are reported beside them.
   """
@@ -333,6 +342,9 @@ def summarize_ious(per_image: Mapping[str, np.ndarray]) -> dict[str, Any]:
     for name in ('core', 'spurious'):
       defined = members & np.asarray(per_image[f'{name}_defined'], bool)
       row[name] = _mean_sd(np.asarray(per_image[f'{name}_iou'])[defined])
+      if f'{name}_iou_baseline' in per_image:
+        defined = members & np.asarray(per_image[f'{name}_baseline_defined'], bool)
+        row[f'{name}_baseline'] = _mean_sd(np.asarray(per_image[f'{name}_iou_baseline'])[defined])
     both = (members & np.asarray(per_image['core_defined'], bool)
             & np.asarray(per_image['spurious_defined'], bool))
     row['core_minus_spurious'] = _mean_sd(
@@ -484,8 +496,9 @@ def interpret_model(model_ref: str, dataset: str, out_dir: str | pathlib.Path, *
   d_array = jax.device_put(discriminative, replicated)
   batches = eval_batches(dataset, split, batch_size=batch_size, preprocessing=preprocessing,
                          data_dir=data_dir, with_masks=True)
-  keys = ('core_iou', 'spurious_iou', 'core_defined', 'spurious_defined', 'has_target',
-          'num_targets')
+  keys = ('core_iou', 'spurious_iou', 'core_defined', 'spurious_defined', 'core_iou_baseline',
+          'spurious_iou_baseline', 'core_baseline_defined', 'spurious_baseline_defined',
+          'has_target', 'num_targets')
   collected: dict[str, list] = {k: [] for k in keys + ('ids',)}
   bar = tqdm(total=batches.num_examples, unit='img', disable=not progress or
              jax.process_index() != 0, desc=f'heatmaps {dataset}/{split}')
@@ -620,13 +633,15 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
   lines = [f"model        {result['model']}",
            f"heatmaps     {result['config']['method']} at {result['config']['stage']}, "
            f"|D|={result['num_discriminative']}, probe top-1 {100 * result['probe_top1']:.1f}%",
-           f"{'group':<14}{'images':>7}{'core mIoU':>11}{'spurious mIoU':>15}"
-           f"{'no target':>11}"]
+           f"{'group':<14}{'images':>7}{'no target':>11}{'core mIoU':>11}{'(chance)':>10}"
+           f"{'spurious mIoU':>15}{'(chance)':>10}"]
+  def cell(stat):
+    return f"{stat['mean']:.3f}" if stat and stat['mean'] is not None else 'n/a'
   for group, row in result['summary'].items():
-    cells = [f"{row[n]['mean']:.3f}" if row[n]['mean'] is not None else 'n/a'
-             for n in ('core', 'spurious')]
-    lines.append(f"{group:<14}{row['images']:>7}{cells[0]:>11}{cells[1]:>15}"
-                 f"{row['no_discriminative_feature']:>11}")
+    lines.append(f"{group:<14}{row['images']:>7}{row['no_discriminative_feature']:>11}"
+                 f"{cell(row['core']):>11}{cell(row.get('core_baseline')):>10}"
+                 f"{cell(row['spurious']):>15}{cell(row.get('spurious_baseline')):>10}")
+  lines.append('(chance: the same heatmap regions against the masks rotated by 180 degrees)')
   return lines
 
 

@@ -192,6 +192,9 @@ def test_object_model_overlaps_core_and_texture_model_overlaps_spurious(channel,
   # Object model: its region is the disk (IoU ~1); texture model: the bright stripes
   # (about half the patch); the other region is never hit.
   assert by_name[expected].mean() > 0.4 and by_name[other].max() < 0.05, (core_iou, spurious_iou)
+  # Against the masks rotated by 180 degrees (the chance baseline) they score far less.
+  baseline = np.asarray(out[f'{expected}_iou_baseline'])
+  assert by_name[expected].mean() > baseline.mean() + 0.2, (by_name[expected], baseline)
 
 
 def test_image_without_a_discriminative_feature_is_reported_not_nan():
