@@ -460,6 +460,14 @@ def interpret_model(model_ref: str, dataset: str, out_dir: str | pathlib.Path, *
     raise InterpretError(f'feature {feature} is outside 0..{model.num_features - 1} (the '
                          f'model has {model.num_features} features).')
   reference_dataset = reference_dataset or dataset
+  pre = meta.get('preprocessing')
+  preprocessing = registry.Preprocessing.from_json(pre) if pre else None
+  image_size = preprocessing.image_size if preprocessing else info.image_shape[0]
+  if image_size:  # bad stage/size combinations fail now, not after embedding everything
+    jax.eval_shape(functools.partial(heatmaps, model, selection=np.ones(model.num_features),
+                                     stage=config.stage, method=config.method),
+                   keep_state(variables), jax.ShapeDtypeStruct((1, image_size, image_size, 3),
+                                                               jnp.float32))
 
   stores = {}
   for name, (ds, sp) in {'reference': (reference_dataset, reference_split),
@@ -486,9 +494,6 @@ def interpret_model(model_ref: str, dataset: str, out_dir: str | pathlib.Path, *
     raise InterpretError(f'{model_ref} has no discriminative feature on {reference_dataset}/'
                          f'{reference_split} (D is empty): there is nothing to explain.')
 
-  pre = meta.get('preprocessing')
-  preprocessing = registry.Preprocessing.from_json(pre) if pre else None
-  image_size = preprocessing.image_size if preprocessing else None
   mesh = parallel.data_mesh()
   step = make_interpret_step(model, config, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())

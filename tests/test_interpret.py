@@ -313,6 +313,11 @@ def test_interpret_command_errors(tmp_path, two_models, capsys):
                    '--out', str(tmp_path / 'x'), '--data-dir', data_dir,
                    '--stage', 'block3']) == 2
   assert "no stage 'block3'; its stages are stem, layer1" in capsys.readouterr().err
+  # A 1x1 stage at the model's input size fails before anything is embedded.
+  assert cli.main(['interpret', str(two_models[0]), '--dataset', 'synthetic_shapes/tiny',
+                   '--out', str(tmp_path / 'y'), '--data-dir', data_dir]) == 2
+  assert 'layer4 is 1x1 for 32x32 images' in capsys.readouterr().err
+  assert not (tmp_path / 'y' / 'store_reference').exists()
 
 
 MULTI_DEVICE = r"""
