@@ -20,7 +20,16 @@ from qscore_jax.streaming import FeatureStats
 
 
 def discriminativeness_ranking(feature: FeatureStats) -> np.ndarray:
-  """Feature indices, most discriminative first (a permutation of range(d))."""
+  """Feature indices, most discriminative first (a permutation of range(d)).
+
+  Args:
+    feature: the reference split's :class:`~qscore_jax.streaming.FeatureStats`
+      (activation frequencies, band and D).
+  Returns:
+    (d,) int indices: members of D by distance to the band's centre, then the
+    others by distance to the band; the given order when no feature is ever
+    highly active.
+  """
   a = feature.frequencies
   lo, hi = feature.band_frequencies
   if not np.isfinite(lo):  # no feature ever highly active: keep the given order
@@ -33,6 +42,14 @@ def discriminativeness_ranking(feature: FeatureStats) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class CompressionConfig:
+  """Options of the compression curve.
+
+  Attributes:
+    fractions_removed: fractions r of the d dimensions removed; the probe is
+      retrained on the top ``max(1, round((1 - r) d))`` (default 0, 0.1, ..., 0.9).
+    random_seeds: one random subset of the same size per seed (default 0, 1, 2).
+    probe: the probe retrained at every point (default 30 epochs).
+  """
   fractions_removed: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
   random_seeds: tuple[int, ...] = (0, 1, 2)
   probe: ProbeConfig = ProbeConfig(epochs=30)
@@ -48,6 +65,16 @@ def compression_curve(train_h: np.ndarray, train_y: np.ndarray, eval_h: np.ndarr
                       config: CompressionConfig = CompressionConfig()) -> dict[str, Any]:
   """Linear accuracy vs fraction of dimensions removed: ranked, random, and D only.
 
+  Args:
+    train_h: (N_train, d) float representations training the probe (array or
+      row/column-indexable memory map).
+    train_y: (N_train,) integer labels.
+    eval_h: (N_eval, d) float representations it is evaluated on.
+    eval_y: (N_eval,) integer labels.
+    num_classes: number of classes.
+    feature: the reference split's :class:`~qscore_jax.streaming.FeatureStats`
+      (ranks the features, gives D).
+    config: fractions, seeds and probe (:class:`CompressionConfig`).
   Returns:
     ``{'fractions_removed', 'kept', 'ranked', 'random_mean', 'random_std', 'random',
     'discriminative_only': {'kept', 'accuracy'}}`` (accuracies as fractions).
@@ -79,7 +106,14 @@ def compression_curve(train_h: np.ndarray, train_y: np.ndarray, eval_h: np.ndarr
 
 
 def as_table(curve: dict[str, Any]) -> list[dict[str, Any]]:
-  """Rows for report.json / Markdown: removed fraction, kept, ranked and random accuracy."""
+  """Rows for report.json / Markdown: removed fraction, kept, ranked and random accuracy.
+
+  Args:
+    curve: the dict returned by :func:`compression_curve`.
+  Returns:
+    One dict per point: ``removed``, ``kept``, ``ranked``, ``random_mean``,
+    ``random_std``.
+  """
   return [{'removed': f, 'kept': k, 'ranked': r, 'random_mean': m, 'random_std': s}
           for f, k, r, m, s in zip(curve['fractions_removed'], curve['kept'], curve['ranked'],
                                    curve['random_mean'], curve['random_std'])]

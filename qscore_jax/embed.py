@@ -29,7 +29,14 @@ from qscore_jax.store import RepresentationStore, ShardWriter
 
 
 def embed_images(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
-  """Representations of a batch, ``(b, H, W, 3) -> (b, d)`` float32, inference mode."""
+  """Representations of a batch, ``(b, H, W, 3) -> (b, d)`` float32, inference mode.
+
+  Args:
+    model: a backbone (``qscore_jax.models``).
+    variables: its variables (``params``, ``batch_stats``; other collections are
+      dropped).
+    images: (b, H, W, 3) float, preprocessed as the model expects.
+  """
   return model.apply(keep_state(variables), images, train=False)
 
 
@@ -38,6 +45,13 @@ def make_embed_step(model: nn.Module, mesh=None):
 
   Cached per (model, mesh): embedding another split or dataset with the same
   model reuses the compiled step.
+
+  Args:
+    model: a backbone (``qscore_jax.models``).
+    mesh: the device mesh (default: every device of every process on ``'data'``).
+  Returns:
+    ``step(variables, images) -> representations`` with global (b, H, W, 3)
+    images and (b, d) float32 output, both sharded along ``'data'``.
   """
   return _cached_embed_step(model, mesh or parallel.data_mesh())
 
@@ -72,6 +86,9 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
     store_dir: the store; created, or resumed when it holds this same run.
     batch_size: global batch size, divisible by the number of devices.
     preprocessing: the model's preprocessing metadata (registry or saved model).
+    image_size: overrides ``preprocessing.image_size``.
+    data_dir: tfds data directory (default: ``$QSCORE_JAX_DATA_DIR`` or
+      ``~/tensorflow_datasets``).
     metadata: extra facts recorded in the store (model id, ...).
     mesh: device mesh (default: every device of every process on ``'data'``).
     progress: show a progress bar on process 0.
@@ -120,8 +137,20 @@ def embed_model_on_dataset(model_ref: str, dataset: str, split: str,
                            store_dir: str | pathlib.Path, **kwargs) -> pathlib.Path:
   """:func:`embed_dataset` for a saved model (``qscore embed``).
 
-  ``model_ref`` is a directory written by ``save_model``/``qscore convert``, or a
-  registry id whose conversion lives in ``checkpoints/<id>``.
+  Args:
+    model_ref: anything :func:`qscore_jax.models.weights.resolve_model_dir`
+      accepts: a directory written by ``save_model``/``qscore convert``, a
+      ``qscore finetune`` workdir, a registry id whose conversion lives in
+      ``checkpoints/<id>``, or a shipped model's id.
+    dataset: the dataset name.
+    split: the split to embed.
+    store_dir: the store directory.
+    **kwargs: the keyword arguments of :func:`embed_dataset` (``batch_size``,
+      ``image_size``, ``data_dir``, ``mesh``, ``progress``, ...);
+      ``preprocessing`` defaults to the saved model's, ``metadata`` is merged
+      with its id, method and architecture.
+  Returns:
+    The absolute store path.
   """
   from qscore_jax.models import registry  # pylint: disable=import-outside-toplevel
   from qscore_jax.models.weights import load_model, resolve_model_dir  # pylint: disable=import-outside-toplevel

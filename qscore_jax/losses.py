@@ -62,6 +62,13 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float = 0.1,
 
   For each of the 2N anchors, the positive is the other view of the same image
   and the negatives are the other 2N - 2 projections.
+
+  Args:
+    z1: (N, d) projections of the first views.
+    z2: (N, d) projections of the second views, same images in the same order.
+    temperature: divides the cosine similarities (default 0.1).
+    axis_name: the pmap axis, if any; the inputs are then the local rows and are
+      all-gathered first.
   """
   _check_pair(z1, z2, 'nt_xent')
   z = l2_normalize(jnp.concatenate([gather(z1, axis_name), gather(z2, axis_name)]))
@@ -74,13 +81,29 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float = 0.1,
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Row-wise cosine similarity of (N, d) arrays, (N,)."""
+  """Row-wise cosine similarity of (N, d) arrays, (N,).
+
+  Args:
+    a: (N, d).
+    b: (N, d).
+  """
   return jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
 
 
 def byol_loss(p1: jax.Array, p2: jax.Array, target_z1: jax.Array, target_z2: jax.Array, *,
               axis_name: str | None = None) -> jax.Array:
-  """BYOL: ``2 - 2 cos(p1, sg(z'2)) + 2 - 2 cos(p2, sg(z'1))``, mean over the batch."""
+  """BYOL: ``2 - 2 cos(p1, sg(z'2)) + 2 - 2 cos(p2, sg(z'1))``, mean over the batch.
+
+  Args:
+    p1: (N, d) online predictions of the first views.
+    p2: (N, d) online predictions of the second views.
+    target_z1: (N, d) target-network projections of the first views; no gradient.
+    target_z2: (N, d) target-network projections of the second views; no gradient.
+    axis_name: the pmap axis, if any; the inputs are then the local rows and are
+      all-gathered first.
+  Returns:
+    A scalar.
+  """
   _check_pair(p1, target_z2, 'byol_loss')
   p1, p2, t1, t2 = (gather(x, axis_name) for x in (p1, p2, target_z1, target_z2))
   t1, t2 = lax.stop_gradient(t1), lax.stop_gradient(t2)
@@ -89,7 +112,18 @@ def byol_loss(p1: jax.Array, p2: jax.Array, target_z1: jax.Array, target_z2: jax
 
 def simsiam_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array, *,
                  axis_name: str | None = None) -> jax.Array:
-  """SimSiam: ``-(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2``, mean over the batch."""
+  """SimSiam: ``-(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2``, mean over the batch.
+
+  Args:
+    p1: (N, d) predictions of the first views.
+    p2: (N, d) predictions of the second views.
+    z1: (N, d) projections of the first views; no gradient.
+    z2: (N, d) projections of the second views; no gradient.
+    axis_name: the pmap axis, if any; the inputs are then the local rows and are
+      all-gathered first.
+  Returns:
+    A scalar.
+  """
   _check_pair(p1, z2, 'simsiam_loss')
   p1, p2, z1, z2 = (gather(x, axis_name) for x in (p1, p2, z1, z2))
   z1, z2 = lax.stop_gradient(z1), lax.stop_gradient(z2)
@@ -102,7 +136,18 @@ def _off_diagonal_square_sum(m: jax.Array) -> jax.Array:
 
 def vicreg_terms(z1: jax.Array, z2: jax.Array, *, eps: float = 1e-4,
                  axis_name: str | None = None) -> dict[str, jax.Array]:
-  """VICReg's three unweighted terms: ``invariance``, ``variance``, ``covariance``."""
+  """VICReg's three unweighted terms: ``invariance``, ``variance``, ``covariance``.
+
+  Args:
+    z1: (N, d) projections of the first views (N >= 2).
+    z2: (N, d) projections of the second views.
+    eps: added to the unbiased variance under the root (default 1e-4).
+    axis_name: the pmap axis, if any; the inputs are then the local rows and are
+      all-gathered first.
+  Returns:
+    ``{'invariance', 'variance', 'covariance'}``, scalars: the MSE, the mean of
+    the two views' std hinges, the sum of their off-diagonal covariance terms / d.
+  """
   _check_pair(z1, z2, 'vicreg')
   z1, z2 = gather(z1, axis_name), gather(z2, axis_name)
   n, d = z1.shape
@@ -125,7 +170,18 @@ def vicreg_terms(z1: jax.Array, z2: jax.Array, *, eps: float = 1e-4,
 def vicreg_loss(z1: jax.Array, z2: jax.Array, *, sim_coeff: float = 25.0,
                 std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4,
                 axis_name: str | None = None) -> jax.Array:
-  """VICReg: weighted sum of :func:`vicreg_terms` (defaults 25, 25, 1)."""
+  """VICReg: weighted sum of :func:`vicreg_terms` (defaults 25, 25, 1); scalar.
+
+  Args:
+    z1: (N, d) projections of the first views (N >= 2).
+    z2: (N, d) projections of the second views.
+    sim_coeff: weight of the invariance term (default 25).
+    std_coeff: weight of the variance term (default 25).
+    cov_coeff: weight of the covariance term (default 1).
+    eps: added to the variance under the root (default 1e-4).
+    axis_name: the pmap axis, if any; the inputs are then the local rows and are
+      all-gathered first.
+  """
   terms = vicreg_terms(z1, z2, eps=eps, axis_name=axis_name)
   return (sim_coeff * terms['invariance'] + std_coeff * terms['variance']
           + cov_coeff * terms['covariance'])
@@ -133,7 +189,16 @@ def vicreg_loss(z1: jax.Array, z2: jax.Array, *, sim_coeff: float = 25.0,
 
 def barlow_twins_loss(z1: jax.Array, z2: jax.Array, *, lambd: float = 0.0051,
                       eps: float = 1e-5, axis_name: str | None = None) -> jax.Array:
-  """Barlow Twins: ``sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2``."""
+  """Barlow Twins: ``sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2``; scalar.
+
+  Args:
+    z1: (N, d) projections of the first views.
+    z2: (N, d) projections of the second views.
+    lambd: weight of the off-diagonal (redundancy) term (default 0.0051).
+    eps: added to the biased batch variance when standardising (default 1e-5).
+    axis_name: the pmap axis, if any; the inputs are then the local rows and are
+      all-gathered first.
+  """
   _check_pair(z1, z2, 'barlow_twins_loss')
   z1, z2 = gather(z1, axis_name), gather(z2, axis_name)
 

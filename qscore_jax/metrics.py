@@ -27,6 +27,9 @@ from sklearn import metrics as sk_metrics
 def misclassification_metrics(score, correct) -> dict[str, float]:
   """AUPRC/AUROC of ``score`` for predicting that a sample is correctly classified.
 
+  Args:
+    score: (N,) finite scores, higher = predicted correct.
+    correct: (N,) bool, whether the probe classified each sample correctly.
   Returns:
     ``auprc``, ``auroc`` (correct positive, score as ranking), ``auprc_mirrored``
     (misclassified positive, ranked by -score), their chance levels, and the
@@ -55,7 +58,14 @@ def misclassification_metrics(score, correct) -> dict[str, float]:
 def knn_agreement(h: np.ndarray, predictions: np.ndarray, k: int = 10,
                   chunk_rows: int = 2048) -> np.ndarray:
   """Fraction of each sample's k nearest neighbours (cosine, excluding itself) that the
-  probe puts in the same class as the sample; (N,) float32. Memory O(chunk x N)."""
+  probe puts in the same class as the sample; (N,) float32. Memory O(chunk x N).
+
+  Args:
+    h: representations (N, d).
+    predictions: (N,) integer classes the probe predicts.
+    k: number of neighbours (default 10; at most N - 1; all ones when N < 2).
+    chunk_rows: rows whose similarities are computed at once (default 2048).
+  """
   h = np.asarray(h, np.float32)
   n = len(h)
   k = min(k, n - 1)
@@ -96,6 +106,14 @@ def rankme(h: np.ndarray, *, max_rows: int = 25600, eps: float = 1e-7, seed: int
 
   ``p_k = sigma_k / ||sigma||_1 + eps``; RankMe = exp(-sum_k p_k log p_k), between 1
   and min(N, d). At most ``max_rows`` rows (a seeded random subset) are used.
+
+  Args:
+    h: representations (N, d) (computed in float64).
+    max_rows: at most this many rows are used (default 25600).
+    eps: added to every p_k (default 1e-7).
+    seed: seed of the row subset.
+  Returns:
+    RankMe as a float (1.0 for an all-zero H).
   """
   singular = _spectrum(h, max_rows, seed)
   if singular.sum() == 0:
@@ -112,6 +130,15 @@ def alpha_req(h: np.ndarray, *, max_rows: int = 25600, seed: int = 0,
   squares in log-log space over the non-negligible eigenvalues (those above
   1e-10 of the largest), optionally restricted to a fraction ``fit_range`` of
   the ranks.
+
+  Args:
+    h: representations (N, d) (computed in float64).
+    max_rows: at most this many rows (a seeded random subset) are used
+      (default 25600).
+    seed: seed of the row subset.
+    fit_range: ``(lo, hi)`` fractions of the ranks the fit uses (default all).
+  Returns:
+    alpha as a float; NaN with fewer than two non-negligible eigenvalues.
   """
   h = np.asarray(h, np.float64)
   singular = _spectrum(h - h.mean(0), max_rows, seed)
@@ -126,5 +153,12 @@ def alpha_req(h: np.ndarray, *, max_rows: int = 25600, seed: int = 0,
 
 
 def score_table(scores: Mapping[str, np.ndarray], correct: np.ndarray) -> dict[str, dict[str, Any]]:
-  """:func:`misclassification_metrics` for every named score."""
+  """:func:`misclassification_metrics` for every named score.
+
+  Args:
+    scores: ``{name: (N,) scores}``.
+    correct: (N,) bool, whether each sample is correctly classified.
+  Returns:
+    ``{name: metrics dict}``.
+  """
   return {name: misclassification_metrics(values, correct) for name, values in scores.items()}

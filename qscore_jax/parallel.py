@@ -19,14 +19,30 @@ DATA_AXIS = 'data'
 
 
 def data_mesh(devices=None, axis: str = DATA_AXIS) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: all devices of all processes)."""
+  """A 1-D mesh over ``devices`` (default: all devices of all processes).
+
+  Args:
+    devices: the devices, in mesh order (default ``jax.devices()``).
+    axis: the mesh axis name (default ``'data'``).
+  """
   devices = np.asarray(jax.devices() if devices is None else devices)
   return Mesh(devices.reshape(-1), (axis,))
 
 
 def check_batch_divisible(global_batch_size: int, *, process_count: int | None = None,
                           local_device_count: int | None = None) -> int:
-  """The per-process batch size; raises unless the batch splits evenly over devices."""
+  """The per-process batch size; raises unless the batch splits evenly over devices.
+
+  Args:
+    global_batch_size: examples per step over all processes.
+    process_count: number of processes (default ``jax.process_count()``).
+    local_device_count: devices per process (default ``jax.local_device_count()``).
+  Returns:
+    ``global_batch_size // process_count``.
+  Raises:
+    ValueError: the batch is not positive or not a multiple of the device count
+      (the message proposes valid sizes).
+  """
   process_count = jax.process_count() if process_count is None else process_count
   local_device_count = (jax.local_device_count() if local_device_count is None
                         else local_device_count)
@@ -49,6 +65,15 @@ def global_batch(local: Mapping[str, Any], mesh: Mesh | None = None,
 
   Every leaf's first dimension is this process's share of the global batch.
   Nested containers (e.g. a tuple of SSL views) are handled leaf by leaf.
+
+  Args:
+    local: ``{name: array}`` of this process's rows, e.g. ``image`` (n, H, W, 3)
+      and ``label`` (n,); nested containers allowed.
+    mesh: the mesh (default :func:`data_mesh`).
+    axis: the mesh axis the first dimension is split along (default ``'data'``).
+  Returns:
+    The same structure of global ``jax.Array`` s, first dimension n x the
+    process count.
   """
   mesh = mesh or data_mesh()
   sharding = NamedSharding(mesh, PartitionSpec(axis))
@@ -57,7 +82,13 @@ def global_batch(local: Mapping[str, Any], mesh: Mesh | None = None,
 
 
 def local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order."""
+  """This process's rows of a batch-sharded global array, in order.
+
+  Args:
+    array: a global ``jax.Array`` sharded along its first dimension.
+  Returns:
+    NumPy array of the rows held by this process's devices (each once).
+  """
   shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
   seen, parts = set(), []
   for shard in shards:

@@ -32,7 +32,26 @@ FEATURE_NORMS = ('standardize', 'l2', 'none')
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
-  """Linear-probe recipe (defaults: the paper's ImageNet-100 recipe)."""
+  """Linear-probe recipe (defaults: the paper's ImageNet-100 recipe).
+
+  Attributes:
+    epochs: passes over the training representations (default 100).
+    batch_size: minibatch size (default 256; at most N).
+    learning_rate: initial SGD learning rate (default 0.1).
+    momentum: SGD momentum (default 0.9; 0 for plain SGD).
+    weight_decay: L2 weight decay added to the gradient (default 0).
+    schedule: ``'step'`` (multiply by ``decay`` at ``milestones``) or
+      ``'cosine'`` (cosine decay to 0 over all steps).
+    milestones: epochs of the step decays for a 100-epoch run (default 60, 80),
+      rescaled to ``epochs`` (:meth:`scaled_milestones`).
+    decay: factor applied at each milestone (default 0.1).
+    feature_norm: ``'standardize'`` (training split's mean and std, default),
+      ``'l2'`` or ``'none'``.
+    label_smoothing: label smoothing of the cross-entropy (default 0).
+    steps_per_block: minibatches moved to the devices and run by one jitted
+      ``lax.scan`` (default 64).
+    seed: seed of the initialisation and the minibatch order.
+  """
   epochs: int = 100
   batch_size: int = 256
   learning_rate: float = 0.1
@@ -61,7 +80,17 @@ class ProbeConfig:
 
 @dataclasses.dataclass
 class LinearProbe:
-  """A trained probe: ``logits = normalize(h) @ kernel + bias``."""
+  """A trained probe: ``logits = normalize(h) @ kernel + bias``.
+
+  Attributes:
+    kernel: (d, C) float32 weights.
+    bias: (C,) float32.
+    mean: (d,) float32 training mean for ``'standardize'``, else None.
+    scale: (d,) float32 training std (1 where it is ~0) for ``'standardize'``,
+      else None.
+    feature_norm: ``'standardize'``, ``'l2'`` or ``'none'``.
+    losses: (epochs,) mean training loss per epoch.
+  """
   kernel: np.ndarray  # (d, C)
   bias: np.ndarray  # (C,)
   mean: np.ndarray | None
@@ -70,6 +99,11 @@ class LinearProbe:
   losses: np.ndarray  # mean training loss per epoch
 
   def normalize(self, h):
+    """The probe's feature normalisation of representations (N, d) -> (N, d) float32.
+
+    Args:
+      h: representations (N, d).
+    """
     h = jnp.asarray(h, jnp.float32)
     if self.feature_norm == 'standardize':
       return (h - self.mean) / self.scale
@@ -78,7 +112,14 @@ class LinearProbe:
     return h
 
   def logits(self, h, chunk_rows: int = 65536) -> np.ndarray:
-    """Logits (N, C) of representations (N, d), in chunks."""
+    """Logits (N, C) of representations (N, d), in chunks.
+
+    Args:
+      h: representations (N, d) (an array or memory map).
+      chunk_rows: rows per jitted call (default 65536).
+    Returns:
+      float32 (N, C) NumPy array.
+    """
     apply = jax.jit(lambda x: self.normalize(x) @ self.kernel + self.bias)
     parts = [np.asarray(apply(np.asarray(h[i:i + chunk_rows], np.float32)))
              for i in range(0, len(h), chunk_rows)]
@@ -176,6 +217,10 @@ def train_linear_probe(h: np.ndarray, labels: np.ndarray, num_classes: int,
 def evaluate_probe(probe: LinearProbe, h, labels) -> dict[str, Any]:
   """Top-1/top-5 accuracy and per-sample predictions of a probe.
 
+  Args:
+    probe: a trained :class:`LinearProbe`.
+    h: evaluation representations (N, d) (an array or memory map).
+    labels: (N,) integer labels.
   Returns:
     dict with ``top1``, ``top5`` (fractions), and per sample (N,):
     ``predictions``, ``correct`` (bool), ``max_softmax``, ``true_class_probability``.

@@ -33,6 +33,16 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
 
 def plot_activation_frequencies(frequencies: np.ndarray, discriminative: np.ndarray,
                                 band: tuple[float, float], path: pathlib.Path) -> pathlib.Path:
+  """Sorted activation frequencies A_j, members of D highlighted, the band shaded.
+
+  Args:
+    frequencies: (d,) float A_j.
+    discriminative: (d,) bool membership of D.
+    band: ``(lo, hi)`` activation frequencies delimiting D (not drawn when NaN).
+    path: the PNG file to write.
+  Returns:
+    ``path``.
+  """
   plt = _pyplot()
   order = np.argsort(frequencies)
   fig, ax = plt.subplots(figsize=(7, 4))
@@ -50,6 +60,15 @@ def plot_activation_frequencies(frequencies: np.ndarray, discriminative: np.ndar
 
 
 def plot_qscore_histograms(q: np.ndarray, correct: np.ndarray, path: pathlib.Path) -> pathlib.Path:
+  """Density histograms of Q-Score for correctly classified vs misclassified samples.
+
+  Args:
+    q: (N,) Q-Scores.
+    correct: (N,) bool, whether each sample is correctly classified.
+    path: the PNG file to write.
+  Returns:
+    ``path``.
+  """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   bins = np.histogram_bin_edges(q, bins=40)
@@ -64,6 +83,16 @@ def plot_qscore_histograms(q: np.ndarray, correct: np.ndarray, path: pathlib.Pat
 
 def plot_precision_recall(scores: Mapping[str, np.ndarray], correct: np.ndarray,
                           table: Mapping[str, Mapping[str, float]], path: pathlib.Path) -> pathlib.Path:
+  """Precision-recall curves (correct = positive) of every score, chance level dashed.
+
+  Args:
+    scores: ``{name: (N,) scores}``.
+    correct: (N,) bool, whether each sample is correctly classified.
+    table: :func:`qscore_jax.metrics.score_table` of ``scores`` (AUPRC in the legend).
+    path: the PNG file to write.
+  Returns:
+    ``path``.
+  """
   from sklearn.metrics import precision_recall_curve  # pylint: disable=import-outside-toplevel
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 5))
@@ -81,6 +110,14 @@ def plot_precision_recall(scores: Mapping[str, np.ndarray], correct: np.ndarray,
 
 
 def plot_compression(curve: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path:
+  """Linear accuracy vs fraction removed: ranked, random (mean ± std), and only D.
+
+  Args:
+    curve: the dict of :func:`qscore_jax.compression.compression_curve`.
+    path: the PNG file to write.
+  Returns:
+    ``path``.
+  """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   removed = np.asarray(curve['fractions_removed'])
@@ -101,6 +138,18 @@ def plot_compression(curve: Mapping[str, Any], path: pathlib.Path) -> pathlib.Pa
 
 def plot_class_accuracy(q: np.ndarray, labels: np.ndarray, correct: np.ndarray,
                         class_names, path: pathlib.Path) -> pathlib.Path:
+  """Per-class linear accuracy against the class's mean Q-Score (with Pearson r).
+
+  Args:
+    q: (N,) Q-Scores.
+    labels: (N,) integer labels.
+    correct: (N,) bool, whether each sample is correctly classified.
+    class_names: names indexed by label, annotated when there are at most 30
+      classes; None for none.
+    path: the PNG file to write.
+  Returns:
+    ``path``.
+  """
   plt = _pyplot()
   classes = np.unique(labels)
   mean_q = np.array([q[labels == c].mean() for c in classes])
@@ -125,6 +174,14 @@ def plot_heatmap_rows(rows, path: pathlib.Path, threshold: float | None = 0.6) -
   Each row is a dict with ``title``, ``image`` (H, W, 3) in [0, 1], ``heatmap``
   (H, W) in [0, 1] and ``core_mask``/``spurious_mask`` (H, W) in [0, 1]; the
   heatmap's binarised region (>= ``threshold``) is outlined on the overlay.
+
+  Args:
+    rows: the rows (a sequence of such dicts).
+    path: the PNG file to write.
+    threshold: heatmap level outlined on the overlay (default 0.6; None: no
+      outline).
+  Returns:
+    ``path``.
   """
   plt = _pyplot()
   columns = ('image', 'heatmap', 'core mask', 'spurious mask')
@@ -148,7 +205,17 @@ def plot_heatmap_rows(rows, path: pathlib.Path, threshold: float | None = 0.6) -
 
 def plot_feature_images(images: np.ndarray, heatmaps: np.ndarray, ids, feature: int,
                         path: pathlib.Path) -> pathlib.Path:
-  """A feature's most activating images (top row) and its heatmaps on them (bottom row)."""
+  """A feature's most activating images (top row) and its heatmaps on them (bottom row).
+
+  Args:
+    images: (n, H, W, 3) images in [0, 1].
+    heatmaps: (n, H, W) heatmaps in [0, 1].
+    ids: n example ids, shown as titles.
+    feature: the feature's index (in the figure title).
+    path: the PNG file to write.
+  Returns:
+    ``path``.
+  """
   plt = _pyplot()
   n = max(1, len(images))
   fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
@@ -165,6 +232,14 @@ def plot_feature_images(images: np.ndarray, heatmaps: np.ndarray, ids, feature: 
 
 
 def write_json(report: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path:
+  """Writes a report as indented JSON (NumPy scalars and arrays converted).
+
+  Args:
+    report: the JSON-like dict.
+    path: the file to write (a ``pathlib.Path``).
+  Returns:
+    ``path``.
+  """
   def default(value):
     if isinstance(value, (np.integer,)):
       return int(value)

@@ -64,6 +64,13 @@ def highly_active(h: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
   A constant row (sigma_i = 0) has no highly active feature. It is tested
   explicitly: in float32 the mean of a constant row can round below its
   entries, which would otherwise make every entry "active".
+
+  Args:
+    h: representations (N, d), any float dtype (computed in float32).
+    eps: threshold in per-sample standard deviations above the sample mean
+      (default 4).
+  Returns:
+    bool (N, d), True where feature j is highly active in sample i.
   """
   h = jnp.asarray(h, jnp.float32)
   return _active_given(h, *sample_moments(h), eps)
@@ -79,6 +86,13 @@ def activation_counts(h: jax.Array, eps: float = DEFAULT_EPS,
   """Per feature, the number of (valid) rows in which it is highly active: int32 (d,).
 
   Summed over chunks, devices or processes, the counts give A_j exactly.
+
+  Args:
+    h: representations (N, d), any float dtype (computed in float32).
+    eps: the highly-active threshold in per-sample stds (default 4).
+    valid: optional (N,) bool; rows where it is False (padding) are not counted.
+  Returns:
+    int32 (d,).
   """
   active = highly_active(_as_float(h), eps)
   if valid is not None:
@@ -87,7 +101,12 @@ def activation_counts(h: jax.Array, eps: float = DEFAULT_EPS,
 
 
 def activation_frequency(counts: jax.Array, num_rows) -> jax.Array:
-  """A_j = counts_j / N, float32 (d,); zeros when N = 0."""
+  """A_j = counts_j / N, float32 (d,); zeros when N = 0.
+
+  Args:
+    counts: (d,) :func:`activation_counts` (int or float).
+    num_rows: N, the number of rows counted (Python or array scalar).
+  """
   counts = jnp.asarray(counts, jnp.float32)
   return jnp.where(num_rows > 0, counts / jnp.maximum(num_rows, 1), 0.0)
 
@@ -98,6 +117,14 @@ def band_limits(counts: jax.Array, band: tuple[float, float] = DEFAULT_BAND,
 
   Works on counts rather than frequencies: percentiles scale linearly with N,
   and integers are exact, so D does not depend on float rounding.
+
+  Args:
+    counts: (d,) :func:`activation_counts` (or A_j).
+    band: lower and upper percentiles (default 50 and 95).
+    nonzero_only: take the percentiles over the non-zero counts only (default)
+      or over all of them.
+  Returns:
+    ``(p_lo, p_hi)``, two float32 scalars.
   """
   counts = jnp.asarray(counts, jnp.float32)
   pool = jnp.where(counts > 0, counts, jnp.nan) if nonzero_only else counts
@@ -126,7 +153,13 @@ def discriminative_features(counts: jax.Array, band: tuple[float, float] = DEFAU
 
 
 def qscore(h: jax.Array, discriminative: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
-  """Q_i = mean over j in L_i ∩ D of (h_ij - mu_i); 0 when that set is empty. (N,) float32."""
+  """Q_i = mean over j in L_i ∩ D of (h_ij - mu_i); 0 when that set is empty. (N,) float32.
+
+  Args:
+    h: representations (N, d), any float dtype (computed in float32).
+    discriminative: (d,) bool, the set D (:func:`discriminative_features`).
+    eps: the highly-active threshold defining L_i, in per-sample stds (default 4).
+  """
   h = _as_float(h)
   mu, sigma = sample_moments(h)
   return _qscore_given(h, mu, _active_given(h, mu, sigma, eps), discriminative)
@@ -141,7 +174,13 @@ def _qscore_given(h, mu, active, discriminative):
 
 
 def qscore_v1(h: jax.Array) -> jax.Array:
-  """The first version: ((max_j h_j - mean(h)) / std(h)) / ||h||_1; 0 for constant rows. (N,)."""
+  """The first version: ((max_j h_j - mean(h)) / std(h)) / ||h||_1; 0 for constant rows.
+
+  Args:
+    h: representations (N, d), any float dtype (computed in float32).
+  Returns:
+    (N,) float32.
+  """
   h = _as_float(h)
   mu, sigma = sample_moments(h)
   return _qscore_v1_given(h, mu, sigma, jnp.sum(jnp.abs(h), axis=-1))
@@ -155,7 +194,12 @@ def _qscore_v1_given(h, mu, sigma, l1):
 
 
 def nonfinite_rows(h: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-  """Number of (valid) rows holding a NaN or an infinity (int32 scalar; jit-compatible)."""
+  """Number of (valid) rows holding a NaN or an infinity (int32 scalar; jit-compatible).
+
+  Args:
+    h: representations (N, d).
+    valid: optional (N,) bool; rows where it is False are not counted.
+  """
   bad = ~jnp.all(jnp.isfinite(jnp.asarray(h)), axis=-1)
   if valid is not None:
     bad = bad & jnp.asarray(valid, bool)
@@ -163,7 +207,13 @@ def nonfinite_rows(h: jax.Array, valid: jax.Array | None = None) -> jax.Array:
 
 
 def raise_if_nonfinite(bad: int, total: int, what: str = 'representations') -> None:
-  """Raises ``ValueError`` when ``bad`` of ``total`` rows hold NaN or inf."""
+  """Raises ``ValueError`` when ``bad`` of ``total`` rows hold NaN or inf.
+
+  Args:
+    bad: number of rows holding NaN or inf (e.g. :func:`nonfinite_rows`).
+    total: number of rows checked.
+    what: what the rows are, for the message (default ``'representations'``).
+  """
   if bad:
     raise ValueError(
         f'{bad} of {total} rows of the {what} contain NaN or inf. The model produced '
@@ -172,6 +222,11 @@ def raise_if_nonfinite(bad: int, total: int, what: str = 'representations') -> N
 
 
 def check_finite(h, what: str = 'representations') -> None:
-  """Raises ``ValueError`` naming how many rows of ``h`` hold NaN or inf."""
+  """Raises ``ValueError`` naming how many rows of ``h`` hold NaN or inf.
+
+  Args:
+    h: representations (N, d), array-like (read on the host with NumPy).
+    what: what the rows are, for the message (default ``'representations'``).
+  """
   h = np.asarray(h)
   raise_if_nonfinite(int(np.sum(~np.all(np.isfinite(h), axis=-1))), len(h), what)

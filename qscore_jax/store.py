@@ -40,6 +40,12 @@ class StoreError(ValueError):
 
 
 def shard_name(index: int, count: int) -> str:
+  """The directory name of shard ``index`` of ``count``: ``shard-00000-of-00002``.
+
+  Args:
+    index: the shard (process) index.
+    count: the number of shards.
+  """
   return f'shard-{index:05d}-of-{count:05d}'
 
 
@@ -53,7 +59,22 @@ def _write_json_atomic(path: pathlib.Path, data: Mapping[str, Any]) -> None:
 
 
 class ShardWriter:
-  """Writes one process's rows into its preallocated shard, resumably."""
+  """Writes one process's rows into its preallocated shard, resumably.
+
+  Creating it preallocates (or checks) the shard's files and reads its progress;
+  ``done`` is then the number of rows already committed.
+
+  Args:
+    directory: the store directory (created).
+    shard_index: this process's shard.
+    shard_count: number of shards (processes).
+    rows: rows of this shard (its id range's length).
+    dim: d, the representation size.
+    first_id: id of the shard's first row.
+    metadata: the store's metadata (model, dataset, split, split_size,
+      preprocessing, ...), written by shard 0 and compared with an existing
+      store's (``StoreError`` when it belongs to another run).
+  """
 
   def __init__(self, directory: str | pathlib.Path, *, shard_index: int, shard_count: int,
                rows: int, dim: int, first_id: int, metadata: Mapping[str, Any]):
@@ -99,10 +120,17 @@ class ShardWriter:
 
   @property
   def complete(self) -> bool:
+    """Whether every row of the shard is committed."""
     return self.done == self.rows
 
   def append(self, representations: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
-    """Writes the next rows (valid rows only, in id order) and commits them."""
+    """Writes the next rows (valid rows only, in id order) and commits them.
+
+    Args:
+      representations: (n, d), written as float32.
+      labels: (n,), written as int32.
+      ids: (n,) int, must continue the shard's id range exactly.
+    """
     n = len(ids)
     if self.done + n > self.rows:
       raise StoreError(f'{self.path}: {self.done + n} rows exceed the shard size {self.rows}.')
@@ -129,7 +157,13 @@ class ShardWriter:
 
 @dataclasses.dataclass
 class RepresentationStore:
-  """Read access to a complete store (all shards), in id order."""
+  """Read access to a complete store (all shards), in id order.
+
+  Attributes:
+    path: the store directory.
+    metadata: its ``metadata.json``.
+    shards: the shard directories, in order.
+  """
   path: pathlib.Path
   metadata: dict[str, Any]
   shards: list[pathlib.Path]
@@ -137,6 +171,13 @@ class RepresentationStore:
   @classmethod
   def open(cls, path: str | pathlib.Path, *, require_complete: bool = True
            ) -> 'RepresentationStore':
+    """Opens the store at ``path``.
+
+    Args:
+      path: the store directory.
+      require_complete: raise ``StoreError`` unless every shard is complete and
+        the rows add up to the split size (default True).
+    """
     path = pathlib.Path(path).expanduser().resolve()
     meta = path / METADATA_FILE
     if not meta.is_file():
@@ -160,6 +201,7 @@ class RepresentationStore:
     return store
 
   def shard_rows(self) -> list[int]:
+    """Committed rows of each shard (0 for a shard not started)."""
     rows = []
     for shard in self.shards:
       progress = shard / PROGRESS_FILE
@@ -168,10 +210,12 @@ class RepresentationStore:
 
   @property
   def num_rows(self) -> int:
+    """N, the committed rows of all shards."""
     return sum(self.shard_rows())
 
   @property
   def dim(self) -> int:
+    """d, the representation size."""
     return int(self.metadata['dim'])
 
   def _column(self, name: str) -> np.ndarray:
@@ -180,10 +224,12 @@ class RepresentationStore:
 
   @property
   def labels(self) -> np.ndarray:
+    """(N,) int32 labels of the committed rows, in id order."""
     return self._column('labels.npy')
 
   @property
   def ids(self) -> np.ndarray:
+    """(N,) int64 ids (index in the split) of the committed rows, in order."""
     return self._column('ids.npy')
 
   def read_rows(self, first: int, out: np.ndarray) -> int:
@@ -191,6 +237,10 @@ class RepresentationStore:
 
     Plain positioned file reads (no memory maps), across shard boundaries; fewer
     rows at the end of the store. Returns the number of rows read.
+
+    Args:
+      first: index of the first row to read.
+      out: (k, d) float32 buffer, filled from the top.
     """
     if out.dtype != np.float32 or out.ndim != 2 or out.shape[1] != self.dim:
       raise ValueError(f'out must be float32 (k, {self.dim}), got {out.dtype} {out.shape}.')
@@ -221,6 +271,9 @@ class RepresentationStore:
 
     Each chunk is a fresh array read with :meth:`read_rows`, so the process holds
     only the chunks in flight, whatever the store size.
+
+    Args:
+      chunk_rows: rows per chunk, k (default 65536; the last chunk may be shorter).
     """
     for first in range(0, self.num_rows, chunk_rows):
       chunk = np.empty((min(chunk_rows, self.num_rows - first), self.dim), np.float32)

@@ -60,13 +60,16 @@ class FeatureStats:
 
   @property
   def band_frequencies(self) -> tuple[float, float]:
+    """``band_counts`` as activation frequencies ``(lo, hi)`` (divided by N)."""
     return tuple(float(c) / max(self.num_rows, 1) for c in self.band_counts)
 
   @property
   def num_discriminative(self) -> int:
+    """|D|, the number of discriminative features."""
     return int(self.discriminative.sum())
 
   def to_json(self) -> dict[str, Any]:
+    """The summary written to ``report.json`` (options, N, d, |D|, band, never-active count)."""
     lo, hi = self.band_frequencies
     return {'eps': self.eps, 'band_percentiles': list(self.band),
             'nonzero_only': self.nonzero_only, 'num_rows': self.num_rows,
@@ -256,6 +259,13 @@ def sample_scores(source, feature: FeatureStats, *, chunk_rows: int = DEFAULT_CH
                   mesh=None) -> dict[str, np.ndarray]:
   """Per-sample scores of every row: Q-Score (default and v1) and label-free baselines.
 
+  Args:
+    source: a :class:`RepresentationStore` or an array (N, d) to score.
+    feature: the reference split's :class:`FeatureStats` (gives D and eps).
+    chunk_rows: rows per chunk (rounded to a multiple of devices x BLOCK_ROWS).
+    mesh: device mesh for the rows of a chunk (default: all local devices).
+  Raises:
+    ValueError: when representations hold NaN or inf (with the number of rows).
   Returns:
     dict of (N,) arrays in row order: ``qscore``, ``qscore_v1``, ``num_active``
     (|L_i|), ``num_active_discriminative`` (|L_i ∩ D|), ``l2_norm``,

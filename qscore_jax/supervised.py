@@ -30,6 +30,24 @@ from qscore_jax.models.heads import HeadLayer, HeadSpec
 
 @dataclasses.dataclass(frozen=True)
 class SupervisedConfig:
+  """Options of :func:`train_supervised`.
+
+  Attributes:
+    arch: backbone architecture (default ``'resnet18'``).
+    arch_options: ``(name, value)`` pairs passed to ``build_model``.
+    dataset: training dataset; its ``train`` split is used
+      (default ``'synthetic_shapes'``).
+    steps: training steps (default 1000).
+    batch_size: global batch (default 128).
+    learning_rate: peak learning rate of the warmup + cosine schedule (default 0.1).
+    momentum: Nesterov SGD momentum (default 0.9).
+    weight_decay: L2 weight decay added to the gradient of the kernels (arrays
+      with more than one dimension) (default 5e-4).
+    warmup_steps: linear warmup steps, at most ``steps // 10`` (default 50).
+    crop_scale: area range of the random resized crop (default 0.5 to 1).
+    seed: seed of the initialisation and the data order.
+    data_dir: tfds data directory (default: the usual one).
+  """
   arch: str = 'resnet18'
   arch_options: tuple[tuple[str, Any], ...] = ()
   dataset: str = 'synthetic_shapes'
@@ -46,7 +64,16 @@ class SupervisedConfig:
 
 def train_supervised(config: SupervisedConfig, out_dir: str | pathlib.Path, *,
                      log_every: int = 50, overwrite: bool = False) -> pathlib.Path:
-  """Trains ``config.arch`` on ``config.dataset`` and saves it; returns the directory."""
+  """Trains ``config.arch`` on ``config.dataset`` and saves it; returns the directory.
+
+  Args:
+    config: the options (:class:`SupervisedConfig`).
+    out_dir: the saved model's directory (``save_model``; the classifier is
+      saved as the head ``classifier``).
+    log_every: print and record loss and batch accuracy every this many steps
+      (default 50).
+    overwrite: replace an existing model in ``out_dir`` (default False).
+  """
   info = dataset_info(config.dataset, config.data_dir)
   preprocessing = native_preprocessing(info)
   size = preprocessing.image_size

@@ -106,7 +106,16 @@ def for_method(method: str, arg: str | None = None) -> ml_collections.ConfigDict
 
 def with_defaults(arg: str, defaults: dict, what: str, methods) -> ml_collections.ConfigDict:
   """The config of ``arg`` (which must name the method) with ``defaults`` for the fields
-  ``arg`` does not set (the dataset-level configs ``imagenet100``, ``imagenet1k``)."""
+  ``arg`` does not set (the dataset-level configs ``imagenet100``, ``imagenet1k``).
+
+  Args:
+    arg: ``method=<name>,key=value,...``; must contain ``method=``.
+    defaults: ``{top-level field: value}`` applied unless ``arg`` sets the field.
+    what: the config's name, for the error message.
+    methods: the method names listed in the error message.
+  Raises:
+    ValueError: ``arg`` does not name the method.
+  """
   if not arg or 'method=' not in arg:
     raise ValueError(f'{what} needs the method: --config {what}:method=<one of '
                      f'{", ".join(methods)}>.')
@@ -137,6 +146,12 @@ def _parse_value(text: str):
 def apply_overrides(config: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:
   """Applies ``key=value`` strings (dotted keys; ``a:b`` for tuples) to a locked config.
 
+  Values are read as int, float, bool, ``none`` or ``a:b`` tuples, except that a
+  string field keeps the text as it is; ``arch_options.<name>`` may add new keys.
+
+  Args:
+    config: the locked ``ConfigDict``, changed in place (and returned).
+    items: the ``key=value`` strings; empty items are skipped.
   Raises:
     ValueError: for an unknown field (with the closest names) or a malformed item.
   """

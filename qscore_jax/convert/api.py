@@ -39,6 +39,13 @@ class ConvertedModel:
   ``model.apply(variables, images)`` gives representations; each head is
   ``(MLPHead, variables)``; ``directory`` is where it was saved (``None``
   when not saved).
+
+  Attributes:
+    model: the backbone module.
+    variables: its ``{'params', 'batch_stats'}``.
+    heads: ``{name: (MLPHead, variables)}`` of the heads found in the file.
+    metadata: the saved model's metadata (as in ``metadata.json``).
+    directory: where it was saved, or None.
   """
   model: nn.Module
   variables: dict[str, Any]
@@ -57,7 +64,14 @@ _LAYER_KEY = re.compile(r'^layer(\d)\.(\d+)\.')
 
 
 def infer_resnet(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """Architecture of a torchvision-named ResNet state: arch name and options."""
+  """Architecture of a torchvision-named ResNet state: arch name and options.
+
+  Args:
+    state: ``{torchvision name: array}`` (PyTorch layouts) of the backbone.
+  Returns:
+    ``{'arch': name, 'options': {...}}`` (width multiplier, CIFAR stem, width
+    per group, as the shapes reveal them).
+  """
   if 'conv1.weight' not in state:
     raise ConversionError('the backbone has no conv1.weight: it is not a ResNet.')
   blocks = {}
@@ -93,7 +107,14 @@ def infer_resnet(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def infer_vit(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """Architecture of a timm-named ViT state: arch name and options (not the head count)."""
+  """Architecture of a timm-named ViT state: arch name and options (not the head count).
+
+  Args:
+    state: ``{timm name: array}`` of the backbone.
+  Returns:
+    ``{'arch': name, 'options': {...}}`` (patch size, image size, depth, width,
+    MLP ratio, as the shapes reveal them).
+  """
   try:
     dim = state['cls_token'].shape[-1]
     patch = state['patch_embed.proj.weight'].shape[-1]
@@ -270,6 +291,10 @@ def fetch_registry_files(spec: registry.ModelSpec, *, progress: bool = True
 
   Returns the path to read (the file, or the TF1 checkpoint prefix) and, per
   file, ``{'url', 'path', 'sha256'}``.
+
+  Args:
+    spec: the registry entry.
+    progress: show a download progress bar (default True).
   """
   folder = download_lib.cache_dir() / spec.id
   sources = []

@@ -1,6 +1,6 @@
 """Downloading official checkpoint files, verified, with a progress bar.
 
-Files land in a cache directory (``$QSCORE_JAX_CACHE``, default
+Files land in a cache directory (``$QSCORE_JAX_CACHE/downloads``, default
 ``~/.cache/qscore_jax/downloads``). A download is written to ``<name>.part``
 and renamed only when complete and, where the registry knows the sha256,
 verified; a failed or mismatching download leaves nothing behind.
@@ -25,14 +25,20 @@ class DownloadError(OSError):
 
 
 def cache_dir() -> pathlib.Path:
-  """Where downloads are kept: ``$QSCORE_JAX_CACHE`` or ``~/.cache/qscore_jax/downloads``."""
+  """Where downloads are kept: ``$QSCORE_JAX_CACHE/downloads``, else
+  ``~/.cache/qscore_jax/downloads``."""
   root = os.environ.get('QSCORE_JAX_CACHE')
   return (pathlib.Path(root) if root else pathlib.Path.home() / '.cache' / 'qscore_jax'
           ) / 'downloads'
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = 'sha256') -> str:
-  """Hex digest of a file, read in chunks."""
+  """Hex digest of a file, read in chunks.
+
+  Args:
+    path: the file.
+    algorithm: a :func:`hashlib.new` name (default ``'sha256'``).
+  """
   digest = hashlib.new(algorithm)
   with open(path, 'rb') as f:
     while chunk := f.read(CHUNK):
@@ -41,6 +47,11 @@ def file_digest(path: str | os.PathLike, algorithm: str = 'sha256') -> str:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
+  """The sha256 hex digest of the file ``path``.
+
+  Args:
+    path: the file.
+  """
   return file_digest(path, 'sha256')
 
 

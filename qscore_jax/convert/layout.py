@@ -56,6 +56,13 @@ def resnet_from_torch(state: Mapping[str, Any]) -> dict[str, Any]:
 
   ``fc.*`` (a classifier) is not part of the backbone and must be removed by
   the caller; it is reported like any other unknown key.
+
+  Args:
+    state: ``{torchvision name: array}`` with PyTorch layouts (OIHW kernels).
+  Returns:
+    ``{'params', 'batch_stats'}`` with float32 NumPy arrays (HWIO kernels).
+  Raises:
+    LayoutError: a key that is not part of a ResNet, or a parameter filled twice.
   """
   variables: dict[str, Any] = {}
   used = set()
@@ -94,6 +101,12 @@ def vit_from_torch(state: Mapping[str, Any], num_heads: int) -> dict[str, Any]:
 
   ``num_heads`` decides how the fused qkv rows are split into heads; the
   weights cannot tell (DINO ViT-S: 6, MoCo v3 ViT-S: 12).
+
+  Args:
+    state: ``{timm name: array}`` of the backbone.
+    num_heads: the attention head count of the target model.
+  Returns:
+    ``{'params'}`` with float32 NumPy arrays.
   """
   params: dict[str, Any] = {}
   used = set()
@@ -168,6 +181,14 @@ def mlp_head_from_torch(state: Mapping[str, Any], *, activation: str | None = 'r
   weight-norm ``weight_g``/``weight_v`` folded). A gap in the indices is a
   parameter-free activation (``activation``: ReLU for every release but
   DINO's GELU head). Every key must be consumed.
+
+  Args:
+    state: the Sequential's state dict (see above).
+    activation: the activation of the gaps (default ``'relu'``; None for none).
+    normalize_input: record that the head L2-normalises its input (SwAV
+      prototypes, DINO's last layer).
+  Returns:
+    ``(HeadSpec, {'params'[, 'batch_stats']})``.
   """
   from qscore_jax.models.heads import HeadLayer, HeadSpec  # pylint: disable=import-outside-toplevel
   modules: dict[int, dict[str, Any]] = {}

@@ -49,7 +49,14 @@ class ReaderError(ValueError):
 # ----------------------------------------------------------------- flattening
 
 def flatten(tree: Any, prefix: str = '') -> dict[str, np.ndarray]:
-  """Flattens dicts, lists, tuples, namedtuples and Namespaces into ``{path: array}``."""
+  """Flattens dicts, lists, tuples, namedtuples and Namespaces into ``{path: array}``.
+
+  Args:
+    tree: the loaded object.
+    prefix: path of ``tree`` itself (default ``''``); levels are joined with ``/``.
+  Returns:
+    ``{path: numpy array}`` (numbers and strings as 0-d arrays).
+  """
   out: dict[str, np.ndarray] = {}
 
   def visit(node, path):
@@ -99,7 +106,13 @@ _LIGHTNING_ATTRIBUTE_DICTS = ('pytorch_lightning.utilities.parsing.AttributeDict
 
 
 def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a PyTorch checkpoint with ``weights_only=True`` into ``{path: array}``."""
+  """Reads a PyTorch checkpoint with ``weights_only=True`` into ``{path: array}``.
+
+  Args:
+    path: a ``.pth`` / ``.pth.tar`` / Lightning ``.ckpt`` file (needs torch).
+  Raises:
+    ReaderError: the file cannot be read (the message says why and what to do).
+  """
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -173,6 +186,11 @@ def _tf1_prefix(path: pathlib.Path) -> pathlib.Path:
 
 
 def is_tf1_checkpoint(path: str | os.PathLike) -> bool:
+  """Whether ``path`` (a prefix, ``.index``/``.data`` file or directory) names a TF1 checkpoint.
+
+  Args:
+    path: the path to test (its ``<prefix>.index`` file must exist).
+  """
   path = pathlib.Path(path)
   try:
     prefix = _tf1_prefix(path)
@@ -182,7 +200,13 @@ def is_tf1_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def read_tf1(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads every variable of a TF1 checkpoint (needs TensorFlow)."""
+  """Reads every variable of a TF1 checkpoint (needs TensorFlow).
+
+  Args:
+    path: the checkpoint prefix, its ``.index`` or ``.data`` file, or a directory.
+  Raises:
+    ReaderError: the file cannot be read (the message says why and what to do).
+  """
   prefix = _tf1_prefix(pathlib.Path(path))
   if not prefix.with_name(prefix.name + '.index').is_file():
     raise ReaderError(f'{prefix}.index does not exist: {path} is not a TF1 checkpoint prefix.')
@@ -198,7 +222,13 @@ def read_tf1(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def read_zip(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads the TF1 checkpoint inside a zip archive (SimCLR v1's ResNet50_*x.zip)."""
+  """Reads the TF1 checkpoint inside a zip archive (SimCLR v1's ResNet50_*x.zip).
+
+  Args:
+    path: the zip file; it must contain exactly one ``*.index``.
+  Raises:
+    ReaderError: the file cannot be read (the message says why and what to do).
+  """
   try:
     with zipfile.ZipFile(path) as archive:
       members = [m for m in archive.namelist()
@@ -345,7 +375,13 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
 
 
 def read_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads an untrusted (dill) pickle such as BYOL's, without running its code."""
+  """Reads an untrusted (dill) pickle such as BYOL's, without running its code.
+
+  Args:
+    path: the pickle file.
+  Raises:
+    ReaderError: the file cannot be read (the message says why and what to do).
+  """
   try:
     with open(path, 'rb') as f:
       unpickler = _RestrictedUnpickler(f)
@@ -372,7 +408,16 @@ def read_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- dispatch
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads any supported checkpoint, choosing the reader from the file's content."""
+  """Reads any supported checkpoint, choosing the reader from the file's content.
+
+  Args:
+    path: a PyTorch file, a TF1 checkpoint (prefix, ``.index``, directory or
+      zip) or a pickle.
+  Returns:
+    ``{path: numpy array}`` (see :func:`flatten`).
+  Raises:
+    ReaderError: the file cannot be read (the message says why and what to do).
+  """
   path = pathlib.Path(path).expanduser()
   if is_tf1_checkpoint(path):
     return read_tf1(path)

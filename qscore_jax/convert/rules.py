@@ -82,7 +82,12 @@ class Extraction:
 
 
 class KeyLedger:
-  """Tracks, for every key of a file, whether a rule used it or dropped it (and why)."""
+  """Tracks, for every key of a file, whether a rule used it or dropped it (and why).
+
+  Args:
+    flat: the reader's ``{name: array}`` (copied to ``self.flat``); ``self.fate``
+      maps each key handled so far to ``'used'`` or ``'dropped: <reason>'``.
+  """
 
   def __init__(self, flat: Mapping[str, np.ndarray]):
     self.flat = dict(flat)
@@ -92,12 +97,21 @@ class KeyLedger:
     return key in self.flat
 
   def keys_with_prefix(self, prefix: str) -> list[str]:
+    """Every key of the file starting with ``prefix`` (used or not)."""
     return [k for k in self.flat if k.startswith(prefix)]
 
   def has_prefix(self, prefix: str) -> bool:
+    """Whether any key of the file starts with ``prefix``."""
     return any(k.startswith(prefix) for k in self.flat)
 
   def take(self, key: str) -> np.ndarray:
+    """Marks ``key`` used and returns its array.
+
+    Args:
+      key: a key of the file.
+    Raises:
+      ConversionError: the file has no such key, or it was used already.
+    """
     if key not in self.flat:
       raise ConversionError(f'the file has no entry {key!r}.')
     if key in self.fate:
@@ -112,28 +126,55 @@ class KeyLedger:
             if key.startswith(prefix) and not key.startswith(exclude) and key not in self.fate}
 
   def drop_prefix(self, prefix: str, reason: str) -> None:
+    """Drops every key under ``prefix`` not handled yet, recording ``reason``.
+
+    Args:
+      prefix: the key prefix.
+      reason: why they are dropped (summarised in the metadata).
+    """
     for key in self.keys_with_prefix(prefix):
       self.fate.setdefault(key, f'dropped: {reason}')
 
   def drop(self, key: str, reason: str) -> None:
+    """Drops ``key`` (if the file has it and it is not handled yet), recording ``reason``.
+
+    Args:
+      key: a key of the file.
+      reason: why it is dropped.
+    """
     if key in self.flat:
       self.fate.setdefault(key, f'dropped: {reason}')
 
   def drop_matching(self, predicate: Callable[[str], bool], reason: str) -> None:
+    """Drops every key not handled yet for which ``predicate(key)`` is true.
+
+    Args:
+      predicate: ``key -> bool``.
+      reason: why they are dropped.
+    """
     for key in self.flat:
       if predicate(key):
         self.fate.setdefault(key, f'dropped: {reason}')
 
   def remaining(self) -> list[str]:
+    """The keys neither used nor dropped, sorted (must be empty after a rule)."""
     return sorted(k for k in self.flat if k not in self.fate)
 
   def dropped_summary(self) -> dict[str, int]:
+    """``{reason: number of keys dropped for it}``."""
     counts = collections.Counter(v for v in self.fate.values() if v != 'used')
     return {reason.removeprefix('dropped: '): n for reason, n in sorted(counts.items())}
 
 
 def group_by_prefix(keys: Iterable[str], depth: int = 2) -> dict[str, int]:
-  """Counts keys by their first ``depth`` name components (``/`` and ``.`` split)."""
+  """Counts keys by their first ``depth`` name components (``/`` and ``.`` split).
+
+  Args:
+    keys: the keys.
+    depth: components kept (default 2); longer keys are counted under ``prefix.*``.
+  Returns:
+    ``{prefix: count}``, sorted by prefix.
+  """
   counts: dict[str, int] = collections.Counter()
   for key in keys:
     parts = re.split(r'[/.]', key)
@@ -198,6 +239,16 @@ def _sequential_head(ledger: KeyLedger, prefix: str) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------- rules
 
 def rule_swav(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
+  """SwAV: the backbone, ``projection_head`` and ``prototypes`` (also
+  DeepCluster-v2's multiple prototype heads).
+
+  Args:
+    ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
+    kind: ``'resnet'`` or ``'vit'``.
+    submodel: ignored (SwAV has one network, ``base``).
+  Returns:
+    The :class:`Extraction`.
+  """
   del submodel
   roots = _roots(ledger, ['state_dict/', ''])
   prefix = _locate(ledger, _prefixes(roots, ['module.', '']), kind, 'SwAV backbone')
@@ -215,6 +266,16 @@ def rule_swav(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
 
 
 def rule_moco(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
+  """MoCo v1/v2: ``encoder_q`` or ``encoder_k`` with its ``fc`` projector; the other
+  encoder and the queue are dropped.
+
+  Args:
+    ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
+    kind: ``'resnet'`` or ``'vit'``.
+    submodel: ``'query'`` or ``'key'``.
+  Returns:
+    The :class:`Extraction`.
+  """
   roots = _roots(ledger, ['state_dict/', ''])
   name, other = ('encoder_q.', 'encoder_k.') if submodel == 'query' else ('encoder_k.', 'encoder_q.')
   prefix = _locate(ledger, _prefixes(roots, ['module.' + name, name]), kind,
@@ -232,6 +293,16 @@ def rule_moco(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
 
 
 def rule_mocov3(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
+  """MoCo v3: ``base_encoder`` or ``momentum_encoder`` with its projector (``fc`` /
+  ``head``), and the predictor for ``base``; the other encoder is dropped.
+
+  Args:
+    ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
+    kind: ``'resnet'`` or ``'vit'``.
+    submodel: ``'base'`` or ``'momentum'``.
+  Returns:
+    The :class:`Extraction`.
+  """
   roots = _roots(ledger, ['state_dict/', ''])
   name, other = (('base_encoder.', 'momentum_encoder.') if submodel == 'base'
                  else ('momentum_encoder.', 'base_encoder.'))
@@ -261,6 +332,16 @@ def _dino_head(ledger: KeyLedger, prefix: str, heads: dict) -> None:
 
 
 def rule_dino(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
+  """DINO: a backbone-only file (the teacher), or a full checkpoint's teacher or
+  student with its head (MLP projector and weight-normalised last layer).
+
+  Args:
+    ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
+    kind: ``'resnet'`` or ``'vit'``.
+    submodel: ``'teacher'`` or ``'student'`` (the latter needs a full checkpoint).
+  Returns:
+    The :class:`Extraction`.
+  """
   if ledger.has_prefix('teacher/') or ledger.has_prefix('student/'):
     root, other = (('teacher/', 'student/') if submodel == 'teacher'
                    else ('student/', 'teacher/'))
@@ -284,6 +365,15 @@ def rule_dino(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
 
 
 def rule_simsiam(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
+  """SimSiam: ``encoder`` (its ``fc`` is the projector) and ``predictor``.
+
+  Args:
+    ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
+    kind: ``'resnet'`` or ``'vit'``.
+    submodel: ignored (``base`` only).
+  Returns:
+    The :class:`Extraction`.
+  """
   del submodel
   roots = _roots(ledger, ['state_dict/', ''])
   prefix = _locate(ledger, _prefixes(roots, ['module.encoder.', 'encoder.']), kind,
@@ -322,16 +412,46 @@ def _rule_facebook_full(ledger: KeyLedger, kind: str, method: str, with_bn: bool
 
 
 def rule_vicreg(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
+  """VICReg: a flat backbone file, or a full checkpoint with its projector.
+
+  Args:
+    ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
+    kind: ``'resnet'`` or ``'vit'``.
+    submodel: ignored (``base`` only).
+  Returns:
+    The :class:`Extraction`.
+  """
   del submodel
   return _rule_facebook_full(ledger, kind, 'VICReg', with_bn=False)
 
 
 def rule_barlowtwins(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
+  """Barlow Twins: a flat backbone file, or a full checkpoint with its projector
+  (the affine-free ``bn`` stored as its last norm).
+
+  Args:
+    ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
+    kind: ``'resnet'`` or ``'vit'``.
+    submodel: ignored (``base`` only).
+  Returns:
+    The :class:`Extraction`.
+  """
   del submodel
   return _rule_facebook_full(ledger, kind, 'Barlow Twins', with_bn=True)
 
 
 def rule_solo(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
+  """solo-learn (Lightning): the ``backbone`` (or old ``encoder``) or its momentum
+  copy, with classifier, projector, predictor, prototypes or DINO head; method
+  buffers and the other sub-model are dropped.
+
+  Args:
+    ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
+    kind: ``'resnet'`` or ``'vit'``.
+    submodel: ``'base'`` or ``'momentum'``.
+  Returns:
+    The :class:`Extraction`.
+  """
   root = 'state_dict/' if ledger.has_prefix('state_dict/') else ''
   base_names = ['backbone.', 'encoder.']  # encoder.: checkpoints before Sep 2021
   names = base_names if submodel == 'base' else ['momentum_backbone.', 'momentum_encoder.']
@@ -402,6 +522,17 @@ def _haiku_mlp_to_torch(params: Mapping[str, Mapping[str, np.ndarray]],
 
 
 def rule_byol(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
+  """BYOL (Haiku pickle): the online or target ResNet mapped to torchvision names
+  (BatchNorm statistics from the debiased EMA), its projector/predictor and
+  classifier; the other network and the optimizer state are dropped.
+
+  Args:
+    ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
+    kind: ``'resnet'`` or ``'vit'``.
+    submodel: ``'online'`` or ``'target'``.
+  Returns:
+    The :class:`Extraction`.
+  """
   if kind != 'resnet':
     raise ConversionError('BYOL released ResNets only.')
   base = 'experiment_state/'
@@ -476,7 +607,12 @@ def _tf_index(name: str, base: str) -> int | None:
 
 
 def resnet_creation_order(stage_sizes, block: str) -> list[str]:
-  """torchvision conv names in the order TF/SimCLR creates them (projection shortcut first)."""
+  """torchvision conv names in the order TF/SimCLR creates them (projection shortcut first).
+
+  Args:
+    stage_sizes: blocks per stage, e.g. (3, 4, 6, 3).
+    block: ``'basic'`` or ``'bottleneck'``.
+  """
   names = ['conv1']
   convs = ['conv1', 'conv2'] + (['conv3'] if block == 'bottleneck' else [])
   for stage, count in enumerate(stage_sizes):
@@ -505,7 +641,18 @@ _SIMCLR_DEPTHS = {53: ((3, 4, 6, 3), 'bottleneck'), 104: ((3, 4, 23, 3), 'bottle
 def rule_simclr(ledger: KeyLedger, kind: str, submodel: str, *, stage_sizes=None,
                 block: str | None = None) -> Extraction:
   """SimCLR TF1 variables; ``stage_sizes``/``block`` from the architecture, else
-  from the number of convolutions (the names carry no structure)."""
+  from the number of convolutions (the names carry no structure).
+
+  Args:
+    ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
+    kind: must be ``'resnet'``.
+    submodel: ``'base'`` or ``'ema'`` (the EMA weights under ``ema_model/``).
+    stage_sizes: blocks per stage of the target architecture, or None.
+    block: ``'bottleneck'`` (or ``'basic'``), or None.
+  Returns:
+    The :class:`Extraction` (backbone, ``head_contrastive`` projector,
+    ``head_supervised`` classifier).
+  """
   if kind != 'resnet':
     raise ConversionError('SimCLR released ResNets only.')
   root = 'ema_model/' if submodel == 'ema' else ''
@@ -596,7 +743,13 @@ _SIGNATURES = [
 
 
 def guess_method(keys: Iterable[str]) -> list[tuple[str, str]]:
-  """Methods whose published layout explains the most keys: ``[(method, description)]``."""
+  """Methods whose published layout explains the most keys: ``[(method, description)]``.
+
+  Args:
+    keys: the keys of a read file.
+  Returns:
+    Best guess first; empty when nothing matches.
+  """
   keys = list(keys)
   scores = []
   for method, description, matches in _SIGNATURES:

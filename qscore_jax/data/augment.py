@@ -24,7 +24,24 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class ViewSpec:
-  """How one view is drawn (probabilities in [0, 1])."""
+  """How one view is drawn (probabilities in [0, 1]).
+
+  Attributes:
+    size: side of the square output view, in pixels.
+    scale: area range of the random resized crop, as fractions of the image
+      (default 0.08 to 1).
+    ratio: aspect-ratio range of the crop (default 3/4 to 4/3).
+    flip: probability of a horizontal flip (default 0.5).
+    jitter: probability of colour jitter (default 0.8).
+    brightness: jitter factor drawn in [max(0, 1 - b), 1 + b] (default 0.4).
+    contrast: likewise for contrast (default 0.4).
+    saturation: likewise for saturation (default 0.2).
+    hue: hue shift drawn in [-hue, hue] (default 0.1).
+    grayscale: probability of converting to grayscale (default 0.2).
+    blur: probability of a Gaussian blur (default 0).
+    blur_sigma: range of the blur's sigma in pixels (default 0.1 to 2).
+    solarize: probability of solarizing at 0.5 (default 0).
+  """
   size: int
   scale: tuple[float, float] = (0.08, 1.0)
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -41,11 +58,18 @@ class ViewSpec:
 
   @property
   def blur_kernel(self) -> int:
+    """The blur kernel's side: odd, about 10% of ``size``, at least 3."""
     return max(3, int(0.1 * self.size) // 2 * 2 + 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
+  """A method's augmentation recipe: one :class:`ViewSpec` per view.
+
+  Attributes:
+    name: the method (or a free name).
+    views: the views drawn from each image, in order.
+  """
   name: str
   views: tuple[ViewSpec, ...]
 
@@ -58,6 +82,17 @@ def recipe(method: str, *, image_size: int = 224, local_size: int | None = None,
   (e.g. 0.4 instead of 0.08 for short pre-training on small images, where two
   crops of 8% of a 32-pixel image rarely share anything); local crops keep
   theirs.
+
+  Args:
+    method: ``simclr``, ``byol``, ``mocov3``, ``vicreg``, ``barlowtwins``,
+      ``moco``/``mocov2``, ``simsiam``, ``swav`` or ``dino``.
+    image_size: side of the global views (default 224).
+    local_size: side of the local crops of SwAV/DINO (default
+      ``round(image_size * 96 / 224)``, at least 8).
+    num_local: number of local crops (default 6 for SwAV, 8 for DINO).
+    min_crop_scale: new lower bound of the global views' crop area, in (0, 1].
+  Raises:
+    ValueError: no recipe for ``method``.
   """
   if min_crop_scale is not None and not 0 < min_crop_scale <= 1:
     raise ValueError(f'min_crop_scale must be in (0, 1], got {min_crop_scale}.')
@@ -159,7 +194,10 @@ def _maybe(tf, probability: float, seed, fn, image):
 def augment_view(image, spec: ViewSpec, seed):
   """One view of a uint8 image (H, W, 3): float32 (size, size, 3) in [0, 1].
 
-  ``seed`` is a stateless seed, shape (2,) int32/int64.
+  Args:
+    image: uint8 tensor (H, W, 3).
+    spec: the view's :class:`ViewSpec`.
+    seed: a stateless seed, shape (2,) int32/int64.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   seeds = tf.random.experimental.stateless_split(seed, 8)
@@ -181,7 +219,15 @@ def augment_view(image, spec: ViewSpec, seed):
 
 
 def example_seed(seed: int, epoch, example_id):
-  """The stateless seed of an example in an epoch: a pure function of the three."""
+  """The stateless seed of an example in an epoch: a pure function of the three.
+
+  Args:
+    seed: the run's seed (Python int).
+    epoch: the epoch (int or scalar tensor).
+    example_id: the example's index in its split (int or scalar tensor).
+  Returns:
+    int64 tensor (2,).
+  """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   base = tf.constant([seed % (2 ** 31), seed // (2 ** 31) % (2 ** 31)], tf.int64)
   base = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
@@ -189,7 +235,13 @@ def example_seed(seed: int, epoch, example_id):
 
 
 def augment_views(image, recipe_: Recipe, seed):
-  """All views of ``recipe_`` for one uint8 image; a tuple of float32 arrays in [0, 1]."""
+  """All views of ``recipe_`` for one uint8 image; a tuple of float32 arrays in [0, 1].
+
+  Args:
+    image: uint8 tensor (H, W, 3).
+    recipe_: the :class:`Recipe`; view v is (size_v, size_v, 3).
+    seed: the example's stateless seed (:func:`example_seed`), split per view.
+  """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   seeds = tf.random.experimental.stateless_split(seed, len(recipe_.views))
   return tuple(augment_view(image, spec, seeds[i]) for i, spec in enumerate(recipe_.views))

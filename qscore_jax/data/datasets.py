@@ -54,7 +54,16 @@ def _tfds():
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What a dataset holds: classes and split sizes."""
+  """What a dataset holds: classes and split sizes.
+
+  Attributes:
+    name: the dataset name it was asked for.
+    class_names: one name per label (empty when the dataset has no labels).
+    splits: ``{split: number of examples}``.
+    features: the names of the features of an example (``image``, ``label``,
+      masks, ...).
+    image_shape: ``(H, W, C)``; H and W are None for images of varying size.
+  """
   name: str
   class_names: tuple[str, ...]
   splits: dict[str, int]
@@ -63,14 +72,21 @@ class DatasetInfo:
 
   @property
   def num_classes(self) -> int:
+    """Number of classes (of class names)."""
     return len(self.class_names)
 
   @property
   def has_masks(self) -> bool:
+    """Whether examples carry ``core_mask`` and ``spurious_mask``."""
     return all(f in self.features for f in MASK_FEATURES)
 
 
 def is_folder(name: str) -> bool:
+  """Whether the dataset ``name`` is an image folder (``folder:/path``).
+
+  Args:
+    name: a dataset name.
+  """
   return name.startswith(FOLDER_PREFIX)
 
 
@@ -91,7 +107,14 @@ def _unknown_name_error(name: str) -> DatasetError:
 
 
 def builder(name: str, data_dir: str | None = None):
-  """The tfds builder of a dataset name (not for ``folder:`` datasets)."""
+  """The tfds builder of a dataset name (not for ``folder:`` datasets).
+
+  Args:
+    name: a tfds or built-in dataset name (``name/config`` allowed).
+    data_dir: tfds data directory (default :func:`default_data_dir`).
+  Raises:
+    DatasetError: unknown name (with close matches) or config.
+  """
   tfds = _tfds()
   try:
     return tfds.builder(name, data_dir=data_dir or default_data_dir())
@@ -102,7 +125,15 @@ def builder(name: str, data_dir: str | None = None):
 
 
 def manual_download_error(name: str, dataset_builder, *, needed_by: str | None = None) -> DatasetError:
-  """The error for a manual-download dataset that is not prepared yet."""
+  """The error for a manual-download dataset that is not prepared yet.
+
+  Args:
+    name: the dataset needing a manual download (e.g. ``'imagenet2012'``).
+    dataset_builder: its tfds builder (gives the data directory).
+    needed_by: the dataset built from it (e.g. ``'imagenet100'``), if any.
+  Returns:
+    A :class:`DatasetError` saying which files to put where and what to run.
+  """
   manual = pathlib.Path(dataset_builder.data_dir_root) / 'downloads' / 'manual'
   data_dir = dataset_builder.data_dir_root
   files = {'imagenet2012': 'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
@@ -118,7 +149,14 @@ def manual_download_error(name: str, dataset_builder, *, needed_by: str | None =
 
 
 def dataset_info(name: str, data_dir: str | None = None, *, prepare: bool = True) -> DatasetInfo:
-  """Classes, split sizes and features of a dataset (preparing generated ones)."""
+  """Classes, split sizes and features of a dataset (preparing generated ones).
+
+  Args:
+    name: a dataset name (module docstring).
+    data_dir: tfds data directory (default :func:`default_data_dir`).
+    prepare: prepare the dataset when needed (:func:`ensure_prepared`, default
+      True); False only reads the builder's metadata.
+  """
   if is_folder(name):
     from qscore_jax.data.folder import scan_image_folder  # pylint: disable=import-outside-toplevel
     folder = _scan_folder(name[len(FOLDER_PREFIX):])
@@ -144,7 +182,16 @@ def _scan_folder(path: str):
 
 def ensure_prepared(name: str, data_dir: str | None = None, *, download: bool = True):
   """The builder of ``name``, prepared: generated datasets are built on the spot,
-  downloadable ones downloaded (``download=True``), manual ones explained."""
+  downloadable ones downloaded (``download=True``), manual ones explained.
+
+  Args:
+    name: a tfds or built-in dataset name.
+    data_dir: tfds data directory (default :func:`default_data_dir`).
+    download: download a downloadable dataset that is not prepared (default
+      True); otherwise raise.
+  Raises:
+    DatasetError: with what to run, for datasets that need a manual step.
+  """
   b = builder(name, data_dir)
   if b.is_prepared():
     return b
@@ -171,7 +218,17 @@ def ensure_prepared(name: str, data_dir: str | None = None, *, download: bool = 
 
 
 def prepare(name: str, data_dir: str | None = None, **kwargs: Any):
-  """Prepares a dataset (the ``qscore prepare`` command)."""
+  """Prepares a dataset (the ``qscore prepare`` command).
+
+  Args:
+    name: a dataset name; ``folder:`` datasets are only scanned.
+    data_dir: tfds data directory (default :func:`default_data_dir`).
+    **kwargs: for ``salient_imagenet`` only, the arguments of
+      :func:`qscore_jax.data.salient.prepare` (``salient_dir``, ``annotations``,
+      ``imagenet_train_dir``).
+  Returns:
+    The prepared builder (the scanned folder for ``folder:``).
+  """
   if is_folder(name):
     return _scan_folder(name[len(FOLDER_PREFIX):])
   b = builder(name, data_dir)
@@ -192,7 +249,15 @@ def prepare(name: str, data_dir: str | None = None, **kwargs: Any):
 
 
 def split_size(name: str, split: str, data_dir: str | None = None) -> int:
-  """Number of examples of a split."""
+  """Number of examples of a split.
+
+  Args:
+    name: a dataset name.
+    split: e.g. ``'train'``.
+    data_dir: tfds data directory (default :func:`default_data_dir`).
+  Raises:
+    DatasetError: the dataset has no such split.
+  """
   info = dataset_info(name, data_dir)
   if not info.splits and not is_folder(name):
     # Split sizes unknown to the metadata (tfds mocks): ask the dataset itself.
@@ -205,7 +270,11 @@ def split_size(name: str, split: str, data_dir: str | None = None) -> int:
 
 
 def decode_image(encoded):
-  """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 (H, W, 3)."""
+  """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 (H, W, 3).
+
+  Args:
+    encoded: a scalar ``tf.string`` tensor (usable inside ``tf.data`` maps).
+  """
   tf = _tf()
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
@@ -220,6 +289,15 @@ def read_split(name: str, split: str, *, data_dir: str | None = None, start: int
   decode them with :func:`decode_image`), ``label`` int64, ``id`` int64 (index
   in the split) and, with ``with_masks``, ``core_mask``/``spurious_mask``
   uint8 (H, W, 1) in 0..255.
+
+  Args:
+    name: a dataset name.
+    split: e.g. ``'train'``.
+    data_dir: tfds data directory (default :func:`default_data_dir`).
+    start: first example (default 0).
+    end: one past the last example (default: the split size).
+    with_masks: add the core/spurious masks (datasets with masks only).
+    decode: decode the images (default True).
   """
   tf = _tf()
   size = split_size(name, split, data_dir)

@@ -2,9 +2,10 @@
 
 scikit-learn's ``load_digits`` holds 1,797 8x8 grey-level scans of
 handwritten digits (UCI "Optical Recognition of Handwritten Digits", 43
-writers). ``sklearn_digits`` upsamples them (bilinear) to 32x32 RGB so that
-the same backbones and pipelines run on them: data no one here made, for
-checks that synthetic shapes cannot give. The split is fixed and stratified:
+writers). ``sklearn_digits`` upsamples them (bilinear) to 32x32 RGB (config
+``32px``, the default; ``64px``: 64x64) so that the same backbones and
+pipelines run on them: data no one here made, for checks that synthetic shapes
+cannot give. The split is fixed and stratified:
 every 5th example of each class (in sklearn's order) is in ``test``.
 """
 
@@ -18,7 +19,13 @@ from PIL import Image
 
 
 def digits_arrays(image_size: int = 32):
-  """All 1,797 digits as uint8 RGB (N, S, S, 3), their labels (N,), and test flags (N,)."""
+  """All 1,797 digits as uint8 RGB (N, S, S, 3), their labels (N,), and test flags (N,).
+
+  Args:
+    image_size: S, the side the 8x8 scans are upsampled to (bilinear, default 32).
+  Returns:
+    ``(images, labels, is_test)``: uint8 (N, S, S, 3), int64 (N,), bool (N,).
+  """
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
   digits = load_digits()
   # Grey levels 0..16, ink bright: invert to dark ink on white paper like a scan.
@@ -37,6 +44,11 @@ def digits_arrays(image_size: int = 32):
 
 @dataclasses.dataclass
 class DigitsConfig(tfds.core.BuilderConfig):
+  """A digits configuration: tfds' ``BuilderConfig`` fields plus the image size.
+
+  Attributes:
+    image_size: side of the upsampled images (default 32).
+  """
   image_size: int = 32
 
 

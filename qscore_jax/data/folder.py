@@ -29,7 +29,14 @@ class FolderError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageFolder:
-  """A scanned image folder: class names and, per split, sorted (path, label) pairs."""
+  """A scanned image folder: class names and, per split, sorted (path, label) pairs.
+
+  Attributes:
+    root: the folder.
+    class_names: the class sub-folder names, sorted (label = position).
+    splits: ``{split: ((path, label), ...)}`` sorted by path; ``'train'`` only
+      for a folder without split sub-folders.
+  """
   root: pathlib.Path
   class_names: tuple[str, ...]
   splits: dict[str, tuple[tuple[str, int], ...]]
@@ -63,7 +70,15 @@ def _check_readable(items, limit_report: int = 5) -> None:
 
 
 def scan_image_folder(root: str | pathlib.Path, *, verify: bool = True) -> ImageFolder:
-  """Lists (and by default decodes once) every image of an image folder."""
+  """Lists (and by default decodes once) every image of an image folder.
+
+  Args:
+    root: the folder (layouts: module docstring).
+    verify: decode every image once, reporting damaged files by name (default
+      True).
+  Raises:
+    FolderError: missing, empty or malformed folder, or unreadable images.
+  """
   root = pathlib.Path(root).expanduser()
   if not root.exists():
     raise FolderError(f'image folder {root} does not exist.')

@@ -48,7 +48,12 @@ def imagenet2012_label_map(imagenet_wnids: list[str]) -> np.ndarray:
 
 
 def filter_imagenet100(ds: tf.data.Dataset, imagenet_wnids: list[str]) -> tf.data.Dataset:
-  """Keeps the examples of the 100 classes and relabels them 0..99 (sorted wnids)."""
+  """Keeps the examples of the 100 classes and relabels them 0..99 (sorted wnids).
+
+  Args:
+    ds: imagenet2012 examples (dicts with an int ``label``).
+    imagenet_wnids: imagenet2012's class names in label order.
+  """
   table = tf.constant(imagenet2012_label_map(imagenet_wnids))
 
   def relabel(example):

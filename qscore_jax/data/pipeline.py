@@ -33,7 +33,15 @@ from qscore_jax.models.registry import Preprocessing
 
 
 def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """The contiguous example range ``[start, end)`` of one process."""
+  """The contiguous example range ``[start, end)`` of one process.
+
+  Args:
+    num_examples: N, examples in the split.
+    process_index: the process, in ``0..process_count-1``.
+    process_count: number of processes.
+  Returns:
+    ``(floor(p N / P), floor((p + 1) N / P))``.
+  """
   return (num_examples * process_index // process_count,
           num_examples * (process_index + 1) // process_count)
 
@@ -77,10 +85,12 @@ class Batches:
   """An iterable of per-process batches with known length.
 
   Attributes:
+    dataset: the underlying ``tf.data.Dataset`` of batches (iterated as NumPy).
     num_batches: batches every process yields (per epoch for training).
     local_batch_size: rows of each batch on this process.
     num_examples: real (unpadded) examples this process reads per pass.
     split_size: examples in the whole split.
+    info: the dataset's :class:`~qscore_jax.data.datasets.DatasetInfo`.
   """
   dataset: Any
   num_batches: int
@@ -110,6 +120,8 @@ def eval_batches(dataset: str, split: str, *, batch_size: int,
     preprocessing: the model's preprocessing metadata (resize, crop,
       interpolation, mean/std); ``None`` scales a fixed-size dataset to [0, 1].
     image_size: overrides ``preprocessing.image_size``.
+    data_dir: tfds data directory (default: ``$QSCORE_JAX_DATA_DIR`` or
+      ``~/tensorflow_datasets``).
     with_masks: add ``core_mask``/``spurious_mask`` (float32, S x S, in [0, 1]).
     process_index, process_count, local_device_count: default to JAX's.
     skip_batches: start after this many batches (resuming; every process must
@@ -179,6 +191,8 @@ def ssl_batches(dataset: str, split: str = 'train', *, recipe: str | augment_lib
   """Multi-view SSL training batches, deterministic for ``seed`` and step.
 
   Args:
+    dataset: a dataset name (see :mod:`qscore_jax.data.datasets`).
+    split: the split to train on (default ``'train'``).
     recipe: a method name (``'simclr'``, ``'byol'``, ``'dino'``, ...) or a
       :class:`qscore_jax.data.augment.Recipe`; ``image_size`` sets its crop size
       (default: ``preprocessing.image_size`` or the dataset's image size).
@@ -186,9 +200,14 @@ def ssl_batches(dataset: str, split: str = 'train', *, recipe: str | augment_lib
     seed: the only source of randomness (shuffling and augmentation).
     preprocessing: its mean/std normalise every view (crop and resize come
       from the recipe).
+    image_size: crop size of a recipe given by name (see ``recipe``).
+    data_dir: tfds data directory (default: ``$QSCORE_JAX_DATA_DIR`` or
+      ``~/tensorflow_datasets``).
     start_step: skip this many batches (resuming), cheaply: nothing is
       decoded or augmented for the skipped examples.
     epochs: passes over the data; ``None`` repeats forever.
+    shuffle_buffer: size of each process's shuffle buffer (default 10000).
+    process_index, process_count, local_device_count: default to JAX's.
 
   Returns:
     :class:`Batches` (``num_batches`` per epoch) of dicts: ``views`` a tuple
@@ -240,7 +259,12 @@ def ssl_batches(dataset: str, split: str = 'train', *, recipe: str | augment_lib
 
 
 def iterate_global(batches: Batches, mesh=None) -> Iterator[dict[str, Any]]:
-  """The batches as global ``jax.Array``s on a data mesh (all processes together)."""
+  """The batches as global ``jax.Array``s on a data mesh (all processes together).
+
+  Args:
+    batches: per-process :class:`Batches` (every process iterates them).
+    mesh: the device mesh (default: every device of every process on ``'data'``).
+  """
   for batch in batches:
     yield parallel.global_batch(batch, mesh)
 

@@ -37,7 +37,17 @@ def _resize(tf, image, height, width, method):
 
 
 def crop_and_resize(tf, image, preprocessing: Preprocessing, image_size: int, method: str):
-  """The geometric part of evaluation preprocessing; float32 output, same value range."""
+  """The geometric part of evaluation preprocessing; float32 output, same value range.
+
+  Args:
+    tf: the TensorFlow module.
+    image: (H, W, C) tensor, any numeric dtype.
+    preprocessing: gives ``crop_mode`` and ``crop_fraction`` (module docstring).
+    image_size: S, the output side.
+    method: ``tf.image.resize`` method (e.g. ``'bicubic'``, ``'bilinear'``).
+  Returns:
+    float32 (S, S, C).
+  """
   shape = tf.shape(image)
   h, w = shape[0], shape[1]
   short = tf.minimum(h, w)
@@ -59,6 +69,9 @@ def native_preprocessing(info) -> Preprocessing:
 
   Images at their native size (no crop), scaled to [0, 1] and normalised with
   mean 0.5 and std 0.25 per channel. Raises for datasets of varying image size.
+
+  Args:
+    info: the dataset's :class:`~qscore_jax.data.datasets.DatasetInfo`.
   """
   size = info.image_shape[0]
   if size is None:
@@ -95,7 +108,13 @@ def eval_transform(preprocessing: Preprocessing | None, *, image_size: int | Non
 
 def mask_transform(preprocessing: Preprocessing | None, *, image_size: int | None = None
                    ) -> Callable:
-  """A function uint8 mask (H, W, 1), 0..255 -> float32 (S, S) in [0, 1]."""
+  """A function uint8 mask (H, W, 1), 0..255 -> float32 (S, S) in [0, 1].
+
+  Args:
+    preprocessing: crop and resize like the images (bilinear); None keeps the
+      mask's size.
+    image_size: overrides ``preprocessing.image_size``.
+  """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   def transform(mask):

@@ -45,7 +45,14 @@ class SalientError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SalientClass:
-  """One annotated class: its features (index -> 'core'/'spurious') and images."""
+  """One annotated class: its features (index -> 'core'/'spurious') and images.
+
+  Attributes:
+    wnid: the class's WordNet id (its folder name).
+    class_index: its imagenet2012 label index (from ``wordnet_dict.py``).
+    features: ``{feature index: 'core' | 'spurious'}``.
+    images: ``{image name: feature indices with a mask on that image}``.
+  """
   wnid: str
   class_index: int
   features: dict[int, str]
@@ -53,7 +60,13 @@ class SalientClass:
 
 
 def read_annotations(csv_path: str | pathlib.Path) -> dict[tuple[int, int], str]:
-  """``{(class_index, feature_index): 'core' | 'spurious'}`` from the MTurk answers CSV."""
+  """``{(class_index, feature_index): 'core' | 'spurious'}`` from the MTurk answers CSV.
+
+  Args:
+    csv_path: ``mturk_results/discover_spurious_features.csv``.
+  Raises:
+    SalientError: missing file or columns.
+  """
   path = pathlib.Path(csv_path).expanduser()
   if not path.is_file():
     raise SalientError(f'annotations file {path} does not exist: it is '
@@ -73,7 +86,13 @@ def read_annotations(csv_path: str | pathlib.Path) -> dict[tuple[int, int], str]
 
 
 def read_wordnet_dict(root: pathlib.Path) -> dict[int, str]:
-  """``wordnet_dict.py`` parsed as a literal (never executed)."""
+  """``wordnet_dict.py`` parsed as a literal (never executed).
+
+  Args:
+    root: the Salient ImageNet folder (a ``pathlib.Path``).
+  Returns:
+    ``{class_index: wnid}``.
+  """
   path = root / 'wordnet_dict.py'
   if not path.is_file():
     raise SalientError(f'{root} is not a Salient ImageNet folder: wordnet_dict.py is missing.')
@@ -86,7 +105,17 @@ def read_wordnet_dict(root: pathlib.Path) -> dict[int, str]:
 
 def scan_salient_folder(root: str | pathlib.Path, annotations: dict[tuple[int, int], str],
                         imagenet_wnids: list[str]) -> list[SalientClass]:
-  """The annotated classes of a Salient ImageNet folder, checked against imagenet2012."""
+  """The annotated classes of a Salient ImageNet folder, checked against imagenet2012.
+
+  Args:
+    root: the published ``salient_imagenet_dataset`` folder.
+    annotations: :func:`read_annotations`; every feature with masks needs one.
+    imagenet_wnids: the imagenet2012 class wnids, in label order.
+  Returns:
+    One :class:`SalientClass` per class folder, sorted by wnid.
+  Raises:
+    SalientError: the folder does not have the published layout.
+  """
   root = pathlib.Path(root).expanduser()
   if not root.is_dir():
     raise SalientError(f'Salient ImageNet folder {root} does not exist.')
@@ -130,7 +159,14 @@ def scan_salient_folder(root: str | pathlib.Path, annotations: dict[tuple[int, i
 
 def class_masks(root: pathlib.Path, entry: SalientClass, image_name: str,
                 shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-  """(core, spurious) uint8 (H, W, 1) masks of one image: maxima over its features."""
+  """(core, spurious) uint8 (H, W, 1) masks of one image: maxima over its features.
+
+  Args:
+    root: the Salient ImageNet folder (a ``pathlib.Path``).
+    entry: the image's class (:class:`SalientClass`).
+    image_name: the image's name, without ``.JPEG``.
+    shape: ``(H, W)`` of the image; every mask must have it.
+  """
   core = np.zeros(shape, np.uint8)
   spurious = np.zeros(shape, np.uint8)
   for feature in entry.images[image_name]:
@@ -147,7 +183,15 @@ def class_masks(root: pathlib.Path, entry: SalientClass, image_name: str,
 
 
 class SalientImagenet(tfds.core.GeneratorBasedBuilder):
-  """imagenet2012 training images of the 232 Salient ImageNet classes with core/spurious masks."""
+  """imagenet2012 training images of the 232 Salient ImageNet classes with core/spurious masks.
+
+  Args:
+    salient_dir: the published Salient ImageNet folder (needed to prepare).
+    annotations: path of ``discover_spurious_features.csv`` (needed to prepare).
+    imagenet_train_dir: read the images from this ImageNet train folder
+      (``<wnid>/<name>.JPEG``) instead of a prepared imagenet2012.
+    **kwargs: tfds builder arguments (``data_dir``, ``config``, ...).
+  """
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
@@ -227,7 +271,17 @@ def _imagenet_train_images(wanted: dict[str, SalientClass], train_dir, data_dir)
 
 
 def prepare(*, data_dir, salient_dir, annotations, imagenet_train_dir=None):
-  """Builds the ``salient_imagenet`` tfds dataset in ``data_dir``."""
+  """Builds the ``salient_imagenet`` tfds dataset in ``data_dir``.
+
+  Args:
+    data_dir: the tfds data directory.
+    salient_dir: the published Salient ImageNet folder.
+    annotations: path of ``discover_spurious_features.csv``.
+    imagenet_train_dir: an ImageNet train folder to read the images from
+      (default: the prepared imagenet2012 in ``data_dir``).
+  Returns:
+    The prepared tfds builder.
+  """
   builder = tfds.builder('salient_imagenet', data_dir=data_dir, salient_dir=salient_dir,
                          annotations=annotations, imagenet_train_dir=imagenet_train_dir)
   builder.download_and_prepare()

@@ -59,7 +59,15 @@ _POLYGONS = {'triangle': Path(_regular_polygon(3)), 'square': Path(_regular_poly
 
 
 def shape_coverage(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-  """Whether object-frame points (u, v) (object radius 1) lie inside ``shape``; bool."""
+  """Whether object-frame points (u, v) (object radius 1) lie inside ``shape``; bool.
+
+  Args:
+    shape: one of :data:`SHAPES`.
+    u: horizontal object-frame coordinates, any shape.
+    v: vertical object-frame coordinates, the same shape as ``u``.
+  Returns:
+    bool array of the shape of ``u``.
+  """
   r = np.hypot(u, v)
   if shape == 'circle':
     return r <= 1.0
@@ -75,7 +83,16 @@ def shape_coverage(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def texture_pattern(texture: str, x: np.ndarray, y: np.ndarray,
                     rng: np.random.Generator) -> np.ndarray:
-  """A texture's intensity in [0, 1] at pixel coordinates (x, y) in [0, 1)."""
+  """A texture's intensity in [0, 1] at pixel coordinates (x, y) in [0, 1).
+
+  Args:
+    texture: one of :data:`TEXTURES`.
+    x: horizontal coordinates in [0, 1), e.g. (S, S).
+    y: vertical coordinates, the same shape as ``x``.
+    rng: draws the texture's frequency, phase (and centres).
+  Returns:
+    Array of the shape of ``x`` (float32 for the binary textures).
+  """
   freq = rng.uniform(6.0, 10.0)
   phase = rng.uniform(0, 2 * math.pi)
   if texture == 'horizontal_stripes':
@@ -154,6 +171,10 @@ FIXED_COLOURS = tuple(np.array(c, np.float32) for c in
 def render_example(params: ShapesParams, rng: np.random.Generator, label: int | None = None):
   """One image and its ground truth.
 
+  Args:
+    params: the rendering parameters (:class:`ShapesParams`).
+    rng: the example's generator; every random draw comes from it.
+    label: the shape's class (default: drawn from ``rng``).
   Returns:
     dict with ``image`` uint8 (S, S, 3), ``label``, ``texture``,
     ``misleading`` (bool), ``core_mask`` and ``spurious_mask`` uint8 (S, S, 1)
@@ -216,14 +237,34 @@ def render_example(params: ShapesParams, rng: np.random.Generator, label: int | 
 
 
 def generate(params: ShapesParams, seed: int, split: str, index: int):
-  """Example ``index`` of ``split``: a pure function of its arguments."""
+  """Example ``index`` of ``split``: a pure function of its arguments.
+
+  Args:
+    params: the rendering parameters (:class:`ShapesParams`).
+    seed: the configuration's seed.
+    split: ``'train'`` or ``'test'``.
+    index: the example's index in the split.
+  Returns:
+    The dict of :func:`render_example`.
+  """
   rng = np.random.default_rng([seed, SPLITS.index(split), index])
   return render_example(params, rng)
 
 
 @dataclasses.dataclass
 class ShapesConfig(tfds.core.BuilderConfig):
-  """A synthetic-shapes configuration: the rendering parameters, sizes and seed."""
+  """A synthetic-shapes configuration: the rendering parameters, sizes and seed.
+
+  Besides tfds' ``BuilderConfig`` fields (``name``, ``description``, ...):
+
+  Attributes:
+    image_size: side in pixels (default 64).
+    spurious_rate: probability of the class's own texture (default 0.8).
+    num_train: examples of the train split (default 4000).
+    num_test: examples of the test split (default 1000).
+    seed: generation seed (default 0).
+    colours: ``'random'`` (default) or ``'fixed'`` (:class:`ShapesParams`).
+  """
   image_size: int = 64
   spurious_rate: float = 0.8
   num_train: int = 4000
@@ -232,6 +273,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
   colours: str = 'random'
 
   def params(self) -> ShapesParams:
+    """The :class:`ShapesParams` of this configuration (other parameters at their defaults)."""
     return ShapesParams(image_size=self.image_size, spurious_rate=self.spurious_rate,
                         colours=self.colours)
 

@@ -62,6 +62,19 @@ class Trainer:
   """The static parts of training: modules, method, optimizer, options.
 
   Frozen and hashed by identity, so jitted steps are cached per trainer.
+
+  Attributes:
+    backbone: the backbone module (``qscore_jax.models``).
+    heads: the online head chain, ``(('projector', HeadSpec), ...)`` then
+      ``predictor`` or ``prototypes`` as the method has them.
+    method: the SSL :class:`~qscore_jax.finetune.methods.Method`.
+    loss_options: ``(name, value)`` pairs of the method's loss options.
+    optimizer: the optax transformation (:func:`make_optimizer`).
+    schedule: the learning-rate schedule (logged as ``learning_rate``).
+    regularizer: the regularizer's
+      :class:`~qscore_jax.regularizer.RegularizerConfig` (default: off).
+    total_steps: steps of the run (for schedules; default 1).
+    ema_base: base momentum of the EMA target network (default 0).
   """
   backbone: nn.Module
   heads: tuple[tuple[str, HeadSpec], ...]  # the online chain: ('projector', spec), ...
@@ -74,10 +87,21 @@ class Trainer:
   ema_base: float = 0.0
 
   def head_modules(self, axis_name: str | None = None) -> dict[str, nn.Module]:
+    """``{name: MLPHead}`` of the head chain.
+
+    Args:
+      axis_name: the pmap axis of their BatchNorm statistics (default None).
+    """
     return {name: spec.build(bn_axis_name=axis_name) for name, spec in self.heads}
 
   def jit_step(self, mesh=None):
-    """:func:`train_step` jitted over a mesh (state replicated, views split on ``'data'``)."""
+    """:func:`train_step` jitted over a mesh (state replicated, views split on ``'data'``).
+
+    Args:
+      mesh: the device mesh (default: every device of every process on ``'data'``).
+    Returns:
+      ``step(state, views) -> (state, metrics)``; the state argument is donated.
+    """
     return _jitted_step(self, mesh or parallel.data_mesh())
 
 
@@ -91,7 +115,14 @@ def _jitted_step(trainer: Trainer, mesh):
 
 def ema_momentum(trainer: Trainer, step) -> jax.Array:
   """The target network's momentum at ``step``: constant (MoCo v2), or BYOL's cosine
-  increase to 1, ``1 - (1 - base) (cos(pi k / K) + 1) / 2``."""
+  increase to 1, ``1 - (1 - base) (cos(pi k / K) + 1) / 2``.
+
+  Args:
+    trainer: gives the method's schedule, ``ema_base`` and K = ``total_steps``.
+    step: k, the current step (int or scalar array).
+  Returns:
+    float32 scalar.
+  """
   if trainer.method.ema_schedule == 'constant':
     return jnp.asarray(trainer.ema_base, jnp.float32)
   progress = jnp.minimum(step / max(trainer.total_steps, 1), 1.0)
@@ -135,6 +166,8 @@ def train_step(trainer: Trainer, state: TrainState, views, *, axis_name: str | N
     state: the train state (replicated).
     views: tuple of image batches, each (B, H_v, W_v, 3) (per device under pmap);
       the first ``method.global_views`` are the global crops.
+    axis_name: the pmap axis, if any (statistics, losses and gradients are then
+      reduced over it); None under ``jax.jit``.
   Returns:
     ``(new_state, metrics)``; metrics are global scalars: ``loss`` (total),
     ``ssl_loss``, ``regularizer`` and its terms, ``qscore_mean``/``qscore_min`` of the
@@ -232,7 +265,22 @@ def _is_matrix(params):
 def make_optimizer(name: str, learning_rate: float, *, weight_decay: float, momentum: float,
                    total_steps: int, warmup_steps: int, schedule: str = 'cosine'
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """LARS, SGD or AdamW with linear warm-up and cosine (or constant) decay."""
+  """LARS, SGD or AdamW with linear warm-up and cosine (or constant) decay.
+
+  Weight decay (and LARS's trust ratio) applies to weights with more than one
+  dimension only.
+
+  Args:
+    name: ``'lars'``, ``'sgd'`` or ``'adamw'``.
+    learning_rate: peak learning rate.
+    weight_decay: weight decay of the kernels.
+    momentum: momentum (LARS, SGD; 0 gives plain SGD; unused by AdamW).
+    total_steps: steps of the schedule.
+    warmup_steps: linear warm-up from 0 (at most ``total_steps - 1``).
+    schedule: ``'cosine'`` (decay to 0, default) or ``'constant'``.
+  Returns:
+    ``(optimizer, learning-rate schedule)``.
+  """
   warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
   if schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps,
@@ -260,18 +308,37 @@ def make_optimizer(name: str, learning_rate: float, *, weight_decay: float, mome
 
 def head_input_dim(trainer: Trainer, name: str, dim: int) -> int:
   """Input width of a head: the backbone's for the projector, the projector's output for
-  a predictor or prototypes."""
+  a predictor or prototypes.
+
+  Args:
+    trainer: gives the head chain.
+    name: the head (``'projector'``, ``'predictor'`` or ``'prototypes'``).
+    dim: d, the backbone's representation size.
+  """
   return dim if name == 'projector' else dict(trainer.heads)['projector'].layers[-1].features
 
 
 def head_output_dims(trainer: Trainer) -> dict[str, int]:
-  """Output width of every head."""
+  """Output width of every head.
+
+  Args:
+    trainer: gives the head chain.
+  """
   return {name: spec.layers[-1].features for name, spec in trainer.heads}
 
 
 def init_heads(trainer: Trainer, key: jax.Array, dim: int,
                given: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Variables of every head: the given (converted/pre-trained) ones, else fresh."""
+  """Variables of every head: the given (converted/pre-trained) ones, else fresh.
+
+  Args:
+    trainer: gives the head chain.
+    key: seeds the fresh heads (folded with each head's index).
+    dim: d, the backbone's representation size.
+    given: ``{name: {'params', 'batch_stats'}}`` of heads to keep as they are.
+  Returns:
+    ``{name: {'params', 'batch_stats'}}`` for every head of the chain.
+  """
   given = dict(given or {})
   out = {}
   for index, (name, spec) in enumerate(trainer.heads):
@@ -290,6 +357,14 @@ def create_state(trainer: Trainer, backbone_variables: Mapping[str, Any],
   """The initial state from backbone and head variables (host or device arrays).
 
   ``key`` seeds the method's buffers (MoCo v2's initial queue); default key 0.
+
+  Args:
+    trainer: the static parts.
+    backbone_variables: ``{'params', 'batch_stats'}`` of the backbone.
+    head_variables: ``{name: {'params', 'batch_stats'}}`` of every head
+      (:func:`init_heads`).
+    discriminative: (d,) bool, the regularizer's fixed D (default: all False).
+    key: seeds the buffers.
   """
   names = [name for name, _ in trainer.heads]
   params = {'backbone': backbone_variables['params'],

@@ -46,7 +46,18 @@ class TrainingError(RuntimeError):
 
 @dataclasses.dataclass
 class Setup:
-  """Everything :func:`run` builds from a config before the first step."""
+  """Everything :func:`run` builds from a config before the first step.
+
+  Attributes:
+    trainer: the static parts (:class:`~qscore_jax.finetune.core.Trainer`).
+    state: the initial :class:`~qscore_jax.finetune.core.TrainState` (host arrays).
+    preprocessing: the init model's preprocessing, or the dataset's native one.
+    image_size: input side of the training views.
+    arch: the backbone architecture.
+    arch_options: its options.
+    steps_per_epoch: global batches per epoch of the training split.
+    init: the ``init`` the run was started from.
+  """
   trainer: core.Trainer
   state: core.TrainState
   preprocessing: Any
@@ -116,7 +127,14 @@ def _recipe(config: ml_collections.ConfigDict, name: str, image_size: int):
 
 
 def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
-  """Builds the trainer and the initial state (D included) from a config."""
+  """Builds the trainer and the initial state (D included) from a config.
+
+  Args:
+    config: see :mod:`qscore_jax.configs.finetune`.
+    init: ``'random'`` (from scratch, default) or anything
+      :func:`~qscore_jax.models.weights.resolve_model_dir` accepts (a saved model
+      directory, a finetune workdir, a converted registry id, a shipped model id).
+  """
   from qscore_jax.data import dataset_info, native_preprocessing, ssl_batches  # pylint: disable=import-outside-toplevel
   from qscore_jax.models.registry import Preprocessing  # pylint: disable=import-outside-toplevel
   method = get_method(config.method)
@@ -184,6 +202,21 @@ def reference_discriminative(model, variables, dataset: str, split: str, *, prep
   """D of ``model`` on the first ``examples`` examples of a split (eval preprocessing).
 
   Counts are summed over processes, so every process gets the same D. bool (d,).
+  Whole global batches are embedded, so up to one batch more than ``examples``
+  may be counted.
+
+  Args:
+    model: the backbone.
+    variables: its ``{'params', 'batch_stats'}``.
+    dataset: dataset name.
+    split: the split read in canonical order.
+    preprocessing: the evaluation preprocessing.
+    image_size: input side.
+    examples: examples to count (at least).
+    batch_size: global embedding batch.
+    eps: highly-active threshold in per-sample stds (default 4).
+    band: percentiles delimiting D (default 50, 95).
+    data_dir: tfds data directory (default: the usual one).
   """
   from qscore_jax.data import eval_batches  # pylint: disable=import-outside-toplevel
   from qscore_jax.embed import make_embed_step  # pylint: disable=import-outside-toplevel
@@ -302,8 +335,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   Args:
     config: see :mod:`qscore_jax.configs.finetune`.
     workdir: where checkpoints, logs and the final model go (absolute or relative).
-    init: ``'random'`` (pre-training from scratch), a saved model directory or a
-      converted registry id.
+    init: ``'random'`` (pre-training from scratch), or a saved model directory, a
+      finetune workdir, a converted registry id or a shipped model id
+      (:func:`~qscore_jax.models.weights.resolve_model_dir`).
     stop_after: stop after this step even if the run is not finished (for tests and
       time-boxed jobs; the run resumes later from the checkpoint written then).
   Returns:
@@ -404,7 +438,16 @@ def _current_discriminative(built: Setup, state: core.TrainState, config) -> np.
 
 def export_model(built: Setup, state: core.TrainState, directory: pathlib.Path,
                  config: ml_collections.ConfigDict) -> pathlib.Path:
-  """Saves the backbone and heads of a state like a converted model (``qscore embed``-able)."""
+  """Saves the backbone and heads of a state like a converted model (``qscore embed``-able).
+
+  Args:
+    built: the run's :class:`Setup` (architecture, preprocessing, head specs).
+    state: the train state whose online parameters are saved.
+    directory: the model directory (replaced if it exists).
+    config: the run's config (method, and recorded in the provenance).
+  Returns:
+    The absolute directory.
+  """
   from qscore_jax.models import save_model  # pylint: disable=import-outside-toplevel
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   heads = {name: (spec, {'params': params[name], **({'batch_stats': batch_stats[name]}

@@ -39,7 +39,15 @@ OUTPUT_KEYS = {'projector': 'z', 'predictor': 'p', 'prototypes': 'scores'}
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerRecipe:
-  """A method's optimizer as released (learning rates scale with batch / 256)."""
+  """A method's optimizer as released (learning rates scale with batch / 256).
+
+  Attributes:
+    name: ``'lars'``, ``'sgd'`` or ``'adamw'``.
+    base_learning_rate: learning rate for a batch of 256 (``lr = base * batch / 256``).
+    weight_decay: the release's weight decay.
+    momentum: the release's momentum (default 0.9).
+    warmup_epochs: linear warm-up epochs (default 10).
+  """
   name: str  # 'lars', 'sgd' or 'adamw'
   base_learning_rate: float
   weight_decay: float
@@ -109,10 +117,18 @@ class Method:
 
   @property
   def target(self) -> bool:
+    """Whether the method has an EMA target network (``target_heads`` non-empty)."""
     return bool(self.target_heads)
 
   def build_heads(self, dim: int, options: Mapping[str, Any]) -> tuple[tuple[str, HeadSpec], ...]:
-    """``((name, HeadSpec), ...)`` of the online heads for a backbone of width ``dim``."""
+    """``((name, HeadSpec), ...)`` of the online heads for a backbone of width ``dim``.
+
+    Args:
+      dim: the backbone's representation size d.
+      options: the config's ``heads`` overrides (``projector_hidden``,
+        ``projector_out``, ``predictor_hidden``, ``prototypes``; None or absent:
+        the official width).
+    """
     return tuple((name, builder(dim, options)) for name, builder in self.heads)
 
 
@@ -320,7 +336,15 @@ def _dino_buffers(dims, options, key):
 
 
 def dino_teacher_temperature(options, step) -> jax.Array:
-  """Linear warm-up from ``warmup_teacher_temperature`` over ``warmup_teacher_steps``."""
+  """Linear warm-up from ``warmup_teacher_temperature`` over ``warmup_teacher_steps``.
+
+  Args:
+    options: DINO's loss options (``warmup_teacher_temperature``,
+      ``teacher_temperature``, ``warmup_teacher_steps``).
+    step: the current step (int or scalar array).
+  Returns:
+    float32 scalar: the teacher temperature at ``step``.
+  """
   warm = max(int(options['warmup_teacher_steps']), 0)
   start, end = options['warmup_teacher_temperature'], options['teacher_temperature']
   if not warm:

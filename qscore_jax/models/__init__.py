@@ -43,7 +43,8 @@ def init_variables(model: nn.Module, rng: jax.Array,
   Args:
     model: a backbone from :func:`build_model` or :meth:`ModelSpec.build`.
     rng: a ``jax.random.key``.
-    input_shape: shape of an example batch; defaults to one 224x224 image.
+    input_shape: shape of an example batch; defaults to one image of the
+      model's ``image_size`` (224x224 when it has none).
   """
   shape = input_shape or _default_input_shape(model)
   init = jax.jit(lambda key: keep_state(
@@ -57,6 +58,11 @@ def abstract_variables(model: nn.Module,
 
   Costs no compilation; used to check converted weights and to restore
   checkpoints onto a target.
+
+  Args:
+    model: a backbone from :func:`build_model` or :meth:`ModelSpec.build`.
+    input_shape: shape of an example batch; defaults to one image of the
+      model's ``image_size`` (224 when it has none).
   """
   shape = input_shape or _default_input_shape(model)
   return keep_state(jax.eval_shape(
@@ -65,7 +71,14 @@ def abstract_variables(model: nn.Module,
 
 @functools.partial(jax.jit, static_argnames=('model',))
 def embed(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
-  """Jitted inference-mode representation, (N, H, W, 3) -> (N, d) float32."""
+  """Jitted inference-mode representation, (N, H, W, 3) -> (N, d) float32.
+
+  Args:
+    model: a backbone (static: one compilation per model and input shape).
+    variables: its variables (collections other than ``params`` and
+      ``batch_stats`` are dropped).
+    images: (N, H, W, 3) float, preprocessed as the model expects.
+  """
   return model.apply(keep_state(variables), images, train=False)
 
 

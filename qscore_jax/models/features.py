@@ -27,7 +27,13 @@ def keep_state(variables) -> dict[str, Any]:
 
 
 def expose_feature(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
-  """Sows ``x`` as ``name`` and makes it a gradient tap; returns ``x`` unchanged."""
+  """Sows ``x`` as ``name`` and makes it a gradient tap; returns ``x`` unchanged.
+
+  Args:
+    module: the calling Flax module (inside its ``__call__``).
+    name: the feature map's name (an entry of the model's ``feature_names``).
+    x: the feature map, e.g. (N, h, w, C) or (N, tokens, D).
+  """
   x = module.perturb(name, x)
   module.sow('intermediates', name, x)
   return x
@@ -37,6 +43,11 @@ def apply_with_features(model: nn.Module, variables: Any, images: jax.Array, *,
                         train: bool = False):
   """Representation and every intermediate feature map in one pass.
 
+  Args:
+    model: a backbone (``qscore_jax.models``).
+    variables: its variables (only ``params``/``batch_stats`` are used).
+    images: (N, H, W, 3) float, preprocessed as the model expects.
+    train: run in training mode (batch statistics), default False.
   Returns:
     ``(representation, features)``: the representation (N, d) and a dict from
     each name of ``model.feature_names`` to its array, (N, h, w, C) for ResNet

@@ -71,20 +71,38 @@ class HeadLayer:
 
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
-  """A head: its layers and whether its input is L2-normalised first."""
+  """A head: its layers and whether its input is L2-normalised first.
+
+  Attributes:
+    layers: the :class:`HeadLayer` s, input side first.
+    normalize_input: L2-normalise the input rows first (SwAV prototypes,
+      DINO's last layer).
+  """
   layers: tuple[HeadLayer, ...]
   normalize_input: bool = False
 
   def build(self, **overrides: Any) -> 'MLPHead':
+    """The :class:`MLPHead` of this spec.
+
+    Args:
+      **overrides: other :class:`MLPHead` attributes (``dtype``,
+        ``bn_axis_name``, ...).
+    """
     return MLPHead(layers=tuple(self.layers), normalize_input=self.normalize_input,
                    **overrides)
 
   def to_json(self) -> dict[str, Any]:
+    """``{'layers': [layer fields, ...], 'normalize_input': bool}`` (as stored in metadata)."""
     return {'layers': [dataclasses.asdict(layer) for layer in self.layers],
             'normalize_input': self.normalize_input}
 
   @classmethod
   def from_json(cls, data: Mapping[str, Any]) -> 'HeadSpec':
+    """The spec of a :meth:`to_json` dict.
+
+    Args:
+      data: ``{'layers': [...], 'normalize_input': bool}`` (the latter optional).
+    """
     return cls(tuple(HeadLayer(**layer) for layer in data['layers']),
                bool(data.get('normalize_input', False)))
 
@@ -95,6 +113,10 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   Written as ``x * rsqrt(max(||x||^2, eps^2))``: the same value, and a zero
   gradient at x = 0 (as PyTorch's), where the gradient of ``jnp.linalg.norm``
   is NaN — a dead predictor output would otherwise poison a whole step.
+
+  Args:
+    x: (..., d) array, normalised along the last axis.
+    eps: lower bound of the norm (default 1e-12).
   """
   squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
@@ -120,6 +142,14 @@ class MLPHead(nn.Module):
   BatchNorm follows PyTorch's ``BatchNorm1d`` (eps 1e-5, momentum 0.1 = Flax
   0.9); in training mode its statistics are global over ``bn_axis_name``
   under ``pmap`` (and over the whole batch under ``jit``).
+
+  Attributes:
+    layers: the :class:`HeadLayer` s, input side first.
+    normalize_input: L2-normalise the input rows first.
+    bn_momentum: Flax BatchNorm momentum (default 0.9).
+    bn_epsilon: BatchNorm epsilon (default 1e-5).
+    bn_axis_name: the pmap axis of global batch statistics (default None).
+    dtype: computation dtype (default float32); the output is float32.
   """
   layers: Sequence[HeadLayer]
   normalize_input: bool = False
@@ -130,6 +160,15 @@ class MLPHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    """Applies the head.
+
+    Args:
+      x: (N, d_in) features.
+      train: training mode: batch statistics, and ``batch_stats`` updated when
+        mutable (default False).
+    Returns:
+      (N, d_out) float32.
+    """
     if x.ndim != 2:
       raise ValueError(f'A head takes features of shape (N, d), got shape {x.shape}.')
     x = x.astype(self.dtype)

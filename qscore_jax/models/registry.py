@@ -46,6 +46,12 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 
 
 def did_you_mean(name: str, choices) -> str:
+  """`` Did you mean 'a', 'b'?`` for the up to 3 closest ``choices``, or ``''``.
+
+  Args:
+    name: the unknown name.
+    choices: the known names (any iterable of strings).
+  """
   close = difflib.get_close_matches(name, list(choices), n=3)
   return f' Did you mean {", ".join(map(repr, close))}?' if close else ''
 
@@ -56,6 +62,14 @@ def build_model(arch: str, **options: Any) -> nn.Module:
   >>> model = build_model('resnet50', width_multiplier=2)
   >>> model.num_features
   4096
+
+  Args:
+    arch: a name of :data:`ARCHITECTURES`.
+    **options: module attributes (e.g. ``width_multiplier``, ``num_heads``,
+      ``dtype``) overriding the architecture's defaults.
+  Raises:
+    ValueError: unknown architecture (with close names).
+    TypeError: an invalid option (listing the valid ones).
   """
   if arch not in ARCHITECTURES:
     raise ValueError(f'Unknown architecture {arch!r}.{did_you_mean(arch, ARCHITECTURES)} '
@@ -79,6 +93,15 @@ class Preprocessing:
   ``image_size / crop_fraction`` and center-crops ``image_size`` (torchvision);
   ``'crop_then_resize'`` center-crops ``crop_fraction`` of the shorter side and
   resizes it to ``image_size`` (SimCLR's and BYOL's TF code).
+
+  Attributes:
+    name: the preset's name (``registry.toml``) or a free name.
+    image_size: side of the square network input.
+    crop_fraction: in (0, 1], see ``crop_mode``.
+    crop_mode: ``'resize_then_crop'`` or ``'crop_then_resize'``.
+    interpolation: ``'bilinear'`` or ``'bicubic'`` (antialiased resizing).
+    mean: per-channel RGB mean for [0, 1] images, or None.
+    std: per-channel RGB std, or None (together with ``mean``).
   """
   name: str
   image_size: int
@@ -100,7 +123,12 @@ class Preprocessing:
       raise ValueError(f'preprocessing {self.name!r}: crop_fraction must be in (0, 1].')
 
   def normalize(self, images):
-    """Maps RGB images in [0, 1], (..., 3), to the network input."""
+    """Maps RGB images in [0, 1], (..., 3), to the network input.
+
+    Args:
+      images: RGB in [0, 1], (..., 3) (NumPy or JAX); returned unchanged when
+        ``mean`` is None.
+    """
     if self.mean is None:
       return images
     mean = np.asarray(self.mean, np.float32)
@@ -108,10 +136,16 @@ class Preprocessing:
     return (images - mean) / std
 
   def to_json(self) -> dict[str, Any]:
+    """The fields as a JSON-serialisable dict (as stored in metadata)."""
     return dataclasses.asdict(self)
 
   @classmethod
   def from_json(cls, data: Mapping[str, Any]) -> 'Preprocessing':
+    """The preprocessing of a :meth:`to_json` dict (lists of mean/std become tuples).
+
+    Args:
+      data: the dict of fields.
+    """
     data = dict(data)
     for key in ('mean', 'std'):
       if data.get(key) is not None:
@@ -121,7 +155,26 @@ class Preprocessing:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """One published checkpoint: what to build, how to feed it, where it comes from."""
+  """One published checkpoint: what to build, how to feed it, where it comes from.
+
+  Attributes:
+    id: the registry id (e.g. ``'dino-vits16'``).
+    method: one of :data:`METHODS`.
+    arch: a name of :data:`ARCHITECTURES`.
+    arch_options: constructor options the weights cannot reveal (padding,
+      width multiplier, head count, ...).
+    preprocessing: the authors' evaluation :class:`Preprocessing`.
+    url: the official download address.
+    container: how the file is laid out: ``torch_flat``, ``torch_state_dict``,
+      ``torch_full``, ``tf1`` or ``byol_pickle``.
+    files: for multi-file sources (SimCLR v2 TF1), the file names under ``url``.
+    sha256: digest of the official file (or ``{file: digest}``), when known.
+    md5_prefix: the md5 prefix a README publishes (MoCo), checked after download.
+    licence: the weights' licence.
+    supported: False when the architecture is not implemented.
+    reason: why it is not supported.
+    notes: anything a user must know.
+  """
   id: str
   method: str
   arch: str
@@ -181,7 +234,15 @@ def _load_registry() -> tuple[dict[str, ModelSpec], dict[str, Preprocessing]]:
 
 def list_models(method: str | None = None, *, include_unsupported: bool = True
                 ) -> list[ModelSpec]:
-  """All registered checkpoints, optionally of one method."""
+  """All registered checkpoints, optionally of one method.
+
+  Args:
+    method: only this method (one of :data:`METHODS`); None for all.
+    include_unsupported: also the entries whose architecture is not
+      implemented (default True).
+  Raises:
+    ValueError: unknown method.
+  """
   specs = _load_registry()[0].values()
   if method is not None and method not in METHODS:
     raise ValueError(f'Unknown method {method!r}; known: {", ".join(METHODS)}.')
@@ -199,7 +260,13 @@ def get_model_spec(model_id: str) -> ModelSpec:
 
 
 def get_preprocessing(name: str) -> Preprocessing:
-  """A named preprocessing preset of the registry (e.g. ``'imagenet'``)."""
+  """A named preprocessing preset of the registry (e.g. ``'imagenet'``).
+
+  Args:
+    name: the preset's name (a ``[preprocessing.<name>]`` table of ``registry.toml``).
+  Raises:
+    KeyError: unknown preset.
+  """
   presets = _load_registry()[1]
   if name not in presets:
     raise KeyError(f'No preprocessing preset {name!r}; known: {", ".join(presets)}.')

@@ -112,11 +112,33 @@ class _Block(nn.Module):
 
 
 class BasicBlock(_Block):
-  """Two 3x3 convolutions (ResNet-18/34)."""
+  """Two 3x3 convolutions (ResNet-18/34).
+
+  Attributes:
+    planes: torchvision's ``planes``: the block's base width (its output has
+      ``planes * expansion`` channels).
+    stride: stride of the block (of its 3x3 convolution, and of the 1x1
+      downsample shortcut).
+    conv_padding: ``'torch'`` or ``'tf_same'``.
+    norm: BatchNorm constructor (a ``functools.partial`` of ``nn.BatchNorm``).
+    dtype: computation dtype.
+    width_per_group: inner width per 64 planes (bottleneck only; default 64).
+    zero_init_residual: initialise the last BN scale to zero (default False).
+  """
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool, one=None):
+    """Applies the block.
+
+    Args:
+      x: (N, H, W, C) feature map.
+      train: training mode (batch statistics).
+      one: None, or a runtime 1.0 that makes XLA:CPU write intermediate maps
+        once (training on CPU only; changes no value).
+    Returns:
+      (N, H / stride, W / stride, planes * expansion).
+    """
     last_bn_init = self._last_bn_init()
     conv_bn = functools.partial(_conv_bn, train=train, norm=self.norm, dtype=self.dtype)
     out = conv_bn(x, features=self.planes, kernel_size=3, stride=self.stride,
@@ -133,11 +155,33 @@ class BasicBlock(_Block):
 
 
 class Bottleneck(_Block):
-  """1x1 -> 3x3 (carries the stride, v1.5) -> 1x1 with 4x expansion."""
+  """1x1 -> 3x3 (carries the stride, v1.5) -> 1x1 with 4x expansion.
+
+  Attributes:
+    planes: torchvision's ``planes``: the block's base width (its output has
+      ``planes * expansion`` channels).
+    stride: stride of the block (of its 3x3 convolution, and of the 1x1
+      downsample shortcut).
+    conv_padding: ``'torch'`` or ``'tf_same'``.
+    norm: BatchNorm constructor (a ``functools.partial`` of ``nn.BatchNorm``).
+    dtype: computation dtype.
+    width_per_group: inner width per 64 planes (bottleneck only; default 64).
+    zero_init_residual: initialise the last BN scale to zero (default False).
+  """
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool, one=None):
+    """Applies the block.
+
+    Args:
+      x: (N, H, W, C) feature map.
+      train: training mode (batch statistics).
+      one: None, or a runtime 1.0 that makes XLA:CPU write intermediate maps
+        once (training on CPU only; changes no value).
+    Returns:
+      (N, H / stride, W / stride, planes * expansion).
+    """
     inner = self.planes * self.width_per_group // 64
     out_features = self.planes * self.expansion
     last_bn_init = self._last_bn_init()
@@ -232,7 +276,15 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    """Maps images (N, H, W, 3), preprocessed, to representations (N, d)."""
+    """Maps images (N, H, W, 3), preprocessed, to representations (N, d).
+
+    Args:
+      images: (N, H, W, 3) float network input (checked: rank, channels, dtype).
+      train: training mode: batch statistics, ``batch_stats`` updated when
+        mutable (default False).
+    Returns:
+      (N, num_features) float32, the globally average-pooled last stage.
+    """
     check_image_batch(images, model_name=type(self).__name__)
     norm = functools.partial(
         nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,

@@ -53,6 +53,13 @@ def torch_bicubic_matrix(in_size: int, out_size: int, scale: float) -> np.ndarra
   out-of-range taps clamped to the border. ``scale`` is the scale factor
   PyTorch uses for coordinates (``out/in`` for a given size, the given
   ``scale_factor`` otherwise, as in DINO).
+
+  Args:
+    in_size: number of source samples.
+    out_size: number of output samples.
+    scale: the coordinate scale factor.
+  Returns:
+    float64 (out_size, in_size).
   """
   src = (np.arange(out_size, dtype=np.float64) + 0.5) / scale - 0.5
   base = np.floor(src)
@@ -74,6 +81,13 @@ def resample_pos_embed(grid: jax.Array, new_hw: tuple[int, int], *,
   widened when shrinking: the same as ``jax.image.resize(..., 'cubic')``).
   ``'dino'`` matches DINO's ``interpolate_pos_encoding``:
   ``F.interpolate(scale_factor=((h + 0.1)/g, (w + 0.1)/g), mode='bicubic')``.
+
+  Args:
+    grid: (g_h, g_w, D) patch position embeddings (class slot excluded).
+    new_hw: ``(h, w)``, the new patch grid.
+    mode: ``'timm'`` or ``'dino'``.
+  Returns:
+    (h, w, D).
   """
   g_h, g_w, dim = grid.shape
   h, w = new_hw
@@ -90,13 +104,24 @@ def resample_pos_embed(grid: jax.Array, new_hw: tuple[int, int], *,
 
 
 class Mlp(nn.Module):
-  """fc1 -> exact GELU -> fc2, as timm's ``Mlp``."""
+  """fc1 -> exact GELU -> fc2, as timm's ``Mlp``.
+
+  Attributes:
+    hidden_dim: width of fc1.
+    out_dim: width of fc2 (the output).
+    dtype: computation dtype.
+  """
   hidden_dim: int
   out_dim: int
   dtype: Any
 
   @nn.compact
   def __call__(self, x):
+    """(..., D_in) -> (..., out_dim).
+
+    Args:
+      x: (..., D_in) tokens.
+    """
     dense = functools.partial(nn.Dense, kernel_init=_dense_init, dtype=self.dtype)
     x = dense(self.hidden_dim, name='fc1')(x)
     # PyTorch's nn.GELU is the exact erf form; Flax defaults to the tanh one.
@@ -105,7 +130,14 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)).
+
+  Attributes:
+    num_heads: attention heads.
+    mlp_ratio: MLP hidden width relative to the token width.
+    layer_norm_eps: LayerNorm epsilon.
+    dtype: computation dtype.
+  """
   num_heads: int
   mlp_ratio: float
   layer_norm_eps: float
@@ -113,6 +145,11 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    """(N, T, D) tokens -> (N, T, D).
+
+    Args:
+      x: (N, T, D) tokens (class token first).
+    """
     dim = x.shape[-1]
     norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps,
                              dtype=self.dtype)
@@ -166,6 +203,7 @@ class VisionTransformer(nn.Module):
 
   @property
   def num_features(self) -> int:
+    """Dimension d of the representation (``embed_dim``)."""
     return self.embed_dim
 
   @property
@@ -179,6 +217,13 @@ class VisionTransformer(nn.Module):
 
     ``train`` is accepted for interface parity with :class:`ResNet`; the
     released ViTs use no dropout, so it changes nothing.
+
+    Args:
+      images: (N, H, W, 3) float network input, H and W >= ``patch_size``
+        (remainder pixels beyond a multiple of the patch are dropped).
+      train: ignored.
+    Returns:
+      (N, embed_dim) float32.
     """
     del train
     check_image_batch(images, model_name=type(self).__name__,
