@@ -32,7 +32,22 @@ from qscore_jax.store import RepresentationStore
 
 @dataclasses.dataclass(frozen=True)
 class AnalysisConfig:
-  """Every option of the analysis (defaults: METHOD.md)."""
+  """Every option of the analysis (defaults: METHOD.md).
+
+  Attributes:
+    eps: highly-active threshold in per-sample stds (default 4).
+    band: percentiles of the non-zero activation counts delimiting D
+      (default 50, 95).
+    nonzero_only: take those percentiles over the non-zero counts (default) or
+      over all of them.
+    probe: the linear probe's :class:`~qscore_jax.probe.ProbeConfig`.
+    compression: the compression curve's
+      :class:`~qscore_jax.compression.CompressionConfig`; None skips the curve.
+    knn_k: neighbours of the k-NN agreement baseline (default 10).
+    spectrum_rows: at most this many evaluation rows enter RankMe and alpha-ReQ
+      (default 25600).
+    chunk_rows: rows per chunk when streaming the statistics over a store.
+  """
   eps: float = stats.DEFAULT_EPS
   band: tuple[float, float] = stats.DEFAULT_BAND
   nonzero_only: bool = True
@@ -45,7 +60,18 @@ class AnalysisConfig:
 
 @dataclasses.dataclass
 class Split:
-  """Representations (array or memory map), labels and ids of one split."""
+  """Representations (array or memory map), labels and ids of one split.
+
+  Attributes:
+    representations: (N, d) float32, a NumPy array, a memory map or a
+      row-indexable view of a store too large for one map.
+    labels: (N,) integer class labels.
+    ids: (N,) example ids (row numbers for :meth:`from_arrays`).
+    source: what the streaming statistics read: the
+      :class:`~qscore_jax.store.RepresentationStore` or the (N, d) array.
+    description: provenance recorded in the report (model, dataset, split,
+      split size; or ``{'split': name}``).
+  """
   representations: Any
   labels: np.ndarray
   ids: np.ndarray
@@ -54,6 +80,11 @@ class Split:
 
   @classmethod
   def from_store(cls, path) -> 'Split':
+    """The split held in a complete representation store.
+
+    Args:
+      path: the store directory (:func:`qscore_jax.embed.embed_dataset`).
+    """
     store = RepresentationStore.open(path)
     reps = store.representations() if store.num_rows * store.dim * 4 <= 2 ** 31 else \
         _StoreMatrix(store)
@@ -62,6 +93,13 @@ class Split:
 
   @classmethod
   def from_arrays(cls, representations, labels, name: str = 'arrays') -> 'Split':
+    """A split from in-memory arrays; ids are the row numbers.
+
+    Args:
+      representations: (N, d), converted to float32.
+      labels: (N,) integer class labels.
+      name: the split's name in the report (default ``'arrays'``).
+    """
     representations = np.asarray(representations, np.float32)
     return cls(representations, np.asarray(labels), np.arange(len(representations)),
                representations, {'split': name})
@@ -100,6 +138,15 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
             config: AnalysisConfig = AnalysisConfig(), plots: bool = True) -> dict[str, Any]:
   """Runs the analysis and writes ``report.json``, ``scores.npz`` and the plots.
 
+  Args:
+    train: the reference split: gives A_j and D and trains the linear probe.
+    evaluation: the split that is scored and classified.
+    out_dir: output directory (created).
+    num_classes: number of classes (default: the largest label of both
+      splits + 1).
+    class_names: names for the per-class table and plot (default: the indices).
+    config: every option (:class:`AnalysisConfig`).
+    plots: also draw the PNG plots (default True).
   Returns:
     The report dict (also in ``<out_dir>/report.json``).
   """
@@ -159,7 +206,9 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
       'num_classes': num_classes, 'dim': int(len(feature.counts)),
       'options': {'eps': config.eps, 'band': list(config.band),
                   'nonzero_only': config.nonzero_only,
-                  'probe': dataclasses.asdict(config.probe), 'knn_k': config.knn_k},
+                  'probe': dataclasses.asdict(config.probe), 'knn_k': config.knn_k,
+                  'compression': (dataclasses.asdict(config.compression)
+                                  if config.compression else None)},
       'feature_stats': feature.to_json(),
       'probe': {'top1': result['top1'], 'top5': result['top5'], 'train_top1': train_accuracy,
                 'final_loss': float(probe.losses[-1])},
@@ -206,7 +255,14 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
 
 
 def summary_lines(report_dict: dict[str, Any]) -> list[str]:
-  """A short human-readable summary of a report."""
+  """A short human-readable summary of a report.
+
+  Args:
+    report_dict: the dict returned by :func:`analyze` (or read from
+      ``report.json``).
+  Returns:
+    The lines, without newlines.
+  """
   m = report_dict['misclassification']
   fs = report_dict['feature_stats']
   lines = [
@@ -239,6 +295,17 @@ def compare_models(model_refs: Sequence[str], dataset: str, out_dir: str | pathl
   ``model/``) or a converted registry id. Stores and reports go to
   ``<out_dir>/<i>-<name>/``; stores are resumed/reused when present.
 
+  Args:
+    model_refs: the models, in order.
+    dataset: dataset name (``qscore datasets``).
+    out_dir: output directory.
+    train_split: split giving D and training the probe (default ``'train'``).
+    eval_split: split that is scored and classified (default ``'test'``).
+    batch_size: global embedding batch (default 256).
+    data_dir: tfds data directory (default: the usual one).
+    config: analysis options (default: :class:`AnalysisConfig` without the
+      compression curve).
+    progress: show progress bars while embedding (default True).
   Returns:
     One report dict per model, in order.
   """
@@ -261,7 +328,14 @@ def compare_models(model_refs: Sequence[str], dataset: str, out_dir: str | pathl
 
 
 def comparison_lines(reports: Sequence[dict[str, Any]]) -> list[str]:
-  """The side-by-side table of :func:`compare_models`."""
+  """The side-by-side table of :func:`compare_models`.
+
+  Args:
+    reports: the report dicts returned by :func:`compare_models` (each with
+      ``model_ref``).
+  Returns:
+    The table's lines, one row per quantity and one column per model.
+  """
   rows = [('model', lambda r: pathlib.Path(r['model_ref']).name),
           ('linear top-1 %', lambda r: f"{100 * r['probe']['top1']:.2f}"),
           ('linear top-5 %', lambda r: f"{100 * r['probe']['top5']:.2f}"),

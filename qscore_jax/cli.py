@@ -124,7 +124,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
   comp = None if args.no_compression else compression.CompressionConfig(
       random_seeds=tuple(range(args.compression_seeds)),
       probe=ProbeConfig(epochs=args.compression_probe_epochs, batch_size=args.probe_batch_size,
-                        learning_rate=args.probe_lr, feature_norm=args.probe_feature_norm))
+                        learning_rate=args.probe_lr, feature_norm=args.probe_feature_norm,
+                        seed=args.seed))
   config = analysis.AnalysisConfig(eps=args.eps, band=tuple(args.band),
                                    nonzero_only=not args.all_features, probe=probe,
                                    compression=comp, knn_k=args.knn_k)
@@ -154,7 +155,17 @@ def _cmd_train_supervised(args: argparse.Namespace) -> int:
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()):
-  """``name:args`` (a module of qscore_jax.configs) or ``path.py:args`` -> ConfigDict."""
+  """``name:args`` (a module of qscore_jax.configs) or ``path.py:args`` -> ConfigDict.
+
+  Args:
+    spec: ``NAME[:arg]`` (``qscore_jax/configs/NAME.py``) or ``FILE.py[:arg]``;
+      ``arg`` (e.g. ``k=v,k2=v2``) is passed to the module's ``get_config``.
+    overrides: ``key=value`` strings applied afterwards (dotted keys; see
+      :func:`qscore_jax.configs.finetune.apply_overrides`).
+  Raises:
+    FileNotFoundError: the config file does not exist.
+    ValueError: no built-in config of that name, or a bad override.
+  """
   import importlib  # pylint: disable=import-outside-toplevel
   import importlib.util  # pylint: disable=import-outside-toplevel
   import pathlib  # pylint: disable=import-outside-toplevel
@@ -250,11 +261,67 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+  from qscore_jax import demo  # pylint: disable=import-outside-toplevel
+  demo.run_demo(args.out, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+                stage=None if args.stage == 'default' else args.stage, eps=args.eps,
+                probe_epochs=args.probe_epochs, progress=not args.no_progress)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+  """The ``qscore`` argument parser: one subcommand per task, each with its handler.
+
+  ``parse_args`` returns a namespace whose ``func(args)`` runs the command and
+  returns the exit status (see :func:`main`).
+  """
   parser = argparse.ArgumentParser(
       prog='qscore',
       description='Q-Score analysis of self-supervised image representations (JAX/Flax).')
+  multihost = parser.add_argument_group(
+      'multi-host (TPU pods, GPU clusters)',
+      'Run the same command on every host; each process reads its share of the data and all '
+      'processes compute one global result.')
+  multihost.add_argument('--distributed', action='store_true',
+                         help='call jax.distributed.initialize() before anything else (auto-'
+                              'detects TPU pods, SLURM, Open MPI and GKE; elsewhere give the three '
+                              'options below)')
+  multihost.add_argument('--coordinator-address', metavar='HOST:PORT',
+                         help='address of process 0 (default: auto-detected or '
+                              '$JAX_COORDINATOR_ADDRESS)')
+  multihost.add_argument('--num-processes', type=int, help='number of processes (default: '
+                                                           'auto-detected)')
+  multihost.add_argument('--process-id', type=int, help='this process\'s index, 0-based '
+                                                        '(default: auto-detected)')
   commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+  demo = commands.add_parser(
+      'demo', help='the whole method on built-in data in a few minutes; writes a report',
+      description='Loads the small SimCLR encoder shipped with the package, embeds the built-in '
+                  'synthetic shapes, finds the discriminative features, scores Q, trains the '
+                  'linear probe, reports AUPRC and the compression curve, draws heatmaps, and '
+                  'writes OUT/report.md (Markdown with PNG plots), whose path it prints.')
+  demo.add_argument('--out', default='qscore_demo',
+                    help='output directory (default ./qscore_demo; a rerun reuses its stores)')
+  demo.add_argument('--model', default='demo-simclr-r18w025',
+                    help='encoder (default: the shipped demo-simclr-r18w025); any saved model '
+                         'directory, finetune workdir or converted id')
+  demo.add_argument('--dataset', default='synthetic_shapes/fixed_colours_small',
+                    help='a dataset with core/spurious masks and train/test splits (default '
+                         'synthetic_shapes/fixed_colours_small, generated on first use)')
+  demo.add_argument('--stage', default='layer2',
+                    help="Grad-CAM stage (default layer2, 8x8 on 32-px images; 'default': the "
+                         "model's own default, layer4 for a ResNet)")
+  demo.add_argument('--eps', type=float, default=2.0,
+                    help="L_i threshold in standard deviations (default 2; the paper's 4 leaves "
+                         'most images of the 128-d demo encoder with no highly active '
+                         'discriminative feature)')
+  demo.add_argument('--probe-epochs', type=int, default=100,
+                    help='epochs of the linear probe (default 100)')
+  demo.add_argument('--data-dir', help='tfds data directory (default $QSCORE_JAX_DATA_DIR or '
+                                       '~/tensorflow_datasets)')
+  demo.add_argument('--no-progress', action='store_true', help='no progress bars')
+  demo.set_defaults(func=_cmd_demo)
 
   models = commands.add_parser(
       'models', help='list the registered official checkpoints',
@@ -269,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
       'convert', help='convert an official checkpoint into a qscore_jax model',
       description='Convert a published SSL checkpoint into an orbax checkpoint plus metadata '
                   '(default directory checkpoints/<model-id>/). Give a registry id to download '
-                  'the official file (cached in $QSCORE_JAX_CACHE or ~/.cache/qscore_jax, '
+                  'the official file (cached in $QSCORE_JAX_CACHE/downloads, default '
+                  '~/.cache/qscore_jax/downloads, '
                   'verified against the registry digest when known), or --file with --method '
                   '(and optionally --arch) for a local file. Every parameter must be filled '
                   'exactly once and every key of the file used or dropped by an explicit rule.')
@@ -286,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument('--submodel', help='which network of the file: DINO teacher|student, BYOL '
                        'online|target, MoCo query|key, MoCo v3 base|momentum, SimCLR base|ema, '
                        'solo-learn base|momentum (default: the one the authors evaluate)')
-  convert.add_argument('--out', help='output directory (default checkpoints/<model-id>)')
+  convert.add_argument('--out', help='output directory (default checkpoints/<model-id>, '
+                       'plus -<submodel> for a non-default --submodel; without a registry id '
+                       'checkpoints/<method>-<file name>)')
   convert.add_argument('--overwrite', action='store_true', help='replace an existing output')
   convert.add_argument('--no-progress', action='store_true', help='no download progress bar')
   convert.set_defaults(func=_cmd_convert)
@@ -306,9 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
       description='Prepare a dataset in the tfds data directory: imagenet2012 from the manual '
                   'download in <data-dir>/downloads/manual, imagenet100 from a prepared '
                   'imagenet2012, salient_imagenet from the published Salient ImageNet folder, '
-                  'downloadable tfds datasets by downloading them.')
+                  'the built-in generated datasets by generating them, downloadable tfds '
+                  'datasets by downloading them; then describe it as `qscore datasets NAME` '
+                  'does.')
   prepare.add_argument('name', help='dataset name')
-  prepare.add_argument('--data-dir', help='tfds data directory')
+  prepare.add_argument('--data-dir', help='tfds data directory (default '
+                       '$QSCORE_JAX_DATA_DIR or ~/tensorflow_datasets)')
   prepare.add_argument('--salient-dir', help='salient_imagenet: the published dataset folder')
   prepare.add_argument('--annotations', help='salient_imagenet: discover_spurious_features.csv')
   prepare.add_argument('--imagenet-train-dir', help='salient_imagenet: read images from an '
@@ -320,13 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
       description='Embed a split with a saved/converted model into a representation store '
                   '(float32 N x d, labels, ids, one shard per process). Run with the same '
                   'arguments again to resume an interrupted run. Multi-host: run on every host.')
-  embed.add_argument('model', help='a saved model directory (qscore convert / save_model)')
+  embed.add_argument('model', help='a saved model directory (qscore convert / save_model), a '
+                     'finetune workdir, a converted registry id or a shipped model id')
   embed.add_argument('--dataset', required=True, help='dataset name (qscore datasets)')
   embed.add_argument('--split', required=True, help='split, e.g. train, test, validation')
   embed.add_argument('--out', required=True, help='store directory')
-  embed.add_argument('--batch-size', type=int, default=256, help='global batch (default 256)')
-  embed.add_argument('--image-size', type=int, help="override the model's input size")
-  embed.add_argument('--data-dir', help='tfds data directory')
+  embed.add_argument('--batch-size', type=int, default=256,
+                     help='global batch, a multiple of the device count (default 256)')
+  embed.add_argument('--image-size', type=int,
+                     help="override the model's input size (default: its preprocessing's)")
+  embed.add_argument('--data-dir', help='tfds data directory (default '
+                     '$QSCORE_JAX_DATA_DIR or ~/tensorflow_datasets)')
   embed.add_argument('--no-progress', action='store_true', help='no progress bar')
   embed.set_defaults(func=_cmd_embed)
 
@@ -345,33 +422,56 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar=('LO', 'HI'), help='percentiles of A_j for D (default 50 95)')
   analyze.add_argument('--all-features', action='store_true',
                        help='percentiles over all A_j instead of the non-zero ones')
-  analyze.add_argument('--probe-epochs', type=int, default=100)
-  analyze.add_argument('--probe-batch-size', type=int, default=256)
-  analyze.add_argument('--probe-lr', type=float, default=0.1)
+  analyze.add_argument('--probe-epochs', type=int, default=100,
+                       help='epochs of the linear probe (default 100)')
+  analyze.add_argument('--probe-batch-size', type=int, default=256,
+                       help='minibatch of the linear probes (default 256)')
+  analyze.add_argument('--probe-lr', type=float, default=0.1,
+                       help='initial SGD learning rate of the linear probes (default 0.1)')
   analyze.add_argument('--probe-feature-norm', default='standardize',
-                       choices=['standardize', 'l2', 'none'])
-  analyze.add_argument('--knn-k', type=int, default=10)
+                       choices=['standardize', 'l2', 'none'],
+                       help='feature normalisation before the probes (default standardize: '
+                            "the reference split's mean and std)")
+  analyze.add_argument('--knn-k', type=int, default=10,
+                       help='neighbours of the k-NN agreement baseline (default 10)')
   analyze.add_argument('--no-compression', action='store_true', help='skip the compression curve')
-  analyze.add_argument('--compression-seeds', type=int, default=3)
-  analyze.add_argument('--compression-probe-epochs', type=int, default=30)
-  analyze.add_argument('--seed', type=int, default=0)
-  analyze.add_argument('--data-dir', help='tfds data directory (for class names)')
+  analyze.add_argument('--compression-seeds', type=int, default=3,
+                       help='random feature subsets per point of the compression curve, seeds '
+                            '0..N-1 (default 3)')
+  analyze.add_argument('--compression-probe-epochs', type=int, default=30,
+                       help='epochs of each probe of the compression curve (default 30)')
+  analyze.add_argument('--seed', type=int, default=0,
+                       help='seed of the linear probes, main and compression (default 0)')
+  analyze.add_argument('--data-dir', help='tfds data directory, for class names (default '
+                       '$QSCORE_JAX_DATA_DIR or ~/tensorflow_datasets)')
   analyze.set_defaults(func=_cmd_analyze)
 
   supervised = commands.add_parser(
       'train-supervised', help='train a backbone with labels from scratch (reference encoder)',
       description='Train a backbone plus linear classifier with cross-entropy on a fixed-size '
                   'dataset (e.g. synthetic_shapes) and save it like a converted model.')
-  supervised.add_argument('--dataset', default='synthetic_shapes')
-  supervised.add_argument('--arch', default='resnet18')
-  supervised.add_argument('--arch-option', action='append', type=_parse_option, metavar='KEY=VALUE')
-  supervised.add_argument('--steps', type=int, default=1000)
-  supervised.add_argument('--batch-size', type=int, default=128)
-  supervised.add_argument('--lr', type=float, default=0.1)
-  supervised.add_argument('--seed', type=int, default=0)
-  supervised.add_argument('--data-dir')
-  supervised.add_argument('--out', required=True)
-  supervised.add_argument('--overwrite', action='store_true')
+  supervised.add_argument('--dataset', default='synthetic_shapes',
+                          help='dataset whose train split is used (default synthetic_shapes)')
+  supervised.add_argument('--arch', default='resnet18',
+                          help='backbone architecture (default resnet18)')
+  supervised.add_argument('--arch-option', action='append', type=_parse_option, metavar='KEY=VALUE',
+                          help='architecture option, e.g. width_multiplier=0.25 (repeatable)')
+  supervised.add_argument('--steps', type=int, default=1000,
+                          help='training steps (default 1000)')
+  supervised.add_argument('--batch-size', type=int, default=128,
+                          help='global batch, a multiple of the device count (default 128)')
+  supervised.add_argument('--lr', type=float, default=0.1,
+                          help='peak learning rate of the warm-up + cosine schedule (SGD, '
+                               'Nesterov momentum 0.9) (default 0.1)')
+  supervised.add_argument('--seed', type=int, default=0,
+                          help='seed of the initialisation, data order and augmentations '
+                               '(default 0)')
+  supervised.add_argument('--data-dir', help='tfds data directory (default '
+                          '$QSCORE_JAX_DATA_DIR or ~/tensorflow_datasets)')
+  supervised.add_argument('--out', required=True,
+                          help='directory of the saved model (classifier saved as a head)')
+  supervised.add_argument('--overwrite', action='store_true',
+                          help='replace an existing model in --out')
   supervised.set_defaults(func=_cmd_train_supervised)
 
   finetune = commands.add_parser(
@@ -382,13 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
                   'qscore_jax/configs/finetune.py.')
   finetune.add_argument('--config', default='finetune',
                         help='NAME[:k=v,...] (a module of qscore_jax/configs) or FILE.py[:arg]; '
-                             'e.g. finetune:method=byol,dataset=synthetic_shapes')
+                             'e.g. finetune:method=byol,dataset=synthetic_shapes (default '
+                             'finetune)')
   finetune.add_argument('--set', action='append', metavar='KEY=VALUE',
                         help='override a config field (dotted, repeatable), e.g. '
                              'regularizer.lambda1=0')
   finetune.add_argument('--init', default='random',
-                        help="'random' (from scratch), a saved model directory or a converted "
-                             'registry id (default random)')
+                        help="'random' (from scratch), a saved model directory, a finetune "
+                             'workdir, a converted registry id or a shipped model id (default '
+                             'random)')
   finetune.add_argument('--workdir', required=True,
                         help='checkpoints, logs, final model/ (resumed when it exists)')
   finetune.add_argument('--stop-after', type=int,
@@ -403,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                   'seeds, embeds and probes every model, and prints mean and spread of linear '
                   'accuracy, AUPRC of Q, sparsity and compression. Rerun to resume. Config '
                   'fields: qscore_jax/configs/experiment.py.')
-  exp.add_argument('--config', default='experiment', help='NAME[:k=v,...] or FILE.py[:arg]')
+  exp.add_argument('--config', default='experiment',
+                   help='NAME[:k=v,...] or FILE.py[:arg] (default experiment)')
   exp.add_argument('--set', action='append', metavar='KEY=VALUE',
                    help='override a config field (repeatable), e.g. seeds=0:1')
   exp.add_argument('--workdir', required=True, help='every run, its evaluation, and results')
@@ -412,18 +515,27 @@ def build_parser() -> argparse.ArgumentParser:
   compare = commands.add_parser(
       'compare', help='embed and probe several models on the same data, side by side',
       description='Embed the train and eval splits with each model (saved model directory, '
-                  'finetune workdir or converted id), train the linear probe and print linear '
-                  'accuracy and the AUPRC of Q side by side.')
-  compare.add_argument('models', nargs='+', help='two (or more) models')
-  compare.add_argument('--dataset', required=True)
-  compare.add_argument('--train-split', default='train')
-  compare.add_argument('--eval-split', default='test')
-  compare.add_argument('--out', required=True, help='directory for stores and reports')
-  compare.add_argument('--batch-size', type=int, default=256)
-  compare.add_argument('--probe-epochs', type=int, default=100)
-  compare.add_argument('--seed', type=int, default=0)
-  compare.add_argument('--data-dir')
-  compare.add_argument('--no-progress', action='store_true')
+                  'finetune workdir, converted or shipped id), train the linear probe and print '
+                  'linear accuracy and the AUPRC of Q side by side.')
+  compare.add_argument('models', nargs='+',
+                       help='the models (usually two or more): saved model directory, finetune '
+                            'workdir, converted registry id or shipped model id')
+  compare.add_argument('--dataset', required=True, help='dataset name (qscore datasets)')
+  compare.add_argument('--train-split', default='train',
+                       help='split giving D and training the probe (default train)')
+  compare.add_argument('--eval-split', default='test',
+                       help='split that is scored and classified (default test)')
+  compare.add_argument('--out', required=True,
+                       help='directory for stores and reports (OUT/<i>-<model>/)')
+  compare.add_argument('--batch-size', type=int, default=256,
+                       help='global embedding batch, a multiple of the device count '
+                            '(default 256)')
+  compare.add_argument('--probe-epochs', type=int, default=100,
+                       help='epochs of the linear probe (default 100)')
+  compare.add_argument('--seed', type=int, default=0, help='seed of the linear probe (default 0)')
+  compare.add_argument('--data-dir', help='tfds data directory (default '
+                       '$QSCORE_JAX_DATA_DIR or ~/tensorflow_datasets)')
+  compare.add_argument('--no-progress', action='store_true', help='no progress bars')
   compare.set_defaults(func=_cmd_compare)
 
   interp = commands.add_parser(
@@ -436,25 +548,32 @@ def build_parser() -> argparse.ArgumentParser:
                   'of samples chosen by Q-Score and of one feature\'s top images. With two '
                   'models (e.g. before / after fine-tuning) also their paired difference.')
   interp.add_argument('models', nargs='+', metavar='MODEL',
-                      help='saved model directory, finetune workdir or converted id; two to '
-                           'compare')
+                      help='saved model directory, finetune workdir, converted registry id or '
+                           'shipped model id; two to compare')
   interp.add_argument('--dataset', default='synthetic_shapes',
                       help='dataset with core/spurious masks (default synthetic_shapes)')
   interp.add_argument('--split', default='test', help='split to explain (default test)')
   interp.add_argument('--reference-dataset', default=None,
                       help='dataset whose split gives D and trains the probe (default: '
                            '--dataset; e.g. imagenet2012 for salient_imagenet)')
-  interp.add_argument('--reference-split', default='train')
+  interp.add_argument('--reference-split', default='train',
+                      help='split of the reference dataset (default train)')
   interp.add_argument('--out', required=True, help='output directory')
-  interp.add_argument('--method', default='gradcam', choices=['gradcam', 'input_gradient'])
+  interp.add_argument('--method', default='gradcam', choices=['gradcam', 'input_gradient'],
+                      help='heatmap method: Grad-CAM at --stage, or input gradients (default '
+                           'gradcam)')
   interp.add_argument('--stage', default=None,
                       help="Grad-CAM's feature map (default: layer4 of a ResNet; for a ViT the "
                            'tokens entering its last block)')
   interp.add_argument('--heatmap-threshold', type=float, default=0.6,
-                      help='binarise heatmaps at this fraction of their max (default 0.6)')
+                      help='binarise heatmaps at this fraction of their max, or with '
+                           '--threshold-mode top_fraction keep this fraction of the pixels '
+                           '(default 0.6)')
   interp.add_argument('--threshold-mode', default='max_fraction',
                       choices=['max_fraction', 'top_fraction'],
-                      help='top_fraction: keep the top --heatmap-threshold fraction of pixels')
+                      help='max_fraction: pixels >= --heatmap-threshold x the max; '
+                           'top_fraction: the top --heatmap-threshold fraction of pixels '
+                           '(default max_fraction)')
   interp.add_argument('--mask-threshold', type=float, default=0.5,
                       help='a soft mask pixel >= this is inside (default 0.5)')
   interp.add_argument('--eps', type=float, default=4.0, help='L_i threshold (default 4)')
@@ -463,32 +582,60 @@ def build_parser() -> argparse.ArgumentParser:
                            'feature highly active most often)')
   interp.add_argument('--samples', type=int, default=4,
                       help='samples per group in the figure (default 4)')
-  interp.add_argument('--batch-size', type=int, default=64)
-  interp.add_argument('--probe-epochs', type=int, default=100)
-  interp.add_argument('--data-dir')
-  interp.add_argument('--no-progress', action='store_true')
+  interp.add_argument('--batch-size', type=int, default=64,
+                      help='global batch of the embedding and heatmap passes (default 64)')
+  interp.add_argument('--probe-epochs', type=int, default=100,
+                      help='epochs of the linear probe that labels samples correct / '
+                           'misclassified (default 100)')
+  interp.add_argument('--data-dir', help='tfds data directory (default '
+                      '$QSCORE_JAX_DATA_DIR or ~/tensorflow_datasets)')
+  interp.add_argument('--no-progress', action='store_true', help='no progress bars')
   interp.set_defaults(func=_cmd_interpret)
 
   inspect = commands.add_parser(
       'inspect', help='embed a generated batch with a model and print representation statistics',
       description='Build a backbone (random weights) from a registry id or architecture name, '
-                  'or load a saved model directory, embed a batch of generated images with '
-                  'the jitted forward pass, and print throughput and the statistics Q-Score is '
-                  'built on (per-sample mean/std, highly active features).')
+                  'or load a saved model directory or shipped model, embed a batch of generated '
+                  'images with the jitted forward pass, and print throughput and the statistics '
+                  'Q-Score is built on (per-sample mean/std, highly active features).')
   inspect.add_argument('model', help='registry id (e.g. dino-vits16), architecture '
-                       '(e.g. resnet50) or a directory written by save_model')
+                       '(e.g. resnet50), a directory written by save_model or a shipped '
+                       'model id (demo-simclr-r18w025)')
   inspect.add_argument('--batch-size', type=int, default=8, help='images in the batch (default 8)')
   inspect.add_argument('--image-size', type=int, default=None,
                        help="square input side (default: the model's preprocessing size)")
-  inspect.add_argument('--seed', type=int, default=0, help='seed of images and random weights')
+  inspect.add_argument('--seed', type=int, default=0,
+                       help='seed of images and random weights (default 0)')
   inspect.add_argument('--json', action='store_true', help='print the report as JSON')
   inspect.set_defaults(func=_cmd_inspect)
   return parser
 
 
+def _initialize_distributed(args: argparse.Namespace) -> None:
+  manual = (args.coordinator_address, args.num_processes, args.process_id)
+  if not args.distributed:
+    if any(value is not None for value in manual):
+      raise ValueError('--coordinator-address, --num-processes and --process-id only apply with '
+                       '--distributed.')
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                             num_processes=args.num_processes, process_id=args.process_id)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the ``qscore`` command line with ``argv`` (default ``sys.argv[1:]``).
+
+  Args:
+    argv: the arguments after the program name.
+
+  Returns:
+    The exit status: 0 on success, 1 for a failed training run, 2 for a bad input
+    (its message goes to stderr).
+  """
   args = build_parser().parse_args(argv)
   try:
+    _initialize_distributed(args)
     return args.func(args)
   except (ValueError, KeyError, TypeError, OSError, NotImplementedError) as error:
     message = error.args[0] if isinstance(error, KeyError) and error.args else error

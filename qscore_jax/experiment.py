@@ -29,8 +29,20 @@ import numpy as np
 VARIANTS = ('plain', 'qscore')
 
 
-def _finetune_config(config, method: str, *, steps: int, seed: int, regularizer: str,
-                     learning_rate: float, warmup_epochs: float):
+def run_config(config: ml_collections.ConfigDict, method: str, *, steps: int, seed: int,
+               regularizer: str, learning_rate: float,
+               warmup_epochs: float) -> ml_collections.ConfigDict:
+  """The ``qscore finetune`` config of one run of the experiment ``config``.
+
+  Args:
+    config: an experiment config (``qscore_jax/configs/experiment.py``).
+    method: the SSL method of the run (``simclr``, ``byol``, ...).
+    steps: optimisation steps.
+    seed: data order, augmentations and head initialisation.
+    regularizer: ``'none'`` or ``'qscore'``.
+    learning_rate: peak learning rate (cosine schedule).
+    warmup_epochs: linear warm-up length in epochs.
+  """
   from qscore_jax.configs import finetune  # pylint: disable=import-outside-toplevel
   c = finetune.get_config(f'method={method}')
   c.dataset = config.dataset
@@ -54,6 +66,13 @@ def _finetune_config(config, method: str, *, steps: int, seed: int, regularizer:
   c.log_every_steps = max(steps // 4, 1)
   c.progress = False
   return c
+
+
+def pretrain_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """The experiment's pre-training run of ``method``: from scratch, no regularizer, seed 0,
+  ``config.pretrain_steps`` steps at ``config.learning_rate`` with one warm-up epoch."""
+  return run_config(config, method, steps=config.pretrain_steps, seed=0, regularizer='none',
+                    learning_rate=config.learning_rate, warmup_epochs=1.0)
 
 
 def _train(config, workdir: pathlib.Path, init: str, log) -> pathlib.Path:
@@ -113,7 +132,17 @@ def _evaluate(config, model_dir: pathlib.Path, out: pathlib.Path) -> dict[str, A
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                    log=print) -> dict[str, Any]:
-  """Runs (or resumes) the whole experiment; returns ``results.json``'s content."""
+  """Runs (or resumes) the whole experiment; returns ``results.json``'s content.
+
+  Args:
+    config: an experiment config (``qscore_jax/configs/experiment.py``).
+    workdir: directory of every run, ``results.json`` and ``table.md``
+      (created; finished runs in it are reused).
+    log: called with each progress line (default ``print``).
+  Returns:
+    ``{'config', 'runs', 'summary', 'seconds'}``; ``summary`` is :func:`summarize`
+    of ``runs``.
+  """
   import jax  # pylint: disable=import-outside-toplevel
   root = pathlib.Path(workdir).expanduser().resolve()
   root.mkdir(parents=True, exist_ok=True)
@@ -126,10 +155,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   runs: list[dict[str, Any]] = []
   for method in config.methods:
     log(f'{method}: pre-training {config.pretrain_steps} steps from scratch')
-    pretrain = _train(_finetune_config(config, method, steps=config.pretrain_steps, seed=0,
-                                       regularizer='none', learning_rate=config.learning_rate,
-                                       warmup_epochs=1.0),
-                      root / f'{method}-pretrain', 'random', log)
+    pretrain = _train(pretrain_config(config, method), root / f'{method}-pretrain', 'random',
+                      log)
     runs.append({'method': method, 'variant': 'pretrained', 'seed': None,
                  'metrics': _evaluate(config, pretrain, root / f'{method}-pretrain' / 'eval')})
     learning_rate = config.finetune_lr_fraction * config.learning_rate
@@ -137,9 +164,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
       for variant in VARIANTS:
         name = f'{method}-{variant}-seed{seed}'
         log(f'{method}: fine-tuning {config.finetune_steps} steps, {variant}, seed {seed}')
-        model = _train(_finetune_config(config, method, steps=config.finetune_steps, seed=seed,
-                                        regularizer='qscore' if variant == 'qscore' else 'none',
-                                        learning_rate=learning_rate, warmup_epochs=0.0),
+        model = _train(run_config(config, method, steps=config.finetune_steps, seed=seed,
+                                  regularizer='qscore' if variant == 'qscore' else 'none',
+                                  learning_rate=learning_rate, warmup_epochs=0.0),
                        root / name, str(pretrain), log)
         runs.append({'method': method, 'variant': variant, 'seed': seed,
                      'metrics': _evaluate(config, model, root / name / 'eval')})
@@ -154,7 +181,11 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float]]]]:
-  """``{method: {variant: {metric: [mean, std over seeds, n]}}}`` (std: ddof=1, 0 if n=1)."""
+  """``{method: {variant: {metric: [mean, std over seeds, n]}}}`` (std: ddof=1, 0 if n=1).
+
+  Args:
+    runs: ``{'method', 'variant', 'seed', 'metrics': {metric: value}}`` per run.
+  """
   out: dict[str, Any] = {}
   for run in runs:
     per_variant = out.setdefault(run['method'], {}).setdefault(run['variant'], {})
@@ -168,7 +199,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[
 
 
 COLUMNS = (('linear top-1 %', 'top1', 100, 1), ('AUPRC of Q for errors', 'auprc_q', 1, 3),
-           ('mean Q', 'mean_q', 1, 4), ('|D|', 'num_discriminative', 1, 1),
+           ('mean Q', 'mean_q', 1, 4), ('size of D', 'num_discriminative', 1, 1),
            ('Hoyer sparsity', 'hoyer', 1, 3), ('zeros %', 'zero_fraction', 100, 1))
 
 
@@ -199,4 +230,4 @@ def table_lines(results: dict[str, Any]) -> list[str]:
   return lines
 
 
-__all__ = ['run_experiment', 'summarize', 'table_lines']
+__all__ = ['pretrain_config', 'run_config', 'run_experiment', 'summarize', 'table_lines']

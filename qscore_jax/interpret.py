@@ -98,6 +98,9 @@ def default_stage(model: nn.Module) -> str:
   no other token of that block's output: the patch tokens reach it only
   through the last block's attention, so Grad-CAM taps them at its input (as
   pytorch-grad-cam's ``blocks[-1].norm1``).
+
+  Args:
+    model: a backbone exposing ``feature_names`` (ResNet or VisionTransformer).
   """
   return model.feature_names[-2] if _is_token_model(model) else model.feature_names[-1]
 
@@ -119,7 +122,15 @@ def check_stage(model: nn.Module, stage: str | None) -> str:
 
 def selection_of(h: jax.Array, discriminative: jax.Array,
                  eps: float = stats.DEFAULT_EPS) -> jax.Array:
-  """L_i ∩ D as a float mask: (N, d) representations, (d,) bool D -> (N, d) in {0, 1}."""
+  """L_i ∩ D as a float mask: (N, d) representations, (d,) bool D -> (N, d) in {0, 1}.
+
+  Args:
+    h: representations (N, d).
+    discriminative: (d,) membership of D (cast to bool).
+    eps: the highly-active threshold of L_i in per-sample stds (default 4).
+  Returns:
+    float32 (N, d).
+  """
   return (stats.highly_active(h, eps) & discriminative.astype(bool)[None, :]).astype(jnp.float32)
 
 
@@ -224,7 +235,16 @@ def heatmaps(model: nn.Module, variables: Any, images: jax.Array, *,
 
 def binarize_heatmap(heatmap: jax.Array, threshold: float = 0.6,
                      mode: str = 'max_fraction') -> jax.Array:
-  """(N, H, W) heatmaps in [0, 1] (max 1) -> bool regions (see :class:`InterpretConfig`)."""
+  """(N, H, W) heatmaps in [0, 1] (max 1) -> bool regions (see :class:`InterpretConfig`).
+
+  Args:
+    heatmap: (N, H, W) float in [0, 1], each divided by its max.
+    threshold: with ``'max_fraction'`` pixels >= this are on; with
+      ``'top_fraction'`` the top this fraction of each image's pixels (default 0.6).
+    mode: ``'max_fraction'`` (default) or ``'top_fraction'``.
+  Returns:
+    bool (N, H, W); zero pixels are never on.
+  """
   if mode == 'max_fraction':
     return (heatmap >= threshold) & (heatmap > 0)
   if mode == 'top_fraction':
@@ -235,7 +255,14 @@ def binarize_heatmap(heatmap: jax.Array, threshold: float = 0.6,
 
 
 def iou(region: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-image IoU of two (N, H, W) bool arrays: ``(iou, defined)``; 0 where the union is empty."""
+  """Per-image IoU of two (N, H, W) bool arrays: ``(iou, defined)``; 0 where the union is empty.
+
+  Args:
+    region: (N, H, W) bool, e.g. a binarised heatmap.
+    mask: (N, H, W) bool.
+  Returns:
+    ``iou`` (N,) float32 and ``defined`` (N,) bool (the union is non-empty).
+  """
   inter = jnp.sum(region & mask, axis=(1, 2))
   union = jnp.sum(region | mask, axis=(1, 2))
   return jnp.where(union > 0, inter / jnp.maximum(union, 1), 0.0), union > 0
@@ -249,6 +276,9 @@ def mask_ious(heatmap: jax.Array, core_mask: jax.Array, spurious_mask: jax.Array
   Args:
     heatmap: (N, H, W) in [0, 1]; core_mask, spurious_mask: (N, H, W) soft
       masks in [0, 1], the same size as the heatmaps.
+    heatmap_threshold: see :func:`binarize_heatmap` (default 0.6).
+    threshold_mode: ``'max_fraction'`` (default) or ``'top_fraction'``.
+    mask_threshold: a mask pixel >= this is inside the mask (default 0.5).
 
   Returns:
     ``core_iou``, ``spurious_iou`` (N,) and ``core_defined`` /
@@ -282,6 +312,15 @@ def interpret_batch(model: nn.Module, variables: Any, images: jax.Array, core_ma
   same IoUs against the image's masks rotated by 180 degrees (the same areas
   elsewhere): what the heatmap region scores by chance, since IoU grows with
   the mask's area (a large textured patch collects IoU by its size alone).
+
+  Args:
+    model: a backbone (``qscore_jax.models``).
+    variables: its variables.
+    images: (N, H, W, 3) network input (normalised as the model expects).
+    core_mask: (N, H, W) soft core masks in [0, 1].
+    spurious_mask: (N, H, W) soft spurious masks in [0, 1].
+    discriminative: (d,) bool, the set D.
+    config: stage, method, eps and thresholds (:class:`InterpretConfig`).
   """
   maps = heatmaps(model, variables, images, discriminative=discriminative, eps=config.eps,
                   stage=config.stage, method=config.method)
@@ -299,7 +338,16 @@ def interpret_batch(model: nn.Module, variables: Any, images: jax.Array, core_ma
 
 
 def make_interpret_step(model: nn.Module, config: InterpretConfig, mesh=None):
-  """:func:`interpret_batch` jitted over a mesh: variables and D replicated, batch on ``'data'``."""
+  """:func:`interpret_batch` jitted over a mesh: variables and D replicated, batch on ``'data'``.
+
+  Args:
+    model: a backbone (``qscore_jax.models``); its stage is checked first.
+    config: the :class:`InterpretConfig`.
+    mesh: the device mesh (default: every device of every process on ``'data'``).
+  Returns:
+    ``step(variables, images, core_mask, spurious_mask, discriminative)``,
+    cached per (model, config, mesh).
+  """
   check_stage(model, config.stage)
   return _cached_interpret_step(model, config, mesh or parallel.data_mesh())
 
@@ -355,7 +403,16 @@ def summarize_ious(per_image: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def compare_ious(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]
                  ) -> dict[str, Any]:
-  """Paired change of core / spurious IoU between two models on the same images (by id)."""
+  """Paired change of core / spurious IoU between two models on the same images (by id).
+
+  Args:
+    before: per-image arrays (as in ``ious.npz``: ``ids``, ``core_iou``,
+      ``core_defined``, ``spurious_iou``, ``spurious_defined``) of the first model.
+    after: the same arrays of the second model.
+  Returns:
+    ``images`` (ids in common) and, for ``core`` and ``spurious``, mean, std,
+    s.e. and count of ``after - before`` over images defined for both.
+  """
   common, a_index, b_index = np.intersect1d(before['ids'], after['ids'], return_indices=True)
   out: dict[str, Any] = {'images': int(len(common))}
   for name in ('core', 'spurious'):
@@ -417,7 +474,8 @@ def interpret_model(model_ref: str, dataset: str, out_dir: str | pathlib.Path, *
                     reference_split: str = 'train', config: InterpretConfig = InterpretConfig(),
                     batch_size: int = 64, feature: int | None = None,
                     samples_per_group: int = 4, data_dir: str | None = None,
-                    probe_epochs: int = 100, progress: bool = True) -> dict[str, Any]:
+                    probe_epochs: int = 100, compression=None, analysis_plots: bool = False,
+                    progress: bool = True) -> dict[str, Any]:
   """Heatmaps, IoUs and figures of one model on a dataset with masks (``qscore interpret``).
 
   1. Embeds ``reference_dataset``/``reference_split`` (default: ``dataset``'s
@@ -431,7 +489,27 @@ def interpret_model(model_ref: str, dataset: str, out_dir: str | pathlib.Path, *
      the one highly active most often), its most activating images.
 
   Writes ``<out>/interpret.json``, ``<out>/ious.npz`` and the PNGs; stores and
-  the analysis go to ``<out>/store_*`` and ``<out>/analysis`` (reused when present).
+  the analysis go to ``<out>/store_*`` and ``<out>/analysis`` (reused when present
+  and made with the same settings).
+
+  Args:
+    model_ref: a saved model directory, finetune workdir, converted or shipped id.
+    dataset: the dataset to explain; it must have core/spurious masks.
+    out_dir: output directory.
+    split: split of ``dataset`` to explain.
+    reference_dataset: dataset of the reference split (D, the probe); default ``dataset``.
+    reference_split: its split.
+    config: heatmap method, stage, thresholds, eps.
+    batch_size: global batch of the embedding and heatmap passes.
+    feature: the feature of the "most activating images" figure (default: the
+      discriminative feature highly active most often).
+    samples_per_group: images per row group (highest Q, lowest Q, misclassified).
+    data_dir: tfds data directory.
+    probe_epochs: epochs of the linear probe that labels samples correct / misclassified.
+    compression: a ``compression.CompressionConfig`` to add the compression
+      curve to the analysis (default: none).
+    analysis_plots: also draw the analysis plots (``<out>/analysis/*.png``).
+    progress: progress bars.
 
   Returns:
     The ``interpret.json`` content.
@@ -478,15 +556,18 @@ def interpret_model(model_ref: str, dataset: str, out_dir: str | pathlib.Path, *
   scores_path = out / 'analysis' / 'scores.npz'
   # The analysis is reused only if it was made with the same settings.
   settings = {'eps': config.eps, 'probe_epochs': probe_epochs,
-              'reference': f'{reference_dataset}/{reference_split}', 'split': f'{dataset}/{split}'}
+              'reference': f'{reference_dataset}/{reference_split}', 'split': f'{dataset}/{split}',
+              'compression': dataclasses.asdict(compression) if compression else None,
+              'plots': analysis_plots}
+  settings = json.loads(json.dumps(settings))  # tuples as lists, as they are read back
   settings_path = out / 'analysis' / 'interpret_settings.json'
   if not scores_path.is_file() or not settings_path.is_file() or json.loads(
       settings_path.read_text()) != settings:
     analysis.analyze(analysis.Split.from_store(stores['reference']),
                      analysis.Split.from_store(stores['evaluated']), out / 'analysis',
-                     config=analysis.AnalysisConfig(eps=config.eps, compression=None,
+                     config=analysis.AnalysisConfig(eps=config.eps, compression=compression,
                                                     probe=ProbeConfig(epochs=probe_epochs)),
-                     plots=False)
+                     class_names=info.class_names, plots=analysis_plots)
     settings_path.write_text(json.dumps(settings))
   scores = dict(np.load(scores_path))
   discriminative = scores['discriminative'].astype(bool)
@@ -610,7 +691,14 @@ def _draw_feature(model, variables, feature, ids, config, dataset, split, prepro
 def comparison(before: Mapping[str, Any], after: Mapping[str, Any],
                before_ious: Mapping[str, np.ndarray], after_ious: Mapping[str, np.ndarray]
                ) -> dict[str, Any]:
-  """Two ``interpret.json`` results (and their ``ious.npz``) side by side, with paired deltas."""
+  """Two ``interpret.json`` results (and their ``ious.npz``) side by side, with paired deltas.
+
+  Args:
+    before: the first model's ``interpret.json`` dict.
+    after: the second model's.
+    before_ious: the first model's ``ious.npz`` arrays (:func:`load_result`).
+    after_ious: the second model's.
+  """
   return {'before': before['model'], 'after': after['model'],
           'groups': {g: {name: {'before': before['summary'][g][name]['mean'],
                                 'after': after['summary'][g][name]['mean']}
@@ -619,7 +707,11 @@ def comparison(before: Mapping[str, Any], after: Mapping[str, Any],
 
 
 def comparison_lines(compared: Mapping[str, Any]) -> list[str]:
-  """A short text table of :func:`comparison`."""
+  """A short text table of :func:`comparison`.
+
+  Args:
+    compared: the dict returned by :func:`comparison`.
+  """
   def cell(value):
     return f'{value:.3f}' if value is not None else 'n/a'
   lines = [f"{'group':<14}{'core before':>12}{'after':>8}{'spurious before':>17}{'after':>8}"]
@@ -634,7 +726,11 @@ def comparison_lines(compared: Mapping[str, Any]) -> list[str]:
 
 
 def summary_lines(result: Mapping[str, Any]) -> list[str]:
-  """A short text table of one ``interpret.json``."""
+  """A short text table of one ``interpret.json``.
+
+  Args:
+    result: the dict returned by :func:`interpret_model` (or read back).
+  """
   lines = [f"model        {result['model']}",
            f"heatmaps     {result['config']['method']} at {result['config']['stage']}, "
            f"|D|={result['num_discriminative']}, probe top-1 {100 * result['probe_top1']:.1f}%",
@@ -651,7 +747,13 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
 
 
 def load_result(out_dir: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """``interpret.json`` and ``ious.npz`` of a finished :func:`interpret_model` run."""
+  """``interpret.json`` and ``ious.npz`` of a finished :func:`interpret_model` run.
+
+  Args:
+    out_dir: the run's output directory.
+  Returns:
+    ``(result dict, {name: per-image array})``.
+  """
   out = pathlib.Path(out_dir)
   return json.loads((out / 'interpret.json').read_text()), dict(np.load(out / 'ious.npz'))
 

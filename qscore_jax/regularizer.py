@@ -48,7 +48,23 @@ DISCRIMINATIVE = ('fixed', 'batch')
 
 @dataclasses.dataclass(frozen=True)
 class RegularizerConfig:
-  """Options of the regularizer (defaults: METHOD.md)."""
+  """Options of the regularizer (defaults: METHOD.md).
+
+  Attributes:
+    kind: ``'qscore'`` (default), ``'l1'`` (the Lasso baseline) or ``'none'``.
+    lambda1: weight of the low-quality term (of the L1 penalty for ``'l1'``)
+      (default 1e-4).
+    lambda2: weight of the dense-features term (default 1e-4).
+    normalization: ``'sum'`` (default) or ``'mean'`` (terms divided by B resp. d).
+    stop_gradient: treat alpha and beta as constants (default True).
+    views: ``'all'`` views through the backbone (default) or only the ``'first'``.
+    discriminative: ``'fixed'`` (D of the pre-trained model, default) or
+      ``'batch'`` (D of each batch).
+    refresh_every: steps between recomputations of a fixed D by the training
+      loop (default 0: never).
+    eps: highly-active threshold in per-sample stds (default 4).
+    band: percentiles delimiting D (default 50, 95).
+  """
   kind: str = 'qscore'
   lambda1: float = 1e-4
   lambda2: float = 1e-4
@@ -77,12 +93,19 @@ class RegularizerConfig:
 
   @property
   def needs_fixed_discriminative(self) -> bool:
+    """Whether the training loop must compute D on the pre-trained model first."""
     return self.kind == 'qscore' and self.discriminative == 'fixed'
 
 
 def batch_discriminative(h: jax.Array, eps: float = stats.DEFAULT_EPS,
                          band: tuple[float, float] = stats.DEFAULT_BAND) -> jax.Array:
-  """D computed from the batch itself, bool (d,)."""
+  """D computed from the batch itself, bool (d,).
+
+  Args:
+    h: representations of the batch (B, d).
+    eps: highly-active threshold in per-sample stds (default 4).
+    band: percentiles delimiting D (default 50, 95).
+  """
   return stats.discriminative_features(stats.activation_counts(h, eps), band)
 
 
@@ -94,6 +117,9 @@ def qscore_terms(h: jax.Array, discriminative: jax.Array, *, eps: float = stats.
   Args:
     h: backbone representations of the (global) batch, (B, d).
     discriminative: membership of D, bool (d,).
+    eps: highly-active threshold of Q in per-sample stds (default 4).
+    normalization: ``'sum'`` or ``'mean'`` (divide the terms by B resp. d).
+    stop_gradient: treat alpha and beta as constants (default True).
   Returns:
     ``low_quality``: -sum_{i: Q_i < alpha} Q_i; ``dense_features``:
     sum_{j: c_j > beta} c_j (each divided by B resp. d with ``'mean'``);
@@ -119,7 +145,12 @@ def qscore_terms(h: jax.Array, discriminative: jax.Array, *, eps: float = stats.
 
 
 def l1_penalty(h: jax.Array, normalization: str = 'sum') -> jax.Array:
-  """sum_ij |h_ij| (divided by B d with ``'mean'``)."""
+  """sum_ij |h_ij| (divided by B d with ``'mean'``), a float32 scalar.
+
+  Args:
+    h: representations (B, d).
+    normalization: ``'sum'`` (default) or ``'mean'``.
+  """
   total = jnp.sum(jnp.abs(jnp.asarray(h, jnp.float32)))
   return total / h.size if normalization == 'mean' else total
 
@@ -151,7 +182,7 @@ def regularizer(views: list[jax.Array] | tuple[jax.Array, ...], config: Regulari
       members = batch_discriminative(lax.stop_gradient(h), config.eps, config.band)
     elif discriminative is None:
       raise ValueError("regularizer discriminative='fixed' needs the set D of the pre-trained "
-                       'model (see qscore_jax.finetune.initial_discriminative).')
+                       'model (see qscore_jax.finetune.loop.reference_discriminative).')
     else:
       members = discriminative
     terms = qscore_terms(h, members, eps=config.eps, normalization=config.normalization,

@@ -23,13 +23,15 @@ from qscore_jax.models import embed, init_variables
 
 
 def resolve_model(ref: str) -> tuple[nn.Module, Any, dict[str, Any]]:
-  """Model, variables and a description for a saved-model dir, registry id or arch.
+  """Model, variables and a description for ``ref``.
 
-  Registry ids and architecture names give randomly initialised weights
-  (``variables`` is ``None``); a directory written by ``save_model`` gives
-  its stored weights.
+  Args:
+    ref: a directory written by ``save_model`` or the id of a shipped model
+      (stored weights), a registry id or an architecture name (randomly
+      initialised weights: ``variables`` is ``None``).
   """
-  path = pathlib.Path(ref).expanduser()
+  path = (weights.shipped_model_dir(ref) if ref in weights.SHIPPED_MODELS
+          else pathlib.Path(ref).expanduser())
   if (path / weights.METADATA_FILE).is_file():
     model, variables, metadata = weights.load_model(path)
     pre = metadata.get('preprocessing')
@@ -66,6 +68,12 @@ def generated_images(batch_size: int, height: int, width: int,
   Each image is a random mixture of coloured blobs over a gradient: enough
   structure that a convolutional net responds like to a photograph, not like
   to white noise.
+
+  Args:
+    batch_size: number of images.
+    height: image height in pixels.
+    width: image width in pixels.
+    seed: NumPy seed; the same seed gives the same images.
   """
   rng = np.random.default_rng(seed)
   yy, xx = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width),
@@ -84,7 +92,16 @@ def generated_images(batch_size: int, height: int, width: int,
 
 
 def representation_summary(h: np.ndarray, eps: float = stats.DEFAULT_EPS) -> dict[str, Any]:
-  """Summary statistics of representations ``h`` (N, d)."""
+  """Summary statistics of representations ``h`` (N, d).
+
+  Args:
+    h: representations (N, d).
+    eps: the highly-active threshold in per-sample stds (default 4).
+  Returns:
+    A JSON-serialisable dict: N, d, global mean/std/min/max, fractions of zero
+    and finite entries, average per-sample mean and std, ``eps``, |L_i|
+    statistics and the number of features ever highly active.
+  """
   h = np.asarray(h)
   mu, sigma = (np.asarray(a) for a in stats.sample_moments(h))
   active = np.asarray(stats.highly_active(h, eps))
@@ -109,8 +126,9 @@ def inspect_model(ref: str, *, batch_size: int = 8, image_size: int | None = Non
   """Embeds a generated batch with model ``ref`` and reports what happened.
 
   Args:
-    ref: saved-model directory, registry id (e.g. ``'dino-vits16'``) or
-      architecture name (e.g. ``'resnet50'``).
+    ref: saved-model directory, shipped model id (``demo-simclr-r18w025``),
+      registry id (e.g. ``'dino-vits16'``) or architecture name (e.g.
+      ``'resnet50'``); see :func:`resolve_model`.
     batch_size: images in the generated batch.
     image_size: square input side; defaults to the model's preprocessing size.
     seed: seeds the images and, for random weights, the initialisation.
@@ -153,7 +171,13 @@ def inspect_model(ref: str, *, batch_size: int = 8, image_size: int | None = Non
 
 
 def format_report(report: dict[str, Any]) -> str:
-  """Human-readable text of an :func:`inspect_model` report."""
+  """Human-readable text of an :func:`inspect_model` report.
+
+  Args:
+    report: the dict returned by :func:`inspect_model`.
+  Returns:
+    Multi-line text (no trailing newline).
+  """
   rep = report['representation']
   options = ', '.join(f'{k}={v}' for k, v in report['arch_options'].items())
   pre = report['preprocessing']

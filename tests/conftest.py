@@ -10,3 +10,16 @@ torch.load.)
 import timm  # noqa: F401  pylint: disable=unused-import
 import torch  # noqa: F401  pylint: disable=unused-import
 import torchvision  # noqa: F401  pylint: disable=unused-import
+
+
+import pytest  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def tiny_data_dir(tmp_path_factory):
+  """A tfds data directory with ``synthetic_shapes/tiny`` (256 train / 128 test, 32 px)
+  prepared once for the session, before any subprocess reads it."""
+  path = str(tmp_path_factory.mktemp('tfds'))
+  from qscore_jax.data import dataset_info  # pylint: disable=import-outside-toplevel
+  dataset_info('synthetic_shapes/tiny', path)
+  return path

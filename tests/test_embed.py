@@ -23,11 +23,8 @@ DATASET = 'synthetic_shapes/tiny'
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('tfds'))
-  from qscore_jax.data import dataset_info  # pylint: disable=import-outside-toplevel
-  dataset_info(DATASET, path)  # prepare once, before any subprocess reads it
-  return path
+def data_dir(tiny_data_dir):
+  return tiny_data_dir
 
 
 @pytest.fixture(scope='module')
@@ -106,9 +103,6 @@ def test_embed_step_under_jit_mesh_and_pmap():
 
 RUN = r"""
 import sys, json, jax
-if len(sys.argv) > 5:
-  jax.distributed.initialize(coordinator_address=sys.argv[5], num_processes=2,
-                             process_id=int(sys.argv[6]))
 from qscore_jax.embed import embed_model_on_dataset
 embed_model_on_dataset(sys.argv[1], 'synthetic_shapes/tiny', 'train', sys.argv[2],
                        batch_size=int(sys.argv[3]), data_dir=sys.argv[4], progress=False)
@@ -126,11 +120,21 @@ def _run(args, devices=1, env=None):
 def test_eight_devices_and_two_processes_equal_one_device(tmp_path, data_dir, saved_model):
   one = finish_json(_run([saved_model, tmp_path / 'one', 16, data_dir]))
   eight = finish_json(_run([saved_model, tmp_path / 'eight', 16, data_dir], devices=8))
+  # Two processes of 4 devices each, through the command line as on a pod: `qscore
+  # --distributed ... embed` on every host.
   address = f'127.0.0.1:{free_port()}'
-  workers = [_run([saved_model, tmp_path / 'two', 16, data_dir, address, i], devices=4)
-             for i in range(2)]
-  two = [finish_json(w) for w in workers]
-  assert (one['devices'], eight['devices'], two[0]['devices'], two[0]['processes']) == (1, 8, 8, 2)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  workers = [subprocess.Popen(
+      [sys.executable, '-m', 'qscore_jax.cli', '--distributed', '--coordinator-address', address,
+       '--num-processes', '2', '--process-id', str(i), 'embed', str(saved_model), '--dataset',
+       'synthetic_shapes/tiny', '--split', 'train', '--out', str(tmp_path / 'two'),
+       '--batch-size', '16', '--data-dir', str(data_dir), '--no-progress'],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for worker in workers:
+    out, err = worker.communicate(timeout=1500)
+    assert worker.returncode == 0, err[-4000:]
+    assert '256 x' in out, out  # every process reports the whole store
+  assert (one['devices'], eight['devices'], one['processes']) == (1, 8, 1)
 
   stores = {name: RepresentationStore.open(tmp_path / name) for name in ('one', 'eight', 'two')}
   assert len(stores['two'].shards) == 2 and stores['two'].shard_rows() == [128, 128]

@@ -24,11 +24,8 @@ TINY = ('dataset=synthetic_shapes/tiny,batch_size=16,arch_options.width_multipli
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('tfds'))
-  from qscore_jax.data import dataset_info  # pylint: disable=import-outside-toplevel
-  dataset_info(DATASET, path)  # prepared once, before subprocesses read it
-  return path
+def data_dir(tiny_data_dir):
+  return tiny_data_dir
 
 
 def _config(data_dir, extra=''):

@@ -137,7 +137,14 @@ def save_model(directory: str | pathlib.Path, variables: Mapping[str, Any],
 
 
 def read_metadata(directory: str | pathlib.Path) -> dict[str, Any]:
-  """The metadata dict of a saved model."""
+  """The metadata dict of a saved model.
+
+  Args:
+    directory: a directory written by :func:`save_model`.
+  Raises:
+    FileNotFoundError: no ``metadata.json`` in it.
+    ValueError: another metadata format version.
+  """
   path = pathlib.Path(directory).expanduser().resolve() / METADATA_FILE
   if not path.is_file():
     raise FileNotFoundError(
@@ -151,7 +158,12 @@ def read_metadata(directory: str | pathlib.Path) -> dict[str, Any]:
 
 
 def model_from_metadata(metadata: Mapping[str, Any], **overrides: Any) -> nn.Module:
-  """Rebuilds the Flax module described by a metadata dict."""
+  """Rebuilds the Flax module described by a metadata dict.
+
+  Args:
+    metadata: a saved model's metadata (its ``arch`` and ``arch_options``).
+    **overrides: module attributes replacing the stored options (e.g. ``dtype``).
+  """
   return build_model(metadata['arch'], **{**metadata['arch_options'], **overrides})
 
 
@@ -161,6 +173,10 @@ def tree_mismatches(expected: Any, actual: Any) -> list[str]:
   Returns one line per problem (empty when both have the same leaves and
   shapes): missing leaves, unexpected leaves, and shape mismatches with both
   shapes, parameters listed before statistics.
+
+  Args:
+    expected: the target pytree (e.g. the model's abstract variables).
+    actual: the pytree found (e.g. a checkpoint's metadata tree).
   """
   want = {jax.tree_util.keystr(p): tuple(v.shape)
           for p, v in jax.tree_util.tree_leaves_with_path(expected)}
@@ -227,6 +243,13 @@ def load_heads(directory: str | pathlib.Path, *,
   """The heads saved with a model: ``{name: (MLPHead module, variables)}``.
 
   ``overrides`` are passed to every head module (e.g. ``bn_axis_name``).
+
+  Args:
+    directory: a directory written by :func:`save_model`.
+    sharding: where to place every array (default: the first local device).
+    **overrides: :class:`MLPHead` attributes for every head.
+  Returns:
+    ``{}`` when the model was saved without heads.
   """
   directory = pathlib.Path(directory).expanduser().resolve()
   metadata = read_metadata(directory)
@@ -252,9 +275,43 @@ def load_heads(directory: str | pathlib.Path, *,
   return {name: (modules[name], restored[name]) for name in modules}
 
 
+# Models that ship inside the package (``checkpoints/<id>/``, installed as
+# ``qscore_jax.checkpoints``): small encoders trained by the project's own configs.
+SHIPPED_MODELS = ('demo-simclr-r18w025',)
+
+
+def shipped_model_dir(model_id: str) -> pathlib.Path:
+  """The installed directory of a model shipped with the package.
+
+  Args:
+    model_id: one of ``SHIPPED_MODELS``.
+
+  Raises:
+    ValueError: ``model_id`` is not shipped.
+    FileNotFoundError: the installation lacks its files (a broken install).
+  """
+  if model_id not in SHIPPED_MODELS:
+    raise ValueError(f'{model_id!r} is not shipped with qscore_jax; shipped: '
+                     f'{", ".join(SHIPPED_MODELS)}.')
+  import importlib.resources  # pylint: disable=import-outside-toplevel
+  directory = pathlib.Path(str(importlib.resources.files('qscore_jax.checkpoints'))) / model_id
+  if not (directory / METADATA_FILE).is_file():
+    raise FileNotFoundError(f'the shipped model {model_id} is missing from {directory}: '
+                            'reinstall qscore_jax (`pip install -e .` from a clone).')
+  return directory.resolve()
+
+
 def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
-  """A saved model directory from a path, a ``qscore finetune`` workdir (its exported
-  ``model/``) or a converted registry id (``checkpoints/<id>``).
+  """The saved model directory ``ref`` names.
+
+  Args:
+    ref: a saved model directory (it holds ``metadata.json``), a ``qscore finetune``
+      workdir (its exported ``model/``), a converted registry id
+      (``./checkpoints/<id>``) or the id of a model shipped with the package
+      (``demo-simclr-r18w025``, found wherever the package is installed).
+
+  Returns:
+    The directory, absolute.
 
   Raises:
     FileNotFoundError: saying whether the id is known but not converted yet.
@@ -267,6 +324,8 @@ def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
   converted = pathlib.Path('checkpoints') / str(ref)
   if (converted / METADATA_FILE).is_file():
     return converted.resolve()
+  if str(ref) in SHIPPED_MODELS:
+    return shipped_model_dir(str(ref))
   from qscore_jax.models import registry  # pylint: disable=import-outside-toplevel
   if str(ref) in {s.id for s in registry.list_models()}:
     raise FileNotFoundError(f'{ref} is not converted yet: run `qscore convert {ref}` (it '
@@ -283,6 +342,12 @@ def load_model(directory: str | pathlib.Path, *,
   ``overrides`` change module attributes that do not affect the weights,
   e.g. ``dtype=jnp.bfloat16`` or ``bn_axis_name='batch'``. Heads, if any,
   come from :func:`load_heads`.
+
+  Args:
+    directory: a directory written by :func:`save_model` (see
+      :func:`resolve_model_dir` for ids and workdirs).
+    sharding: where to place every array (default: the first local device).
+    **overrides: module attributes replacing the stored options.
   """
   metadata = read_metadata(directory)
   model = model_from_metadata(metadata, **overrides)
