@@ -24,6 +24,9 @@ from qscore_jax.stats import (
     discriminative_features, highly_active, nonfinite_rows, qscore, qscore_v1,
     sample_moments)
 from qscore_jax.embed import embed_dataset, embed_images, make_embed_step
+# Importing the submodule qscore_jax.embed bound the name `embed` to that module; the
+# public `qscore_jax.embed` is the jitted forward pass.
+from qscore_jax.models import embed  # pylint: disable=reimported
 
 __all__ = [
     '__version__', 'abstract_variables', 'activation_counts', 'activation_frequency',

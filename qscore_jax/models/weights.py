@@ -344,11 +344,13 @@ def load_model(directory: str | pathlib.Path, *,
   come from :func:`load_heads`.
 
   Args:
-    directory: a directory written by :func:`save_model` (see
-      :func:`resolve_model_dir` for ids and workdirs).
+    directory: a directory written by :func:`save_model`, or anything
+      :func:`resolve_model_dir` resolves (a finetune workdir, a converted or
+      shipped id such as ``'demo-simclr-r18w025'``).
     sharding: where to place every array (default: the first local device).
     **overrides: module attributes replacing the stored options.
   """
+  directory = resolve_model_dir(directory)
   metadata = read_metadata(directory)
   model = model_from_metadata(metadata, **overrides)
   return model, load_variables(directory, model, sharding=sharding), metadata

@@ -1,0 +1,108 @@
+"""The README says what the repository does: its commands and its supported-models table."""
+
+import pathlib
+import re
+import urllib.parse
+
+from qscore_jax.models import list_models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / 'README.md').read_text()
+
+DEMO_COMMAND = 'pip install -e . && qscore demo'
+TEST_COMMAND = 'pip install -e ".[test]" && python -m pytest'
+
+# Where each claim of the table's last column is tested.
+CONVERTER_TESTS = {  # (method, container) -> test of tests/test_convert.py
+    ('simclr', 'tf1'): 'test_simclr_v2_tf1',
+    ('simclr', 'tf1_zip'): 'test_simclr_v1_zip',
+    ('swav', 'torch_flat'): 'test_swav',
+    ('moco', 'torch_state_dict'): 'test_moco',
+    ('mocov3', 'torch_state_dict'): 'test_mocov3',
+    ('byol', 'byol_pickle'): 'test_byol_pickle',
+    ('dino', 'torch_flat'): 'test_dino_backbone_only',
+    ('dino', 'torch_full'): 'test_dino_full',
+    ('simsiam', 'torch_state_dict'): 'test_simsiam',
+    ('vicreg', 'torch_flat'): 'test_vicreg_and_barlowtwins',
+    ('vicreg', 'torch_full'): 'test_vicreg_and_barlowtwins',
+    ('barlowtwins', 'torch_flat'): 'test_vicreg_and_barlowtwins',
+    ('barlowtwins', 'torch_full'): 'test_vicreg_and_barlowtwins',
+}
+
+
+def _architecture_status(spec) -> str:
+  """How the backbone of ``spec`` is verified: outputs against torchvision / timm with random
+  weights (tests/test_resnet_parity.py, test_vit_parity.py), or parameter counts
+  (test_models_api.py::test_architecture_sizes_match_the_references)."""
+  options = dict(spec.arch_options)
+  if spec.arch == 'vit_small':
+    parts = ['outputs = timm' + (', with DINO\'s interpolation' if spec.method == 'dino' else '')]
+  elif spec.arch == 'vit_base':
+    parts = ["parameter count = timm (vit_small's code)"]
+  elif spec.arch == 'resnet50':
+    parts = ['outputs = torchvision']
+  else:
+    parts = ["parameter count = torchvision (ResNet-50's blocks)"]
+  if options.get('conv_padding') == 'tf_same':
+    parts.append('TF SAME padding = torchvision padded by hand')
+  elif options.get('pool_padding') == 'tf_same':
+    parts.append('TF-SAME max-pool = torchvision padded by hand')
+  width = options.get('width_multiplier', 1)
+  if width == 2:
+    parts.append('×2 widening = torchvision widened')
+  elif width != 1:
+    parts.append(f'×{width:g} widening: the code of the ×2 tested')
+  return '; '.join(parts)
+
+
+def _source(url: str) -> str:
+  parsed = urllib.parse.urlparse(url)
+  return f'[{parsed.netloc}]({url})'
+
+
+def models_table_lines() -> list[str]:
+  """The README's supported-models table, from the registry."""
+  lines = ['| id | method | architecture | official source | preprocessing | parity testing |',
+           '|---|---|---|---|---|---|']
+  for spec in list_models():
+    options = ', '.join(f'{k}={v}' for k, v in spec.arch_options.items())
+    arch = f'{spec.arch} ({options})' if options else spec.arch
+    if spec.supported:
+      container = spec.container + ('_zip' if spec.url.endswith('.zip') else '')
+      status = (f'{_architecture_status(spec)}; converter: '
+                f'`{CONVERTER_TESTS[(spec.method, container)]}`')
+    else:
+      status = f'**not supported**: {spec.reason}'
+    lines.append(f'| `{spec.id}` | {spec.method} | {arch} | {_source(spec.url)} | '
+                 f'{spec.preprocessing.name} | {status} |')
+  return lines
+
+
+def test_the_first_lines_are_the_two_commands_and_ci_runs_the_second():
+  block = README.split('```bash\n', 1)[1].split('```', 1)[0].splitlines()
+  assert [line.split('  #')[0].strip() for line in block] == [DEMO_COMMAND, TEST_COMMAND]
+  assert README.index('```bash') < 40  # the first thing a newcomer sees
+  ci = (ROOT / '.ci' / 'run').read_text().splitlines()
+  assert ci[-1] == TEST_COMMAND
+
+
+def test_the_supported_models_table_is_the_registry():
+  expected = '\n'.join(models_table_lines())
+  assert expected in README, ('README.md\'s supported-models table differs from the registry; '
+                              'replace it with:\n' + expected)
+
+
+def test_every_converter_test_named_in_the_table_exists():
+  tests = (ROOT / 'tests' / 'test_convert.py').read_text()
+  for names in CONVERTER_TESTS.values():
+    for name in names.split(', '):
+      assert re.search(rf'^def {name}\(', tests, re.M), name
+
+
+def test_every_cli_command_is_in_the_readme():
+  from qscore_jax import cli  # pylint: disable=import-outside-toplevel
+  parser = cli.build_parser()
+  commands = next(a for a in parser._actions if a.dest == 'command').choices  # pylint: disable=protected-access
+  section = README.split('## Command line', 1)[1].split('\n## ', 1)[0]
+  for name in commands:
+    assert f'qscore {name}' in section, name
