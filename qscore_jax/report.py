@@ -17,17 +17,17 @@ from typing import Any, Mapping
 import numpy as np
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg', force=False)
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
+def _subplots(*args, **kwargs):
+  """A new figure and its axes, outside pyplot: no backend is chosen or changed, so the
+  figures are written headless and a notebook's inline plotting is left alone."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=kwargs.pop('figsize', None))
+  return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  _pyplot().close(fig)
   return path
 
 
@@ -43,9 +43,8 @@ def plot_activation_frequencies(frequencies: np.ndarray, discriminative: np.ndar
   Returns:
     ``path``.
   """
-  plt = _pyplot()
   order = np.argsort(frequencies)
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = _subplots(figsize=(7, 4))
   ranks = np.arange(len(order))
   ax.plot(ranks, frequencies[order], color='0.3', lw=1, label='A_j, sorted')
   members = discriminative[order]
@@ -69,8 +68,7 @@ def plot_qscore_histograms(q: np.ndarray, correct: np.ndarray, path: pathlib.Pat
   Returns:
     ``path``.
   """
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = _subplots(figsize=(7, 4))
   bins = np.histogram_bin_edges(q, bins=40)
   for group, name in ((correct, 'correct'), (~correct, 'misclassified')):
     if group.any():
@@ -94,8 +92,7 @@ def plot_precision_recall(scores: Mapping[str, np.ndarray], correct: np.ndarray,
     ``path``.
   """
   from sklearn.metrics import precision_recall_curve  # pylint: disable=import-outside-toplevel
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6, 5))
+  fig, ax = _subplots(figsize=(6, 5))
   if 0 < correct.sum() < len(correct):
     for name, values in scores.items():
       precision, recall, _ = precision_recall_curve(correct, values)
@@ -118,8 +115,7 @@ def plot_compression(curve: Mapping[str, Any], path: pathlib.Path) -> pathlib.Pa
   Returns:
     ``path``.
   """
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = _subplots(figsize=(7, 4))
   removed = np.asarray(curve['fractions_removed'])
   ax.plot(removed, curve['ranked'], 'o-', label='kept by discriminativeness')
   mean, std = np.asarray(curve['random_mean']), np.asarray(curve['random_std'])
@@ -150,11 +146,10 @@ def plot_class_accuracy(q: np.ndarray, labels: np.ndarray, correct: np.ndarray,
   Returns:
     ``path``.
   """
-  plt = _pyplot()
   classes = np.unique(labels)
   mean_q = np.array([q[labels == c].mean() for c in classes])
   accuracy = np.array([correct[labels == c].mean() for c in classes])
-  fig, ax = plt.subplots(figsize=(6, 5))
+  fig, ax = _subplots(figsize=(6, 5))
   ax.scatter(mean_q, accuracy, s=18)
   if len(classes) <= 30 and class_names:
     for c, x, y in zip(classes, mean_q, accuracy):
@@ -183,9 +178,8 @@ def plot_heatmap_rows(rows, path: pathlib.Path, threshold: float | None = 0.6) -
   Returns:
     ``path``.
   """
-  plt = _pyplot()
   columns = ('image', 'heatmap', 'core mask', 'spurious mask')
-  fig, axes = plt.subplots(max(1, len(rows)), 4, figsize=(7.2, 1.9 * max(1, len(rows))),
+  fig, axes = _subplots(max(1, len(rows)), 4, figsize=(7.2, 1.9 * max(1, len(rows))),
                            squeeze=False)
   for r, row in enumerate(rows):
     panels = (row['image'], row['image'], row['core_mask'], row['spurious_mask'])
@@ -216,9 +210,8 @@ def plot_feature_images(images: np.ndarray, heatmaps: np.ndarray, ids, feature: 
   Returns:
     ``path``.
   """
-  plt = _pyplot()
   n = max(1, len(images))
-  fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
+  fig, axes = _subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
   for i in range(len(images)):
     axes[0][i].imshow(images[i])
     axes[0][i].set_title(f'#{ids[i]}', fontsize=8)

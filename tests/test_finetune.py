@@ -452,6 +452,9 @@ def test_finetune_from_a_saved_model_reuses_its_heads(tmp_path, data_dir):
   config = _config(data_dir, 'method=simclr,num_steps=2,checkpoint_every_steps=2')
   first = loop.run(config, tmp_path / 'pre')
   assert first['step'] == 2 and first['model'] is not None
+  # Run again, the run is finished: nothing trains, the same last metrics come back.
+  again = loop.run(config, tmp_path / 'pre')
+  assert again['step'] == 2 and again['metrics'] == first['metrics'] and first['metrics']
   built = loop.setup(_config(data_dir, 'method=simclr,num_steps=2'), init=str(first['model']))
   from qscore_jax.models.weights import load_heads  # pylint: disable=import-outside-toplevel
   saved = load_heads(first['model'])['projector'][1]['params']

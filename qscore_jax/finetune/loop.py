@@ -301,6 +301,19 @@ def _restore(manager, target, step: int):
       state=ocp.args.StandardRestore(abstract)))['state']
 
 
+def _last_logged(workdir: pathlib.Path, step: int) -> dict[str, float]:
+  """The metrics logged at ``step`` in ``workdir/metrics.jsonl`` (``{}`` when none)."""
+  path = workdir / 'metrics.jsonl'
+  if not path.is_file():
+    return {}
+  last: dict[str, float] = {}
+  for line in path.read_text().splitlines():
+    record = json.loads(line)
+    if record.get('step') == step:
+      last = {k: v for k, v in record.items() if k != 'step'}
+  return last
+
+
 class _Logger:
   """metrics.jsonl and TensorBoard scalars, written by process 0."""
 
@@ -374,7 +387,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
              disable=not config.progress or jax.process_index() != 0)
   window: list[dict[str, float]] = []
   since_checkpoint: list[float] = []
-  last: dict[str, float] = {}
+  last = _last_logged(workdir, start)  # what a run resumed at its end returns
   clock, images = time.perf_counter(), 0
   try:
     iterator = iter(batches)
