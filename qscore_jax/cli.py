@@ -104,8 +104,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-  from qscore_jax import embed  # pylint: disable=import-outside-toplevel
-  path = embed.embed_model_on_dataset(
+  from qscore_jax.embed import embed_model_on_dataset  # pylint: disable=import-outside-toplevel
+  path = embed_model_on_dataset(
       args.model, args.dataset, args.split, args.out, batch_size=args.batch_size,
       image_size=args.image_size, data_dir=args.data_dir, progress=not args.no_progress)
   from qscore_jax.store import RepresentationStore  # pylint: disable=import-outside-toplevel

@@ -9,7 +9,8 @@ small-batch recipe of the offline experiment (``configs/experiment.py``: SGD
 lr 0.1, temperature 0.5, crops >= 40 %), with more steps. Its provenance
 (this config, the step count) is in the checkpoint's ``metadata.json``; on the
 project's 2-core CPU it trains in about the time given in
-``checkpoints/README.md``, and training is deterministic on one CPU device.
+``checkpoints/README.md``. Training is deterministic on one machine; a CPU with other
+floating-point kernels (AVX2 vs AVX-512) trains a different encoder.
 """
 
 from __future__ import annotations

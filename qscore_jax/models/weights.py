@@ -350,7 +350,12 @@ def load_model(directory: str | pathlib.Path, *,
     sharding: where to place every array (default: the first local device).
     **overrides: module attributes replacing the stored options.
   """
-  directory = resolve_model_dir(directory)
+  try:
+    directory = resolve_model_dir(directory)
+  except FileNotFoundError:
+    if not pathlib.Path(directory).expanduser().is_dir():
+      raise
+    # An existing directory that is not a model: read_metadata says what is missing.
   metadata = read_metadata(directory)
   model = model_from_metadata(metadata, **overrides)
   return model, load_variables(directory, model, sharding=sharding), metadata
