@@ -108,7 +108,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
   path = embed_model_on_dataset(
       args.model, args.dataset, args.split, args.out, batch_size=args.batch_size,
       image_size=args.image_size, data_dir=args.data_dir, progress=not args.no_progress)
+  import jax  # pylint: disable=import-outside-toplevel
   from qscore_jax.store import RepresentationStore  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:  # every shard is written before any process describes the store
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices('qscore embed: all shards written')
   store = RepresentationStore.open(path, require_complete=False)
   print(f'store        {path}: {store.num_rows} x {store.dim} representations of '
         f'{args.dataset}/{args.split} ({len(store.shards)} shard(s))')
