@@ -24,6 +24,7 @@ chooses the inputs and writes the report.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 from typing import Any, Callable, Mapping
@@ -61,7 +62,7 @@ def run_demo(out_dir: str | pathlib.Path = 'qscore_demo', *, model: str = DEMO_M
   Returns:
     The path of ``report.md``.
   """
-  from qscore_jax import compression, interpret  # pylint: disable=import-outside-toplevel
+  from qscore_jax import analysis, compression, interpret  # pylint: disable=import-outside-toplevel
   from qscore_jax.models.weights import read_metadata, resolve_model_dir  # pylint: disable=import-outside-toplevel
   from qscore_jax.probe import ProbeConfig  # pylint: disable=import-outside-toplevel
 
@@ -79,14 +80,12 @@ def run_demo(out_dir: str | pathlib.Path = 'qscore_demo', *, model: str = DEMO_M
       config=interpret.InterpretConfig(stage=stage, eps=eps),
       batch_size=batch_size, data_dir=data_dir, probe_epochs=probe_epochs, compression=curve,
       analysis_plots=True, progress=progress)
-  import json  # pylint: disable=import-outside-toplevel
   analysis_report = json.loads((out / 'analysis' / 'report.json').read_text())
   seconds = time.perf_counter() - start
   text = report_markdown(analysis_report, result, read_metadata(model_dir), model=model,
                          dataset=dataset, seconds=seconds, data_dir=data_dir)
   path = out / 'report.md'
   path.write_text(text)
-  from qscore_jax import analysis  # pylint: disable=import-outside-toplevel
   for line in analysis.summary_lines(analysis_report) + interpret.summary_lines(result)[1:]:
     log(line)
   log(f'took         {seconds:.0f} s')
