@@ -64,6 +64,11 @@ class FlatCheckpoint(dict):
   numpy arrays of any rank, TF variables) to a numpy array; only these go
   through the converters' strict key accounting.
 
+  Args:
+    arrays: the ``{path: array}`` items.
+    metadata, neutralised: the attributes below (default empty).
+    source: where the file was read from, for messages (default ``'the file'``).
+
   Attributes:
     metadata: ``{path: JSON-able summary}`` of every part of the file that holds
       no array: numbers, strings, None, empty containers, ``argparse.Namespace``
