@@ -334,9 +334,8 @@ def _torch_load_restricted(torch, path):
   class Unpickler(_RestrictedUnpickler):
     _EXTRA = allowed
 
-    def __init__(self, file, **kwargs):
-      kwargs.pop('encoding', None)
-      super().__init__(file)
+    def __init__(self, file, **kwargs):  # torch passes encoding='utf-8' (and nothing else)
+      super().__init__(file, encoding=kwargs.get('encoding', 'ASCII'))
       self.neutralised = names
 
   module.Unpickler = Unpickler
@@ -606,8 +605,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
   }
   _EXTRA: Mapping[tuple[str, str], Any] = {}  # more allowed globals (torch's, for torch files)
 
-  def __init__(self, file):
-    super().__init__(file)
+  def __init__(self, file, *, encoding: str = 'ASCII'):
+    super().__init__(file, encoding=encoding)
     self.neutralised: set[str] = set()  # names that became placeholders
 
   def find_class(self, module: str, name: str):
