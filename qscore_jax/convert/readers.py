@@ -104,9 +104,15 @@ def _as_container(node: Any) -> Any:
   return node
 
 
+def _key_name(key: Any) -> str:
+  # A class used as a key (Lightning <= 1.4 keyed callback states by their type)
+  # is a placeholder in an untrusted file: named by what it stands for.
+  return key.name if isinstance(key, _Placeholder) else str(key)
+
+
 def _children(node: Any) -> list[tuple[str, Any]]:
   if isinstance(node, Mapping):
-    return [(str(k), v) for k, v in node.items()]
+    return [(_key_name(k), v) for k, v in node.items()]
   if isinstance(node, (list, tuple)):
     return [(str(i), v) for i, v in enumerate(node)]
   return []
@@ -119,7 +125,8 @@ def _contains(node: Any) -> tuple[bool, bool]:
     return True, False
   if isinstance(node, _Placeholder):
     return False, True
-  has_array = has_placeholder = False
+  has_array = False
+  has_placeholder = isinstance(node, Mapping) and any(isinstance(k, _Placeholder) for k in node)
   for _, child in _children(node):
     child_array, child_placeholder = _contains(child)
     has_array, has_placeholder = has_array or child_array, has_placeholder or child_placeholder
@@ -159,7 +166,7 @@ def summarize(node: Any, depth: int = 0) -> Any:
     if depth >= _SUMMARY_DEPTH:
       return f'<mapping of {len(node)} entries>'
     items = list(node.items())
-    out = {str(k): summarize(v, depth + 1) for k, v in items[:_SUMMARY_ITEMS]}
+    out = {_key_name(k): summarize(v, depth + 1) for k, v in items[:_SUMMARY_ITEMS]}
     if len(items) > _SUMMARY_ITEMS:
       out['...'] = f'{len(items) - _SUMMARY_ITEMS} more entries'
     return out
@@ -208,6 +215,10 @@ def flatten(tree: Any, prefix: str = '') -> FlatCheckpoint:
     if not (has_array or has_placeholder):
       out.metadata[path] = summarize(node)
       return
+    if isinstance(node, Mapping):
+      for key in node:
+        if isinstance(key, _Placeholder):
+          out.neutralised[f'{path}/{key.name}' if path else key.name] = key.name
     for key, value in _children(node):
       visit(value, f'{path}/{key}' if path else key)
 
