@@ -1,0 +1,128 @@
+"""Conversion of files with the complete top-level structure of each release.
+
+The files come from official_layouts.py: the reference networks of
+checkpoint_factories.py, saved with every top-level entry the official
+training code writes (optimizer states empty and real, schedulers, AMP
+scalers, argparse Namespaces, Lightning loops/callbacks/precision state,
+pickled references to functions and classes). Each must convert through
+``convert_checkpoint`` and match its reference outputs (``check``: 1e-4
+relative).
+"""
+
+import pytest
+
+import official_layouts as layouts
+from test_convert import check, convert
+
+
+_top_level = layouts.load_top_level
+
+
+# ------------------------------------------------------------------ SwAV
+
+@pytest.mark.parametrize('optimizer,amp', [('empty', False), ('sgd', True)])
+def test_swav_training_checkpoint(tmp_path, optimizer, amp):
+  synth = layouts.swav_training(tmp_path, optimizer=optimizer, amp=amp)
+  assert _top_level(synth.path) == {'epoch', 'state_dict', 'optimizer'} | ({'amp'} if amp else set())
+  check(synth, convert(synth, tmp_path, model_id='swav-r50-800ep'))
+
+
+# ------------------------------------------------------------------ MoCo v1/v2
+
+@pytest.mark.parametrize('version,optimizer', [(1, 'sgd'), (2, 'empty'), (2, 'sgd')])
+def test_moco_release(tmp_path, version, optimizer):
+  synth = layouts.moco_release(tmp_path, version=version, optimizer=optimizer)
+  assert _top_level(synth.path) == {'epoch', 'arch', 'state_dict', 'optimizer'}
+  model_id = 'mocov1-r50-200ep' if version == 1 else 'mocov2-r50-200ep'
+  check(synth, convert(synth, tmp_path, model_id=model_id))
+
+
+# ------------------------------------------------------------------ MoCo v3
+
+@pytest.mark.parametrize('kind,optimizer', [('resnet', 'empty'), ('resnet', 'real'), ('vit', 'real')])
+def test_mocov3_release(tmp_path, kind, optimizer):
+  synth = layouts.mocov3_release(tmp_path, kind=kind, optimizer=optimizer)
+  assert _top_level(synth.path) == {'epoch', 'arch', 'state_dict', 'optimizer', 'scaler'}
+  if kind == 'resnet':
+    converted = convert(synth, tmp_path, model_id='mocov3-r50-300ep')
+  else:  # the synthesised ViT has 2 blocks
+    converted = convert(synth, tmp_path, model_id='mocov3-vits-300ep', arch_options={'depth': 2})
+  check(synth, converted)
+
+
+# ------------------------------------------------------------------ DINO
+
+@pytest.mark.parametrize('kind,optimizer,fp16,submodel', [
+    ('vit', 'real', True, 'teacher'), ('vit', 'empty', False, 'student'),
+    ('resnet', 'real', False, 'teacher')])
+def test_dino_full_release(tmp_path, kind, optimizer, fp16, submodel):
+  synth = layouts.dino_full_release(tmp_path, kind=kind, optimizer=optimizer, fp16=fp16,
+                                    submodel=submodel)
+  assert _top_level(synth.path) == ({'student', 'teacher', 'optimizer', 'epoch', 'args', 'dino_loss'}
+                                    | ({'fp16_scaler'} if fp16 else set()))
+  if kind == 'vit':
+    converted = convert(synth, tmp_path, model_id='dino-vits16', arch_options={'depth': 2},
+                        submodel=submodel)
+  else:
+    converted = convert(synth, tmp_path, method='dino', arch='resnet50', submodel=submodel)
+  check(synth, converted)
+
+
+# ------------------------------------------------------------------ SimSiam
+
+@pytest.mark.parametrize('optimizer,fix_pred_lr', [('empty', True), ('real', True), ('real', False)])
+def test_simsiam_release(tmp_path, optimizer, fix_pred_lr):
+  synth = layouts.simsiam_release(tmp_path, optimizer=optimizer, fix_pred_lr=fix_pred_lr)
+  assert _top_level(synth.path) == {'epoch', 'arch', 'state_dict', 'optimizer'}
+  check(synth, convert(synth, tmp_path, model_id='simsiam-r50-100ep'))
+
+
+# ------------------------------------------------------------------ VICReg / Barlow Twins
+
+@pytest.mark.parametrize('method,optimizer,filters', [
+    ('vicreg', 'empty', 'function'), ('vicreg', 'real', 'function'),
+    ('barlowtwins', 'real', 'function'), ('barlowtwins', 'real', 'flag')])
+def test_vicreg_and_barlowtwins_full_release(tmp_path, method, optimizer, filters):
+  synth = layouts.vicreg_or_barlow_release(tmp_path, method=method, optimizer=optimizer,
+                                           filters=filters)
+  assert _top_level(synth.path) == {'epoch', 'model', 'optimizer'}
+  # The official LARS pickles the script's exclude_bias_and_norm function in
+  # every param group: weights_only=True refuses such a file.
+  assert layouts.rejected_by_weights_only(synth.path) == (optimizer == 'real' and filters == 'function')
+  check(synth, convert(synth, tmp_path, method=method, arch='resnet18'))
+
+
+# ------------------------------------------------------------------ BYOL
+
+@pytest.mark.parametrize('opt_state,submodel', [('optax_chain', 'online'), ('optax_chain', 'target')])
+def test_byol_release(tmp_path, opt_state, submodel):
+  synth = layouts.byol_release(tmp_path, opt_state=opt_state, submodel=submodel)
+  check(synth, convert(synth, tmp_path, model_id='byol-r50x1', submodel=submodel))
+
+
+# ------------------------------------------------------------------ solo-learn (Lightning)
+
+SOLO_CASES = [
+    # (Lightning version, optimizer, precision, user ModelCheckpoint, omegaconf hparams)
+    ('1.4.7', 'real', 16, False, False),   # no loops, native_amp_scaling_state
+    ('1.6.4', 'real', 16, False, False),   # loops, NativeMixedPrecisionPlugin, callbacks {}
+    ('1.6.4', 'empty', 32, False, False),  # optimizer_states [], lr_schedulers []
+    ('2.1.2', 'real', 16, False, False),   # MixedPrecision
+    ('2.1.2', 'real', 16, True, True),     # a user's run: ModelCheckpoint, DictConfig hparams
+    ('1.4.7', 'real', 16, True, False),    # callbacks keyed by the ModelCheckpoint class
+]
+
+
+@pytest.mark.parametrize('version,optimizer,precision,user_callbacks,omegaconf_hparams', SOLO_CASES)
+def test_solo_learn_lightning(tmp_path, version, optimizer, precision, user_callbacks,
+                              omegaconf_hparams):
+  synth = layouts.solo_lightning(tmp_path, version=version, optimizer=optimizer,
+                                 precision=precision, user_callbacks=user_callbacks,
+                                 omegaconf_hparams=omegaconf_hparams)
+  keys = _top_level(synth.path)
+  assert {'epoch', 'global_step', 'pytorch-lightning_version', 'state_dict', 'callbacks',
+          'optimizer_states', 'lr_schedulers'} <= keys
+  assert ('loops' in keys) == (version >= '1.5')
+  assert layouts.rejected_by_weights_only(synth.path) == (
+      omegaconf_hparams or (user_callbacks and version < '1.5'))
+  check(synth, convert(synth, tmp_path, method='solo-learn', arch='resnet18'))
