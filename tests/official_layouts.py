@@ -441,6 +441,42 @@ def byol_release(tmp: pathlib.Path, *, opt_state='optax_chain', submodel='online
   return synth
 
 
+# ------------------------------------------------------------------ SimCLR (TF1)
+
+def simclr_release(tmp: pathlib.Path, *, version=2, ema=True) -> factories.Synth:
+  """A SimCLR TF1 checkpoint as the official code writes it.
+
+  google-research/simclr (commit 383d414): ``model.py`` trains with
+  ``TPUEstimator`` and ``optimizer.minimize(loss,
+  global_step=tf.train.get_or_create_global_step())`` (line 159), so the
+  checkpoint holds ``global_step``; ``model_util.get_optimizer`` builds
+  ``tf.train.MomentumOptimizer`` or ``lars_optimizer.LARSOptimizer``, whose
+  slot is ``tf.get_variable(name=param_name + "/Momentum")`` (lars_optimizer.py
+  ``apply_gradients``): one ``<variable>/Momentum`` per *trainable* variable
+  (kernels, gamma, beta, dense bias), none for ``moving_mean`` /
+  ``moving_variance``. The public code has no EMA; the released v2 files
+  have ``ema_model/base_model/...`` and ``ema_model/head_contrastive/...``
+  copies according to Separius/SimCLRv2-Pytorch ``convert.py`` (its ``--ema``
+  flag reads those prefixes), which are not trainable (no slots).
+
+  Args:
+    version: 1 (no ``head_contrastive``) or 2.
+    ema: whether the ``ema_model/`` copies are present.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  synth = factories.simclr(tmp, version=version)
+  reader = tf.train.load_checkpoint(str(synth.path))
+  tensors = {name: np.asarray(reader.get_tensor(name))
+             for name in reader.get_variable_to_shape_map()}
+  tensors = {k: v for k, v in tensors.items()
+             if not (k.startswith('ema_model/') and (k.endswith('/Momentum') or not ema))}
+  for name in list(synth.path.parent.iterdir()):
+    if name.name.startswith(synth.path.name):
+      name.unlink()
+  factories._tf_save(synth.path, tensors)  # pylint: disable=protected-access
+  return synth
+
+
 # ------------------------------------------------------------------ solo-learn (Lightning)
 
 def _progress(n, keys=('ready', 'completed', 'started', 'processed')):
