@@ -208,3 +208,61 @@ def test_metadata_records_the_source(tmp_path):
   assert meta['qscore_jax_version']
   assert converted.directory == (tmp_path / 'converted').resolve()
   assert not [p for p in tmp_path.iterdir() if 'partial' in p.name]
+
+
+# ------------------------------------------------------------- bookkeeping
+
+def test_parts_without_arrays_are_metadata_by_one_rule():
+  """Empty containers, numbers, strings, None, Namespaces: metadata, whatever their
+  name; arrays (of any rank) stay entries of the flat mapping."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from qscore_jax.convert.readers import flatten  # pylint: disable=import-outside-toplevel
+  flat = flatten({'state_dict': {'w': torch.ones(2), 'n': torch.tensor(3)},
+                  'optimizer': {'state': {0: {'momentum_buffer': torch.zeros(2)}},
+                                'param_groups': [{'lr': 0.1, 'params': list(range(20))}]},
+                  'lr_schedulers': [], 'callbacks': {}, 'loops': {'fit_loop': {'epoch': 3}},
+                  'scaler': None, 'epoch': 200, 'arch': 'resnet50',
+                  'args': argparse.Namespace(lr=0.3, out='.')})
+  assert sorted(flat) == ['optimizer/state/0/momentum_buffer', 'state_dict/n', 'state_dict/w']
+  assert flat.metadata == {
+      'optimizer/param_groups': [{'lr': 0.1, 'params': '<20 numbers>'}], 'lr_schedulers': [],
+      'callbacks': {}, 'loops': {'fit_loop': {'epoch': 3}}, 'scaler': None, 'epoch': 200,
+      'arch': 'resnet50', 'args': {'lr': 0.3, 'out': '.'}}
+  assert not flat.neutralised
+
+
+def _resave(synth, tmp_path, **changes):
+  import torch  # pylint: disable=import-outside-toplevel
+  obj = torch.load(synth.path, weights_only=True)
+  obj.update(changes)
+  path = tmp_path / 'resaved' / synth.path.name
+  path.parent.mkdir()
+  torch.save(obj, path)
+  return path
+
+
+def test_empty_bookkeeping_containers_convert_and_are_summarised(tmp_path):
+  """The bug of issue 15: an empty optimizer/scheduler/callbacks container was a leaf
+  no drop rule matched, and the file 'was not a moco checkpoint'."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  synth = factories.moco(tmp_path)
+  path = _resave(synth, tmp_path, optimizer={}, lr_schedulers=[], callbacks={}, loops={},
+                 optimizer_states=[], scaler=None, note='trained on 8 GPUs',
+                 args=argparse.Namespace(arch='resnet50', moco_k=65536, mlp=True))
+  converted = convert_checkpoint(file=path, method='moco', out_dir=tmp_path / 'converted',
+                                 progress=False)
+  check(synth, converted)
+  meta = converted.metadata['provenance']['file_metadata']
+  assert meta['epoch'] == 200 and meta['arch'] == 'resnet50' and meta['optimizer'] == {}
+  assert meta['lr_schedulers'] == [] and meta['note'] == 'trained on 8 GPUs'
+  assert meta['args'] == {'arch': 'resnet50', 'moco_k': 65536, 'mlp': True}
+  assert converted.metadata['provenance']['neutralised'] == []
+
+
+def test_an_array_no_rule_explains_is_still_an_error(tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
+  synth = factories.moco(tmp_path)
+  path = _resave(synth, tmp_path, optimizer={}, extra=torch.zeros(3))
+  with pytest.raises(ConversionError, match=r"neither used nor dropped.*extra \(1\)"):
+    convert_checkpoint(file=path, method='moco', save=False, progress=False)

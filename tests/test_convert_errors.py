@@ -7,12 +7,15 @@ and leave no half-written checkpoint behind.
 import functools
 import hashlib
 import http.server
+import json
 import os
 import pathlib
 import pickle
 import re
+import sys
 import threading
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -78,13 +81,92 @@ def test_hostile_torch_file_is_refused_and_runs_nothing(tmp_path):
   assert not marker.exists()
   text = _one_paragraph(error)
   assert 'refuses to load' in text and 'weights_only' not in text.split('(')[0]
+  # The refusal names the global the file wanted to call and where it sits, in plain text
+  # (PyTorch's own message spans lines and carries ANSI escape codes).
+  assert re.search(r"(posix|os)\.system at 'x'", text), text
+  assert '\x1b' not in text and '\n' not in text
   _no_output_left(tmp_path)
 
 
-def test_dino_namespace_is_the_only_extra_class_allowed(tmp_path):
+def test_payload_inside_the_weights_is_refused_by_name(tmp_path, moco_file):
+  marker = tmp_path / 'pwned'
+  obj = torch.load(moco_file.path, weights_only=True)
+  obj['state_dict']['module.encoder_q.conv1.weight'] = _RunsCommand(marker)
+  path = tmp_path / 'moco_v2_200ep_pretrain.pth.tar'
+  torch.save(obj, path)
+  with pytest.raises(ReaderError) as error:
+    _convert(path, tmp_path, method='moco')
+  text = _one_paragraph(error)
+  assert re.search(r"(posix|os)\.system at 'state_dict/module\.encoder_q\.conv1\.weight'", text)
+  assert 'not dropped as bookkeeping' in text and not marker.exists()
+  _no_output_left(tmp_path)
+
+
+def test_call_neutralised_in_a_dropped_part_warns_and_is_recorded(tmp_path, moco_file):
+  """An object the weights-only loader refuses, inside the optimizer state (dropped):
+  the file is re-read with it neutralised, converts to the same weights, and the
+  conversion warns and records it."""
+  marker = tmp_path / 'pwned'
+  obj = torch.load(moco_file.path, weights_only=True)
+  obj['optimizer']['param_groups'][0]['hook'] = _RunsCommand(marker)
+  path = tmp_path / 'moco_v2_200ep_pretrain.pth.tar'
+  torch.save(obj, path)
+  with pytest.warns(convert_api.NeutralisedObjectWarning, match=r'(posix|os)\.system'):
+    converted = convert_checkpoint(file=path, method='moco', out_dir=tmp_path / 'converted',
+                                   progress=False)
+  assert not marker.exists()
+  expected = convert_checkpoint(file=moco_file.path, method='moco', save=False, progress=False)
+  for got, want in zip(jax.tree.leaves(converted.variables), jax.tree.leaves(expected.variables)):
+    np.testing.assert_array_equal(got, want)
+  record, = converted.metadata['provenance']['neutralised']
+  assert record['path'] == 'optimizer/param_groups/0/hook'
+  assert record['global'] in ('posix.system', 'os.system')
+  assert record['dropped_as'] == 'optimizer state'
+  saved = json.loads((converted.directory / 'metadata.json').read_text())
+  assert saved['provenance']['neutralised'] == [record]
+
+
+def test_byol_pickle_with_a_call_in_dropped_and_kept_parts(tmp_path):
+  synth = factories.byol(tmp_path)
+  modules = factories._fake_modules()  # pylint: disable=protected-access
+  saved = {name: sys.modules.get(name) for name in modules}
+  sys.modules.update(modules)
+  marker = tmp_path / 'pwned'
+  try:
+    with open(synth.path, 'rb') as f:
+      checkpoint = pickle.load(f)
+    checkpoint['rng'] = _RunsCommand(marker)  # dropped as training bookkeeping
+    dropped_path = tmp_path / 'dropped.pkl'
+    with open(dropped_path, 'wb') as f:
+      pickle.dump(checkpoint, f, protocol=2)
+    state = checkpoint['experiment_state']
+    online = dict(state.online_params)
+    online['classifier'] = _RunsCommand(marker)  # a head the conversion keeps
+    kept_path = tmp_path / 'kept.pkl'
+    with open(kept_path, 'wb') as f:
+      pickle.dump({**checkpoint, 'experiment_state': state._replace(online_params=online)}, f,
+                  protocol=2)
+  finally:
+    for name, module in saved.items():
+      if module is None:
+        sys.modules.pop(name, None)
+      else:
+        sys.modules[name] = module
+  with pytest.warns(convert_api.NeutralisedObjectWarning, match="at 'rng'"):
+    converted = _convert(dropped_path, tmp_path, method='byol', save=False)
+  assert converted.heads and not marker.exists()
+  with pytest.raises(ReaderError) as error:
+    _convert(kept_path, tmp_path, method='byol')
+  assert "experiment_state/online_params/classifier'" in _one_paragraph(error)
+  assert not marker.exists()
+  _no_output_left(tmp_path)
+
+
+def test_dino_namespace_is_read_as_training_arguments(tmp_path):
   synth = factories.dino(tmp_path, kind='vit', full=True)
   flat = read_checkpoint(synth.path)
-  assert flat['args/arch'] == 'vit_small' and 'teacher/backbone.cls_token' in flat
+  assert flat.metadata['args']['arch'] == 'vit_small' and 'teacher/backbone.cls_token' in flat
+  assert not flat.neutralised  # read by torch's weights-only loader itself
 
 
 # ------------------------------------------------------------ damaged files
@@ -321,7 +403,7 @@ def test_legacy_torch_format_is_read(tmp_path):
   torch.save(state, path, _use_new_zipfile_serialization=False)
   flat = read_checkpoint(path)
   np.testing.assert_array_equal(flat['conv1.weight'], state['conv1.weight'].numpy())
-  assert int(flat['epoch']) == 3
+  assert flat.metadata['epoch'] == 3 and 'epoch' not in flat
 
 
 def test_lightning_attribute_dict_is_read_as_a_dict(tmp_path, monkeypatch):
@@ -342,8 +424,8 @@ def test_lightning_attribute_dict_is_read_as_a_dict(tmp_path, monkeypatch):
               'hyper_parameters': AttributeDict(lr=0.3, method='simclr')}, path)
   monkeypatch.delitem(sys.modules, 'pytorch_lightning.utilities.parsing')
   flat = read_checkpoint(path)
-  assert str(flat['hyper_parameters/method']) == 'simclr'
-  assert float(flat['hyper_parameters/lr']) == 0.3
+  assert flat.metadata['hyper_parameters'] == {'lr': 0.3, 'method': 'simclr'}
+  assert not flat.neutralised
 
 
 def test_prefixes_are_stripped_as_prefixes(tmp_path):

@@ -16,6 +16,7 @@ import math
 import os
 import pathlib
 import re
+import warnings
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -171,6 +172,37 @@ def _unmatched_error(method: str, keys: list[str], flat_keys: list[str]) -> Conv
 
 # -------------------------------------------------------------- conversion
 
+def _refuse_neutralised_in_kept_parts(flat: Mapping[str, np.ndarray],
+                                      ledger: rules.KeyLedger) -> list[dict[str, str]]:
+  """Objects of the file that were not rebuilt (readers' ``neutralised``) must sit in
+  parts the rules drop; then each is warned about and returned for the metadata.
+
+  Raises:
+    ReaderError: one sits in a part the conversion keeps (weights, or anything
+      no rule drops); the message names the global and where it is.
+  """
+  neutralised = getattr(flat, 'neutralised', {})
+  kept = {path: name for path, name in neutralised.items() if ledger.reason_for(path) is None}
+  if kept:
+    raise readers.ReaderError(readers._refusal(  # pylint: disable=protected-access
+        getattr(flat, 'source', 'the file'), kept,
+        ', in a part of the file that is not dropped as bookkeeping'))
+  records = [{'path': path, 'global': name, 'dropped_as': ledger.reason_for(path)}
+             for path, name in neutralised.items()]
+  if records:
+    listed = '; '.join(f'{r["global"]} at {r["path"]!r} ({r["dropped_as"]})' for r in records[:6])
+    warnings.warn(
+        f'{len(records)} object(s) of the file were not rebuilt, because that would call code '
+        f'named in the file: {listed}. They sit only in parts the conversion drops, so the '
+        'weights are unaffected; they are listed under provenance.neutralised in '
+        'metadata.json.', NeutralisedObjectWarning, stacklevel=3)
+  return records
+
+
+class NeutralisedObjectWarning(UserWarning):
+  """A checkpoint named code that was not run, in a part the conversion drops."""
+
+
 def convert_state(flat: Mapping[str, np.ndarray], *, method: str, arch: str | None = None,
                   arch_options: Mapping[str, Any] | None = None,
                   submodel: str | None = None) -> dict[str, Any]:
@@ -208,9 +240,11 @@ def convert_state(flat: Mapping[str, np.ndarray], *, method: str, arch: str | No
   try:
     extraction = rules.RULES[method](ledger, kind, submodel, **hints)
   except ConversionError as error:
+    _refuse_neutralised_in_kept_parts(flat, ledger)
     guesses = [(m, d) for m, d in rules.guess_method(flat) if m != method]
     hint = f' The file looks like {guesses[0][1]}: try --method {guesses[0][0]}.' if guesses else ''
     raise ConversionError(f'Cannot read the file as a {method} checkpoint: {error}{hint}') from None
+  neutralised = _refuse_neutralised_in_kept_parts(flat, ledger)
   remaining = ledger.remaining()
   if remaining:
     raise _unmatched_error(method, remaining, list(flat))
@@ -270,7 +304,8 @@ def convert_state(flat: Mapping[str, np.ndarray], *, method: str, arch: str | No
     heads[name] = (head_spec, head_vars)
   return {'model': model, 'variables': variables, 'heads': heads, 'arch': arch,
           'arch_options': options, 'submodel': extraction.submodel,
-          'dropped': ledger.dropped_summary(), 'facts': extraction.facts}
+          'dropped': ledger.dropped_summary(), 'facts': extraction.facts,
+          'file_metadata': dict(getattr(flat, 'metadata', {})), 'neutralised': neutralised}
 
 
 # ---------------------------------------------------------------- sources
@@ -389,6 +424,8 @@ def convert_checkpoint(model_id: str | None = None, *, file: str | os.PathLike |
       'source_sha256': sources[0]['sha256'] if len(sources) == 1 else None,
       'submodel': result['submodel'],
       'dropped': result['dropped'],
+      'file_metadata': result['file_metadata'],
+      'neutralised': result['neutralised'],
       **result['facts'],
   }
   preprocessing = spec.preprocessing if spec else None
@@ -412,5 +449,6 @@ def convert_checkpoint(model_id: str | None = None, *, file: str | os.PathLike |
   return ConvertedModel(result['model'], result['variables'], heads, metadata, directory)
 
 
-__all__ = ['ConversionError', 'ConvertedModel', 'HeadSpec', 'convert_checkpoint',
+__all__ = ['ConversionError', 'ConvertedModel', 'HeadSpec', 'NeutralisedObjectWarning',
+           'convert_checkpoint',
            'convert_state', 'fetch_registry_files', 'infer_resnet', 'infer_vit']

@@ -1,9 +1,11 @@
-"""Readers of the published checkpoint files; each returns a flat ``{name: array}``.
+"""Readers of the published checkpoint files; each returns a :class:`FlatCheckpoint`.
 
 * PyTorch ``.pth`` / ``.pth.tar`` / Lightning ``.ckpt``: ``torch.load`` with
   ``weights_only=True`` (tensors and plain containers only). DINO's full
   checkpoints carry an ``argparse.Namespace`` and Lightning's may carry an
-  ``AttributeDict``; exactly those two classes are allowed in addition.
+  ``AttributeDict``; exactly those two classes are allowed in addition. A file
+  that holds any other object is read again by the restricted unpickler below,
+  with torch's own tensor rebuilders allowed.
 * TF1 name-based checkpoints (SimCLR v1/v2): ``tf.train.load_checkpoint``,
   from a checkpoint prefix, its ``.index`` file, a directory, or the
   ``ResNet50_1x.zip`` SimCLR v1 archives.
@@ -15,18 +17,25 @@
 No reader executes code from a file. Nested containers are flattened with
 ``/`` between levels (``state_dict/module.conv1.weight``,
 ``teacher/backbone.cls_token``, ``experiment_state/online_params/<haiku
-module path>/w``); every leaf becomes a numpy array (numbers and strings as
-0-d arrays).
+module path>/w``). One rule splits what a file holds (:func:`flatten`): every
+array is an entry of the flat mapping, which the converters account for key by
+key; every sub-tree that holds no array (``epoch``, ``args``, empty optimizer or
+scheduler containers, scaler states, Lightning loop and callback state,
+hyper-parameters) is bookkeeping, summarised in ``FlatCheckpoint.metadata``;
+every object that was not rebuilt is listed in ``FlatCheckpoint.neutralised``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
+import re
 import pathlib
 import pickle
 import tempfile
+import types
 import zipfile
 import zlib
 from typing import Any, Mapping
@@ -48,52 +57,166 @@ class ReaderError(ValueError):
 
 # ----------------------------------------------------------------- flattening
 
-def flatten(tree: Any, prefix: str = '') -> dict[str, np.ndarray]:
-  """Flattens dicts, lists, tuples, namedtuples and Namespaces into ``{path: array}``.
+class FlatCheckpoint(dict):
+  """What a reader found in a file: ``{path: numpy array}`` plus what holds no array.
+
+  The dict itself maps the path of every *array* of the file (torch tensors,
+  numpy arrays of any rank, TF variables) to a numpy array; only these go
+  through the converters' strict key accounting.
+
+  Attributes:
+    metadata: ``{path: JSON-able summary}`` of every part of the file that holds
+      no array: numbers, strings, None, empty containers, ``argparse.Namespace``
+      arguments, scaler states, Lightning loop/callback state, hyper-parameters
+      (the shared rule of :func:`flatten`: a sub-tree without an array is
+      bookkeeping, whatever its name).
+    neutralised: ``{path: global}`` of every object of an untrusted pickle that
+      was *not* rebuilt because rebuilding it would mean calling code named in
+      the file (``posix.system``, an optax state class, ...). Nothing was
+      called; whether the conversion may go on without it is decided by the
+      converter (only inside parts it drops, and then with a warning).
+  """
+
+  def __init__(self, arrays=(), *, metadata=None, neutralised=None, source=None):
+    super().__init__(arrays)
+    self.metadata: dict[str, Any] = dict(metadata or {})
+    self.neutralised: dict[str, str] = dict(neutralised or {})
+    self.source: str = str(source) if source is not None else 'the file'  # for messages
+
+
+def _is_array(value: Any) -> bool:
+  return isinstance(value, np.ndarray) or (hasattr(value, 'detach') and hasattr(value, 'numpy'))
+
+
+def _as_container(node: Any) -> Any:
+  """Namespaces, namedtuples and known data classes as dicts; everything else unchanged."""
+  if isinstance(node, argparse.Namespace):
+    return vars(node)
+  if isinstance(node, _Placeholder) and node.is_known_container():
+    return node.as_container()
+  if hasattr(node, '_asdict') and isinstance(node, tuple):  # namedtuple
+    return node._asdict()
+  return node
+
+
+def _children(node: Any) -> list[tuple[str, Any]]:
+  if isinstance(node, Mapping):
+    return [(str(k), v) for k, v in node.items()]
+  if isinstance(node, (list, tuple)):
+    return [(str(i), v) for i, v in enumerate(node)]
+  return []
+
+
+def _contains(node: Any) -> tuple[bool, bool]:
+  """(holds an array, holds an object that was not rebuilt) anywhere below ``node``."""
+  node = _as_container(node)
+  if _is_array(node):
+    return True, False
+  if isinstance(node, _Placeholder):
+    return False, True
+  has_array = has_placeholder = False
+  for _, child in _children(node):
+    child_array, child_placeholder = _contains(child)
+    has_array, has_placeholder = has_array or child_array, has_placeholder or child_placeholder
+    if has_array and has_placeholder:
+      break
+  return has_array, has_placeholder
+
+
+_SUMMARY_ITEMS = 40
+_SUMMARY_DEPTH = 4
+_SUMMARY_TEXT = 200
+
+
+def summarize(node: Any, depth: int = 0) -> Any:
+  """A bounded JSON-able summary of bookkeeping (numbers, strings, args, states).
+
+  Args:
+    node: a part of a checkpoint that holds no array.
+    depth: nesting level of ``node`` (default 0); deeper levels are abbreviated.
+  Returns:
+    JSON-able: numbers, strings and small containers as they are; long lists,
+    long strings and deep nests shortened with a note of what was left out.
+  """
+  node = _as_container(node)
+  if isinstance(node, _Placeholder):
+    return f'<{node.name}: not rebuilt>'
+  if node is None or isinstance(node, (bool, int, str)):
+    return node if not isinstance(node, str) or len(node) <= _SUMMARY_TEXT else (
+        node[:_SUMMARY_TEXT] + f'... ({len(node)} characters)')
+  if isinstance(node, float):
+    return node if math.isfinite(node) else repr(node)
+  if isinstance(node, np.generic):
+    return summarize(node.item(), depth)
+  if isinstance(node, (bytes, bytearray)):
+    return f'<{len(node)} bytes>'
+  if isinstance(node, Mapping):
+    if depth >= _SUMMARY_DEPTH:
+      return f'<mapping of {len(node)} entries>'
+    items = list(node.items())
+    out = {str(k): summarize(v, depth + 1) for k, v in items[:_SUMMARY_ITEMS]}
+    if len(items) > _SUMMARY_ITEMS:
+      out['...'] = f'{len(items) - _SUMMARY_ITEMS} more entries'
+    return out
+  if isinstance(node, (list, tuple, set, frozenset)):
+    items = list(node)
+    if len(items) > 8 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                              for v in items):
+      return f'<{len(items)} numbers>'
+    if depth >= _SUMMARY_DEPTH:
+      return f'<list of {len(items)} items>'
+    out = [summarize(v, depth + 1) for v in items[:_SUMMARY_ITEMS]]
+    if len(items) > _SUMMARY_ITEMS:
+      out.append(f'... {len(items) - _SUMMARY_ITEMS} more items')
+    return out
+  return summarize(repr(node), depth)
+
+
+def flatten(tree: Any, prefix: str = '') -> FlatCheckpoint:
+  """Flattens a loaded checkpoint into arrays and bookkeeping, by one rule.
+
+  Dicts, lists, tuples, namedtuples and Namespaces are walked with ``/`` between
+  levels; every array becomes an entry of the result. A sub-tree that holds no
+  array at all (``epoch``, ``args``, an empty ``optimizer: {}``, Lightning's
+  ``lr_schedulers: []``, a scaler state of floats, hyper-parameters) is not
+  walked further: it becomes one entry of ``metadata``, summarised. An object
+  of an untrusted pickle that was not rebuilt is recorded in ``neutralised``.
 
   Args:
     tree: the loaded object.
-    prefix: path of ``tree`` itself (default ``''``); levels are joined with ``/``.
+    prefix: path of ``tree`` itself (default ``''``).
   Returns:
-    ``{path: numpy array}`` (numbers and strings as 0-d arrays).
+    The :class:`FlatCheckpoint`.
   """
-  out: dict[str, np.ndarray] = {}
+  out = FlatCheckpoint()
 
   def visit(node, path):
-    if isinstance(node, argparse.Namespace):
-      node = vars(node)
-    if isinstance(node, _Placeholder):
-      node = node.as_container()
-    if hasattr(node, '_asdict') and isinstance(node, tuple):  # namedtuple
-      node = node._asdict()
-    if isinstance(node, Mapping):
-      if not node and path:
-        out[path] = np.asarray({}, dtype=object)
-      for key, value in node.items():
-        visit(value, f'{path}/{key}' if path else str(key))
-    elif isinstance(node, (list, tuple)):
-      if not node and path:
-        out[path] = np.asarray([], dtype=np.float32)
-      for index, value in enumerate(node):
-        visit(value, f'{path}/{index}' if path else str(index))
-    else:
+    node = _as_container(node)
+    if _is_array(node):
       out[path] = _to_numpy(node)
+      return
+    if isinstance(node, _Placeholder):
+      out.neutralised[path] = node.name
+      out.metadata[path] = summarize(node)
+      return
+    has_array, has_placeholder = _contains(node)
+    if not (has_array or has_placeholder):
+      out.metadata[path] = summarize(node)
+      return
+    for key, value in _children(node):
+      visit(value, f'{path}/{key}' if path else key)
 
   visit(tree, prefix)
   return out
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, 'detach') and hasattr(value, 'numpy'):  # torch.Tensor
-    tensor = value.detach().cpu()
-    if str(tensor.dtype) == 'torch.bfloat16':
-      tensor = tensor.float()
-    return tensor.numpy()
   if isinstance(value, np.ndarray):
     return value
-  if isinstance(value, (bool, int, float, str, bytes, np.generic)) or value is None:
-    return np.asarray(value)
-  return np.asarray(repr(value))
+  tensor = value.detach().cpu()  # a torch.Tensor
+  if str(tensor.dtype) == 'torch.bfloat16':
+    tensor = tensor.float()
+  return tensor.numpy()
 
 
 # ---------------------------------------------------------------- PyTorch
@@ -105,8 +228,18 @@ _LIGHTNING_ATTRIBUTE_DICTS = ('pytorch_lightning.utilities.parsing.AttributeDict
                               'lightning_fabric.utilities.data.AttributeDict')
 
 
-def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a PyTorch checkpoint with ``weights_only=True`` into ``{path: array}``.
+def read_torch(path: str | os.PathLike) -> FlatCheckpoint:
+  """Reads a PyTorch checkpoint without running code from it.
+
+  First ``torch.load(weights_only=True)`` (tensors, plain containers,
+  ``argparse.Namespace`` and Lightning ``AttributeDict`` only). When that
+  refuses a global (an omegaconf config in Lightning's ``hyper_parameters``,
+  a ``pathlib`` path in ``args``, or a payload such as ``posix.system``), the
+  file is read again with the restricted unpickler of :func:`read_pickle`:
+  tensors are rebuilt, the refused objects become inert placeholders recorded
+  in :attr:`FlatCheckpoint.neutralised`, and nothing named in the file is
+  called. The converter then refuses the file if such an object sits in a part
+  it needs, and warns when it sits in a part it drops.
 
   Args:
     path: a ``.pth`` / ``.pth.tar`` / Lightning ``.ckpt`` file (needs torch).
@@ -125,20 +258,105 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with torch.serialization.safe_globals(allowed):
       obj = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as error:
-    raise ReaderError(
-        f'{path} contains Python objects that qscore_jax refuses to load, because '
-        f'unpickling them could run code from the file ({_first_line(error)}). Only tensors, '
-        'plain containers, argparse.Namespace and Lightning AttributeDicts are read. If you '
-        'trust the file, re-save just its weights in PyTorch: '
-        'torch.save(torch.load(path, weights_only=False)["state_dict"], "weights.pth").') from None
+    refused = refused_globals(error)
+    try:
+      obj, named = _torch_load_restricted(torch, path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError,
+            AttributeError, IndexError, KeyError, zipfile.BadZipFile) as second:
+      raise ReaderError(
+          f'{path} contains Python objects that qscore_jax refuses to load, because '
+          f'unpickling them would run code from the file: '
+          f'{", ".join(refused) or "an object PyTorch would not name"}. Nothing was run, and '
+          f'the file could not be read without them either ({_first_line(second)}). If you '
+          'trust the file, re-save just its weights in PyTorch: torch.save(torch.load(path, '
+          'weights_only=False)["state_dict"], "weights.pth").') from None
+    del named
   except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
     raise ReaderError(
         f'{path} is not a readable PyTorch checkpoint: it is truncated or corrupt '
         f'({_first_line(error)}). Download it again; `qscore convert <model id>` '
         're-downloads a file whose digest does not match the registry.') from None
+  if isinstance(obj, _Placeholder):
+    raise ReaderError(_refusal(path, {'': obj.name}))
   if hasattr(obj, 'state_dict') and not isinstance(obj, Mapping):
     raise ReaderError(f'{path} holds a whole module object, not a state dict.')
   return flatten(obj)
+
+
+_ANSI_ESCAPE = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
+_GLOBAL_NAME = re.compile(r'GLOBAL ([\w.]+)|global[s]? [`\'"]?([A-Za-z_][\w]*(?:\.[\w]+)+)')
+
+
+def refused_globals(error: BaseException) -> list[str]:
+  """The globals PyTorch's weights-only unpickler refused, parsed from its message.
+
+  PyTorch's text spans many lines, carries ANSI escape codes and says e.g.
+  ``Unsupported global: GLOBAL posix.system was not an allowed global``.
+
+  Args:
+    error: the ``UnpicklingError`` of ``torch.load(weights_only=True)``.
+  Returns:
+    The dotted names, in order of appearance, without duplicates.
+  """
+  text = _ANSI_ESCAPE.sub('', str(error))
+  names = []
+  for match in _GLOBAL_NAME.finditer(text):
+    name = match.group(1) or match.group(2)
+    if name and name not in names and not name.startswith('torch.serialization'):
+      names.append(name)
+  return names
+
+
+def _refusal(path, neutralised: Mapping[str, str], where: str = '') -> str:
+  """The one-paragraph refusal of a file that needs a neutralised object."""
+  places = '; '.join(f'{name} at {key or "the top level"!r}'
+                     for key, name in list(neutralised.items())[:6])
+  more = f' (and {len(neutralised) - 6} more)' if len(neutralised) > 6 else ''
+  return (f'{path} contains Python objects that qscore_jax refuses to load, because '
+          f'unpickling them would run code from the file: {places}{more}{where}. Nothing was '
+          'run. If you trust the file, re-save just its weights with the library that wrote '
+          'it, e.g. torch.save(torch.load(path, weights_only=False)["state_dict"], '
+          '"weights.pth").')
+
+
+def _torch_load_restricted(torch, path):
+  """``torch.load`` through :class:`_RestrictedUnpickler` (torch's own tensor rebuilders
+  allowed, every other global a placeholder). Returns (object, neutralised names)."""
+  module = types.ModuleType('qscore_jax_restricted_pickle')
+  allowed = dict(_torch_safe_globals(torch))
+  names: set[str] = set()
+
+  class Unpickler(_RestrictedUnpickler):
+    _EXTRA = allowed
+
+    def __init__(self, file, **kwargs):
+      kwargs.pop('encoding', None)
+      super().__init__(file)
+      self.neutralised = names
+
+  module.Unpickler = Unpickler
+  module.UnpicklingError = pickle.UnpicklingError
+  module.load = lambda f, **kwargs: Unpickler(f).load()
+  obj = torch.load(path, map_location='cpu', weights_only=False, pickle_module=module)
+  return obj, names
+
+
+def _torch_safe_globals(torch) -> dict[tuple[str, str], Any]:
+  """The globals ``torch.load(weights_only=True)`` itself allows (tensor rebuilders,
+  storages, dtypes), as ``{(module, name): object}``."""
+  try:
+    from torch import _weights_only_unpickler  # pylint: disable=import-outside-toplevel
+    table = _weights_only_unpickler._get_allowed_globals()  # pylint: disable=protected-access
+  except (ImportError, AttributeError):  # an older or newer torch: the essentials
+    table = {'torch._utils._rebuild_tensor_v2': torch._utils._rebuild_tensor_v2,  # pylint: disable=protected-access
+             'torch._utils._rebuild_parameter': torch._utils._rebuild_parameter,  # pylint: disable=protected-access
+             'torch.Size': torch.Size, 'collections.OrderedDict': collections.OrderedDict}
+  out = {}
+  for dotted, obj in table.items():
+    module, _, name = dotted.rpartition('.')
+    out[(module, name)] = obj
+  out[('argparse', 'Namespace')] = argparse.Namespace
+  return out
 
 
 def _check_zip_crc(path) -> None:
@@ -199,7 +417,7 @@ def is_tf1_checkpoint(path: str | os.PathLike) -> bool:
   return prefix.with_name(prefix.name + '.index').is_file()
 
 
-def read_tf1(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_tf1(path: str | os.PathLike) -> FlatCheckpoint:
   """Reads every variable of a TF1 checkpoint (needs TensorFlow).
 
   Args:
@@ -214,14 +432,14 @@ def read_tf1(path: str | os.PathLike) -> dict[str, np.ndarray]:
   try:
     reader = tf.train.load_checkpoint(str(prefix))
     names = sorted(reader.get_variable_to_shape_map())
-    return {name: np.asarray(reader.get_tensor(name)) for name in names}
+    return FlatCheckpoint({name: np.asarray(reader.get_tensor(name)) for name in names})
   except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as error:
     raise ReaderError(
         f'The TF1 checkpoint {prefix} is truncated or corrupt ({_first_line(error)}). '
         'Download its .index and .data files again.') from None
 
 
-def read_zip(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_zip(path: str | os.PathLike) -> FlatCheckpoint:
   """Reads the TF1 checkpoint inside a zip archive (SimCLR v1's ResNet50_*x.zip).
 
   Args:
@@ -260,6 +478,18 @@ _KNOWN_FIELDS = {
         'online_params', 'target_params', 'online_state', 'target_state', 'opt_state'),
     'byol.utils.optimizers.LarsState': ('mu',),
 }
+# Classes that only hold data and whose pickled content is read as a plain
+# container, never instantiated: the namedtuples above, Haiku's immutable
+# parameter mappings, Lightning's AttributeDict.
+_KNOWN_CONTAINERS = frozenset(_KNOWN_FIELDS) | frozenset(_LIGHTNING_ATTRIBUTE_DICTS) | {
+    'haiku._src.data_structures.FlatMapping', 'haiku._src.data_structures.FlatMap',
+    'haiku.data_structures.FlatMapping',
+}
+
+
+def _pure_path(*parts):
+  """``pathlib.PosixPath(*parts)`` as pickled in training arguments, rebuilt as text."""
+  return str(pathlib.PurePosixPath(*[str(p) for p in parts]))
 
 
 class _Placeholder:
@@ -296,6 +526,10 @@ class _Placeholder:
   def extend(self, values):
     for value in values:
       self.append(value)
+
+  def is_known_container(self) -> bool:
+    """Whether this stands for a data class whose content can be read as a container."""
+    return self.name in _KNOWN_CONTAINERS
 
   def as_container(self) -> Any:
     if self.items:
@@ -360,22 +594,33 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
       ('copyreg', '__newobj__'): _new_placeholder,
       ('_codecs', 'encode'): _latin1_encode,
       ('builtins', 'object'): object,
+      ('collections', 'defaultdict'): collections.defaultdict,
+      ('pathlib', 'PosixPath'): _pure_path, ('pathlib', 'PurePosixPath'): _pure_path,
+      ('pathlib', 'WindowsPath'): _pure_path, ('pathlib', 'PureWindowsPath'): _pure_path,
+      ('pathlib', 'Path'): _pure_path,
   }
+  _EXTRA: Mapping[tuple[str, str], Any] = {}  # more allowed globals (torch's, for torch files)
 
   def __init__(self, file):
     super().__init__(file)
     self.neutralised: set[str] = set()  # names that became placeholders
 
   def find_class(self, module: str, name: str):
-    allowed = self._ALLOWED.get((module, name))
+    allowed = self._ALLOWED.get((module, name), self._EXTRA.get((module, name)))
     if allowed is not None:
       return allowed
     self.neutralised.add(f'{module}.{name}')
     return _Placeholder(f'{module}.{name}')
 
 
-def read_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_pickle(path: str | os.PathLike) -> FlatCheckpoint:
   """Reads an untrusted (dill) pickle such as BYOL's, without running its code.
+
+  Numpy arrays and builtin containers are rebuilt, and so are the data classes
+  of the releases (BYOL's experiment-state namedtuple, Haiku's parameter
+  mappings); every other object the file names is a placeholder, recorded in
+  :attr:`FlatCheckpoint.neutralised` (see :func:`read_torch` for what the
+  converter then does).
 
   Args:
     path: the pickle file.
@@ -396,7 +641,7 @@ def read_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if unpickler.neutralised:
     named = (f' It names {", ".join(sorted(unpickler.neutralised)[:6])}, which qscore_jax '
              'neither imported nor called.')
-  if isinstance(obj, _Placeholder):
+  if isinstance(obj, _Placeholder) and not obj.is_known_container():
     raise ReaderError(f'{path} is not a checkpoint: its content is a call of {obj.name}, '
                       f'refused because loading it would run code.{named}')
   flat = flatten(obj)
@@ -407,18 +652,24 @@ def read_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- dispatch
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_checkpoint(path: str | os.PathLike) -> FlatCheckpoint:
   """Reads any supported checkpoint, choosing the reader from the file's content.
 
   Args:
     path: a PyTorch file, a TF1 checkpoint (prefix, ``.index``, directory or
       zip) or a pickle.
   Returns:
-    ``{path: numpy array}`` (see :func:`flatten`).
+    The :class:`FlatCheckpoint` (see :func:`flatten`).
   Raises:
     ReaderError: the file cannot be read (the message says why and what to do).
   """
-  path = pathlib.Path(path).expanduser()
+  flat = _read_any(pathlib.Path(path).expanduser())
+  flat.source = str(path)
+  return flat
+
+
+def _read_any(path: pathlib.Path) -> FlatCheckpoint:
+  """The reader for what ``path`` holds (see :func:`read_checkpoint`)."""
   if is_tf1_checkpoint(path):
     return read_tf1(path)
   if not path.exists():
@@ -449,5 +700,5 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
       'and BYOL .pkl pickles.')
 
 
-__all__ = ['ReaderError', 'flatten', 'is_tf1_checkpoint', 'read_checkpoint', 'read_pickle',
+__all__ = ['FlatCheckpoint', 'ReaderError', 'flatten', 'refused_globals', 'summarize', 'is_tf1_checkpoint', 'read_checkpoint', 'read_pickle',
            'read_tf1', 'read_torch', 'read_zip']

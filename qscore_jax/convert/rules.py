@@ -92,6 +92,12 @@ class KeyLedger:
   def __init__(self, flat: Mapping[str, np.ndarray]):
     self.flat = dict(flat)
     self.fate: dict[str, str] = {}
+    # What the rule declared dropped, whether or not the file has arrays there:
+    # a part of the file that holds no array (or an object that was not
+    # rebuilt) is judged against these too (see reason_for).
+    self._dropped_prefixes: dict[str, str] = {}
+    self._dropped_keys: dict[str, str] = {}
+    self._dropped_predicates: list[tuple[Callable[[str], bool], str]] = []
 
   def __contains__(self, key: str) -> bool:
     return key in self.flat
@@ -132,6 +138,7 @@ class KeyLedger:
       prefix: the key prefix.
       reason: why they are dropped (summarised in the metadata).
     """
+    self._dropped_prefixes.setdefault(prefix, reason)
     for key in self.keys_with_prefix(prefix):
       self.fate.setdefault(key, f'dropped: {reason}')
 
@@ -142,6 +149,7 @@ class KeyLedger:
       key: a key of the file.
       reason: why it is dropped.
     """
+    self._dropped_keys.setdefault(key, reason)
     if key in self.flat:
       self.fate.setdefault(key, f'dropped: {reason}')
 
@@ -152,9 +160,33 @@ class KeyLedger:
       predicate: ``key -> bool``.
       reason: why they are dropped.
     """
+    self._dropped_predicates.append((predicate, reason))
     for key in self.flat:
       if predicate(key):
         self.fate.setdefault(key, f'dropped: {reason}')
+
+  def reason_for(self, path: str) -> str | None:
+    """Why the part of the file at ``path`` is dropped, or None if no rule drops it.
+
+    Args:
+      path: a key of the file or the path of a sub-tree (``optimizer``,
+        ``hyper_parameters/model``), as the readers name them.
+    Returns:
+      The reason of the drop rule that covers ``path`` (an exact key, a
+      prefix above it, or a predicate), else None.
+    """
+    fate = self.fate.get(path)
+    if fate is not None and fate != 'used':
+      return fate.removeprefix('dropped: ')
+    if path in self._dropped_keys:
+      return self._dropped_keys[path]
+    for prefix, reason in self._dropped_prefixes.items():
+      if (path + '/').startswith(prefix):
+        return reason
+    for predicate, reason in self._dropped_predicates:
+      if predicate(path):
+        return reason
+    return None
 
   def remaining(self) -> list[str]:
     """The keys neither used nor dropped, sorted (must be empty after a rule)."""
@@ -211,17 +243,31 @@ def _take_torch_backbone(ledger: KeyLedger, prefix: str, kind: str,
   return state
 
 
+# Training bookkeeping at the top level of the published files, by the key the
+# official code writes it under (torch.save dicts of MoCo, MoCo v3, SimSiam,
+# DINO, SwAV, VICReg, Barlow Twins; Lightning's dump_checkpoint; BYOL's pickle).
+# Parts of these that hold no array are metadata already (readers.flatten);
+# what holds arrays (optimizer momentum buffers, a callback's best score) is
+# dropped here by name.
+BOOKKEEPING = {
+    'optimizer': 'optimizer state', 'optimizer_states': 'optimizer state',
+    'scaler': 'AMP grad-scaler state', 'fp16_scaler': 'AMP grad-scaler state',
+    'amp': 'AMP grad-scaler state', 'native_amp_scaling_state': 'AMP grad-scaler state',
+    'lr_schedulers': 'LR scheduler state', 'callbacks': 'Lightning callbacks',
+    'loops': 'Lightning loop state', 'hyper_parameters': 'training arguments',
+    'datamodule_hyper_parameters': 'training arguments', 'args': 'training arguments',
+    'epoch': 'training bookkeeping', 'arch': 'training bookkeeping',
+    'global_step': 'training bookkeeping', 'step': 'training bookkeeping',
+    'rng': 'training bookkeeping', 'pytorch-lightning_version': 'training bookkeeping',
+    'hparams_name': 'training bookkeeping', 'hparams_type': 'training bookkeeping',
+}
+
+
 def _drop_common(ledger: KeyLedger) -> None:
-  """Training bookkeeping that no rule needs."""
-  for prefix, reason in [('optimizer/', 'optimizer state'), ('optimizer_states/', 'optimizer state'),
-                         ('scaler/', 'AMP grad-scaler state'), ('fp16_scaler/', 'AMP grad-scaler state'),
-                         ('lr_schedulers/', 'LR scheduler state'), ('callbacks/', 'Lightning callbacks'),
-                         ('loops/', 'Lightning loop state'), ('hyper_parameters/', 'training arguments'),
-                         ('args/', 'training arguments')]:
-    ledger.drop_prefix(prefix, reason)
-  for key in ['epoch', 'arch', 'global_step', 'step', 'rng', 'pytorch-lightning_version',
-              'hparams_name', 'hparams_type', 'args']:
-    ledger.drop(key, 'training bookkeeping')
+  """Training bookkeeping that no rule needs (:data:`BOOKKEEPING`)."""
+  for key, reason in BOOKKEEPING.items():
+    ledger.drop(key, reason)
+    ledger.drop_prefix(key + '/', reason)
 
 
 def _roots(ledger: KeyLedger, roots: Iterable[str]) -> list[str]:
