@@ -674,3 +674,46 @@ def _stub_modules(dotted: str, **attrs):
         sys.modules.pop(name, None)
       else:
         sys.modules[name] = module
+
+
+def solo_method_buffers(tmp: pathlib.Path, *, method='nnclr') -> factories.Synth:
+  """A solo-learn checkpoint of a method whose module registers extra buffers.
+
+  vturrisi/solo-learn (commit 9187ea3) ``solo/methods/nnclr.py`` (also
+  nnbyol.py, nnsiam.py, all4one.py) ``register_buffer("queue", (queue_size,
+  proj_output_dim))``, ``register_buffer("queue_y", -ones(queue_size, long))``,
+  ``register_buffer("queue_ptr", zeros(1, long))`` (all4one also
+  ``queue_index``); ``solo/methods/deepclusterv2.py`` registers
+  ``local_memory_index`` (size_memory_per_process,) long and
+  ``local_memory_embeddings`` (len(crops_for_assign), size_memory_per_process,
+  proj_output_dim), and its ``prototypes`` is an ``nn.ModuleList`` of
+  ``nn.Linear(proj_output_dim, k, bias=False)`` applied to the L2-normalised
+  projection (``prototypes.{i}.weight``). Buffers are persistent, so they are in
+  ``state_dict``.
+  """
+  synth = factories.solo(tmp)
+  ckpt = _load(synth.path)
+  state = ckpt['state_dict']
+  for key in [k for k in state if k.startswith(('momentum_', 'queue'))]:
+    del state[key]
+  if method in ('nnclr', 'all4one'):
+    state['queue'] = torch.randn(64, 32)
+    state['queue_y'] = -torch.ones(64, dtype=torch.long)
+    state['queue_ptr'] = torch.zeros(1, dtype=torch.long)
+    if method == 'all4one':
+      state['queue_index'] = -torch.ones(64, dtype=torch.long)
+  elif method == 'deepclusterv2':
+    for key in [k for k in state if k.startswith('predictor.')]:
+      del state[key]
+    del synth.heads['predictor']
+    synth.head_inputs.pop('predictor', None)
+    state['local_memory_index'] = torch.zeros(128, dtype=torch.long)
+    state['local_memory_embeddings'] = torch.randn(2, 128, 32)
+    z = torch.from_numpy(synth.heads['projector'])
+    for i, k in enumerate((30, 40)):
+      weight = torch.randn(k, 32, generator=torch.Generator().manual_seed(80 + i))
+      state[f'prototypes.{i}.weight'] = weight
+      synth.heads[f'prototypes_{i}'] = (torch.nn.functional.normalize(z, dim=1) @ weight.T).numpy()
+      synth.head_inputs[f'prototypes_{i}'] = synth.heads['projector']
+  torch.save(ckpt, synth.path)
+  return synth

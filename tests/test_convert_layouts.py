@@ -137,3 +137,16 @@ def test_solo_learn_lightning(tmp_path, version, optimizer, precision, user_call
   assert layouts.rejected_by_weights_only(synth.path) == (
       omegaconf_hparams or (user_callbacks and version < '1.5'))
   check(synth, convert(synth, tmp_path, method='solo-learn', arch='resnet18'))
+
+
+@pytest.mark.parametrize('method', [
+    pytest.param('nnclr', marks=pytest.mark.xfail(strict=True, reason=(
+        "rule_solo drops only the buffers queue/queue_ptr/dino_loss_func: NNCLR/NNBYOL/NNSiam's "
+        "queue_y (and All4One's queue_index) are neither used nor dropped"))),
+    pytest.param('deepclusterv2', marks=pytest.mark.xfail(strict=True, reason=(
+        "rule_solo knows neither DeepClusterV2's local_memory_index/local_memory_embeddings "
+        "buffers nor its nn.ModuleList of prototypes (prototypes.{i}.weight)"))),
+])
+def test_solo_learn_method_buffers(tmp_path, method):
+  synth = layouts.solo_method_buffers(tmp_path, method=method)
+  check(synth, convert(synth, tmp_path, method='solo-learn', arch='resnet18'))
