@@ -193,20 +193,23 @@ def moco_release(tmp: pathlib.Path, *, version=2, optimizer='sgd') -> factories.
   lr, momentum=0.9, weight_decay=1e-4)``: one param group, ``momentum_buffer``
   for the query encoder's parameters (the key encoder has requires_grad=False
   but is in ``model.parameters()``: it has a group entry and no state).
-  Whether the released files kept ``optimizer`` or emptied it is unverified,
-  hence both.
+  The released files "were cleaned up for transferring learning usage ...,
+  with the solver states removed" (K. He in facebookresearch/moco#27), whether
+  by deleting ``optimizer`` or emptying it is unverified: ``optimizer`` is
+  'absent', 'empty' ({}) or 'sgd' (the training script's own state).
   """
   synth = factories.moco(tmp, version=version)
   obj = _load(synth.path)
   state = obj['state_dict']
-  if optimizer == 'empty':
+  if optimizer in ('empty', 'absent'):
     obj['optimizer'] = {}
   else:
     obj['optimizer'] = optimizer_state(
         'sgd', [{'params': _trainable(state, ('module.encoder_k.',))}],
         lr=0.03, momentum=0.9, weight_decay=1e-4)
   obj['epoch'], obj['arch'] = 200, 'resnet50'
-  torch.save({k: obj[k] for k in ('epoch', 'arch', 'state_dict', 'optimizer')}, synth.path)
+  keys = ('epoch', 'arch', 'state_dict') + (() if optimizer == 'absent' else ('optimizer',))
+  torch.save({k: obj[k] for k in keys}, synth.path)
   return synth
 
 
@@ -221,12 +224,14 @@ def mocov3_release(tmp: pathlib.Path, *, kind='resnet', optimizer='real') -> fac
   'scaler': scaler.state_dict()}``; the optimizer is ``moco.optimizer.LARS``
   (``moco/optimizer.py``: defaults lr, weight_decay, momentum,
   trust_coefficient; state ``'mu'``) for ResNet-50 and AdamW for ViT; the
-  scaler is ``torch.cuda.amp.GradScaler()``.
+  scaler is ``torch.cuda.amp.GradScaler()``. The released ViT-S file lacks
+  ``optimizer`` and ``scaler`` (facebookresearch/moco-v3#29: resuming from it
+  fails on ``checkpoint['optimizer']``): ``optimizer='absent'``.
   """
   synth = factories.mocov3(tmp, kind=kind)
   obj = _load(synth.path)
   params = _trainable(obj['state_dict'], ('module.momentum_encoder.',))
-  if optimizer == 'empty':
+  if optimizer in ('empty', 'absent'):
     obj['optimizer'] = {}
   elif kind == 'resnet':
     obj['optimizer'] = optimizer_state('momentum', [{'params': params}], lr=0.6, weight_decay=1e-6,
@@ -234,7 +239,8 @@ def mocov3_release(tmp: pathlib.Path, *, kind='resnet', optimizer='real') -> fac
   else:
     obj['optimizer'] = optimizer_state('adamw', [{'params': params}], lr=1.5e-4, weight_decay=0.1)
   obj['scaler'] = dict(GRAD_SCALER_STATE)
-  torch.save({k: obj[k] for k in ('epoch', 'arch', 'state_dict', 'optimizer', 'scaler')}, synth.path)
+  keys = ('epoch', 'arch', 'state_dict') + (() if optimizer == 'absent' else ('optimizer', 'scaler'))
+  torch.save({k: obj[k] for k in keys}, synth.path)
   return synth
 
 
@@ -258,7 +264,7 @@ def dino_args(kind='vit') -> argparse.Namespace:
 
 
 def dino_full_release(tmp: pathlib.Path, *, kind='vit', optimizer='real', fp16=True,
-                      submodel='teacher') -> factories.Synth:
+                      dino_loss=True, submodel='teacher') -> factories.Synth:
   """DINO ``dino_*_pretrain_full_checkpoint.pth``.
 
   Mirrors facebookresearch/dino ``main_dino.py`` ``train_dino()`` (commit
@@ -270,7 +276,10 @@ def dino_full_release(tmp: pathlib.Path, *, kind='vit', optimizer='real', fp16=T
   is built on ``utils.get_params_groups(student)`` (lines 632-643: two groups,
   the second with ``weight_decay: 0.``): AdamW for ViTs, ``utils.LARS`` (state
   ``'mu'``, defaults with ``weight_decay_filter``/``lars_adaptation_filter``
-  None) for the ResNet-50.
+  None) for the ResNet-50. The full checkpoints first published had neither
+  ``fp16_scaler`` nor ``dino_loss`` (facebookresearch/dino#40) and keys without
+  the ``module.``/``backbone.`` prefixes (#65; re-saved by the maintainer in
+  June 2021): ``dino_loss=False, fp16=False``.
   """
   synth = factories.dino(tmp, kind=kind, full=True, submodel=submodel)
   obj = _load(synth.path)
@@ -289,7 +298,9 @@ def dino_full_release(tmp: pathlib.Path, *, kind='vit', optimizer='real', fp16=T
     opt = optimizer_state('momentum', groups, lr=0, weight_decay=0, momentum=0.9, eta=0.001,
                           weight_decay_filter=None, lars_adaptation_filter=None)
   save = {'student': student, 'teacher': obj['teacher'], 'optimizer': opt, 'epoch': 100,
-          'args': dino_args(kind), 'dino_loss': {'center': torch.randn(1, 40)}}
+          'args': dino_args(kind)}
+  if dino_loss:
+    save['dino_loss'] = {'center': torch.randn(1, 40)}
   if fp16:
     save['fp16_scaler'] = dict(GRAD_SCALER_STATE)
   torch.save(save, synth.path)

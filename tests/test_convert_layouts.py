@@ -29,20 +29,22 @@ def test_swav_training_checkpoint(tmp_path, optimizer, amp):
 
 # ------------------------------------------------------------------ MoCo v1/v2
 
-@pytest.mark.parametrize('version,optimizer', [(1, 'empty'), (2, 'sgd')])
+@pytest.mark.parametrize('version,optimizer', [(1, 'empty'), (2, 'absent'), (2, 'sgd')])
 def test_moco_release(tmp_path, version, optimizer):
   synth = layouts.moco_release(tmp_path, version=version, optimizer=optimizer)
-  assert _top_level(synth.path) == {'epoch', 'arch', 'state_dict', 'optimizer'}
+  assert _top_level(synth.path) == {'epoch', 'arch', 'state_dict'} | (
+      set() if optimizer == 'absent' else {'optimizer'})
   model_id = 'mocov1-r50-200ep' if version == 1 else 'mocov2-r50-200ep'
   check(synth, convert(synth, tmp_path, model_id=model_id))
 
 
 # ------------------------------------------------------------------ MoCo v3
 
-@pytest.mark.parametrize('kind,optimizer', [('resnet', 'real'), ('vit', 'empty')])
+@pytest.mark.parametrize('kind,optimizer', [('resnet', 'real'), ('vit', 'empty'), ('vit', 'absent')])
 def test_mocov3_release(tmp_path, kind, optimizer):
   synth = layouts.mocov3_release(tmp_path, kind=kind, optimizer=optimizer)
-  assert _top_level(synth.path) == {'epoch', 'arch', 'state_dict', 'optimizer', 'scaler'}
+  assert _top_level(synth.path) == {'epoch', 'arch', 'state_dict'} | (
+      set() if optimizer == 'absent' else {'optimizer', 'scaler'})
   if kind == 'resnet':
     converted = convert(synth, tmp_path, model_id='mocov3-r50-300ep')
   else:  # the synthesised ViT has 2 blocks
@@ -52,14 +54,15 @@ def test_mocov3_release(tmp_path, kind, optimizer):
 
 # ------------------------------------------------------------------ DINO
 
-@pytest.mark.parametrize('kind,optimizer,fp16,submodel', [
-    ('vit', 'real', True, 'teacher'), ('vit', 'empty', False, 'student'),
-    ('resnet', 'real', False, 'teacher')])
-def test_dino_full_release(tmp_path, kind, optimizer, fp16, submodel):
+@pytest.mark.parametrize('kind,optimizer,fp16,dino_loss,submodel', [
+    ('vit', 'real', True, True, 'teacher'), ('vit', 'empty', False, True, 'student'),
+    ('vit', 'real', False, False, 'teacher'), ('resnet', 'real', False, True, 'teacher')])
+def test_dino_full_release(tmp_path, kind, optimizer, fp16, dino_loss, submodel):
   synth = layouts.dino_full_release(tmp_path, kind=kind, optimizer=optimizer, fp16=fp16,
-                                    submodel=submodel)
-  assert _top_level(synth.path) == ({'student', 'teacher', 'optimizer', 'epoch', 'args', 'dino_loss'}
-                                    | ({'fp16_scaler'} if fp16 else set()))
+                                    dino_loss=dino_loss, submodel=submodel)
+  assert _top_level(synth.path) == ({'student', 'teacher', 'optimizer', 'epoch', 'args'}
+                                    | ({'fp16_scaler'} if fp16 else set())
+                                    | ({'dino_loss'} if dino_loss else set()))
   if kind == 'vit':
     converted = convert(synth, tmp_path, model_id='dino-vits16', arch_options={'depth': 2},
                         submodel=submodel)
