@@ -412,8 +412,10 @@ def byol_release(tmp: pathlib.Path, *, opt_state='optax_chain', submodel='online
   scale_by_lars, optax.scale)``: the tuple ``(AddWeightDecayState(),
   ScaleByLarsState(mu=<params tree>), ScaleState())``. ``device_get`` leaves
   numpy arrays; ``step`` is an int; ``rng`` is the jax PRNG key of
-  ``main_loop.train_loop`` (not device_get'd; written here as its numpy value,
-  uint32 (2,)).
+  ``main_loop.train_loop``, not device_get'd, but jax 0.2's
+  ``DeviceArray.__reduce__`` forwards to its numpy value's
+  (jax/interpreters/xla.py: ``__reduce__ = partialmethod(_forward_to_value,
+  op.methodcaller("__reduce__"))``), so it pickles as a numpy uint32 (2,) array.
 
   Args:
     opt_state: 'optax_chain' (the published code) or 'lars_namedtuple' (the
@@ -440,9 +442,11 @@ def byol_release(tmp: pathlib.Path, *, opt_state='optax_chain', submodel='online
     experiment = modules['byol.byol_experiment']._ByolExperimentState(  # pylint: disable=protected-access
         online_params=state.online_params, target_params=state.target_params,
         online_state=state.online_state, target_state=state.target_state, opt_state=chain)
-    with open(synth.path, 'wb') as f:
-      pickle.dump(dict(experiment_state=experiment, step=312000,
-                       rng=np.array([2718, 31415], np.uint32)), f, protocol=2)
+    data = pickle.dumps(dict(experiment_state=experiment, step=312000,
+                             rng=np.array([2718, 31415], np.uint32)), protocol=2)
+    # Written in 2020 with numpy 1.x: its arrays name numpy.core.multiarray
+    # (numpy 2 writes numpy._core); a protocol-2 GLOBAL is 'c<module>\n<name>\n'.
+    synth.path.write_bytes(data.replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n'))
   finally:
     for name, module in saved.items():
       if module is None:
