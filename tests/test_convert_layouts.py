@@ -9,10 +9,18 @@ pickled references to functions and classes). Each must convert through
 relative).
 """
 
+import contextlib
+
 import pytest
 
 import official_layouts as layouts
+from qscore_jax.convert.api import NeutralisedObjectWarning
 from test_convert import check, convert
+
+
+def _warns_if(rejected):
+  """A file torch's weights-only loader refuses converts with a NeutralisedObjectWarning."""
+  return pytest.warns(NeutralisedObjectWarning) if rejected else contextlib.nullcontext()
 
 
 _top_level = layouts.load_top_level
@@ -91,8 +99,11 @@ def test_vicreg_and_barlowtwins_full_release(tmp_path, method, optimizer, filter
   assert _top_level(synth.path) == {'epoch', 'model', 'optimizer'}
   # The official LARS pickles the script's exclude_bias_and_norm function in
   # every param group: weights_only=True refuses such a file.
-  assert layouts.rejected_by_weights_only(synth.path) == (optimizer == 'real' and filters == 'function')
-  check(synth, convert(synth, tmp_path, method=method, arch='resnet18'))
+  rejected = layouts.rejected_by_weights_only(synth.path)
+  assert rejected == (optimizer == 'real' and filters == 'function')
+  with _warns_if(rejected):
+    converted = convert(synth, tmp_path, method=method, arch='resnet18')
+  check(synth, converted)
 
 
 # ------------------------------------------------------------------ BYOL
@@ -123,7 +134,9 @@ SOLO_CASES = [
     ('1.6.4', 'empty', 32, False, False),  # optimizer_states [], lr_schedulers []
     ('2.1.2', 'real', 16, False, False),   # MixedPrecision
     ('2.1.2', 'real', 16, True, True),     # a user's run: ModelCheckpoint, DictConfig hparams
-    ('1.4.7', 'real', 16, True, False),    # callbacks keyed by the ModelCheckpoint class
+    pytest.param('1.4.7', 'real', 16, True, False, marks=pytest.mark.xfail(strict=True, reason=(
+        'a class pickled only as a dict key (Lightning <=1.4 callbacks[type(callback)]) is '
+        'neutralised silently: not in FlatCheckpoint.neutralised, no NeutralisedObjectWarning'))),
 ]
 
 
@@ -137,9 +150,11 @@ def test_solo_learn_lightning(tmp_path, version, optimizer, precision, user_call
   assert {'epoch', 'global_step', 'pytorch-lightning_version', 'state_dict', 'callbacks',
           'optimizer_states', 'lr_schedulers'} <= keys
   assert ('loops' in keys) == (version >= '1.5')
-  assert layouts.rejected_by_weights_only(synth.path) == (
-      omegaconf_hparams or (user_callbacks and version < '1.5'))
-  check(synth, convert(synth, tmp_path, method='solo-learn', arch='resnet18'))
+  rejected = layouts.rejected_by_weights_only(synth.path)
+  assert rejected == (omegaconf_hparams or (user_callbacks and version < '1.5'))
+  with _warns_if(rejected):
+    converted = convert(synth, tmp_path, method='solo-learn', arch='resnet18')
+  check(synth, converted)
 
 
 @pytest.mark.parametrize('method', [
