@@ -505,8 +505,8 @@ def lightning_loops(version: str, steps: int = 1000, epochs: int = 400) -> dict:
   fit/validate/test/predict loops, each ``state_dict`` plus progress trackers).
   1.6: derived from pytorch-lightning 1.6.4 ``loops/base.py Loop.state_dict``
   (``prefix + 'state_dict'`` and every BaseProgress / child loop attribute;
-  ``_results`` only under fault-tolerant training). 1.4 and older: no loops
-  (1.4.7 writes them only under fault-tolerant training).
+  ``_results`` only under fault-tolerant training). 1.5 and older: no loops
+  (1.4.7 and 1.5.10 write them only under fault-tolerant training).
   """
   batch = {**_progress(steps), 'is_last_batch': True}
   idle = {**_progress(0), 'is_last_batch': False}
@@ -572,7 +572,7 @@ def solo_lightning(tmp: pathlib.Path, *, version='1.6.4', optimizer='real', prec
 
   - all versions: ``epoch``, ``global_step``, ``pytorch-lightning_version``,
     ``state_dict``, ``callbacks``, ``optimizer_states`` (list), ``lr_schedulers`` (list);
-  - ``loops``: from 1.5 (1.4.7 only under fault-tolerant training);
+  - ``loops``: from 1.6 (1.4.7 and 1.5.10 only under fault-tolerant training);
   - native AMP (solo-learn's scripts use ``precision: 16``):
     ``native_amp_scaling_state`` up to 1.5, ``NativeMixedPrecisionPlugin`` in
     1.6-1.8, ``MixedPrecisionPlugin`` in 1.9-2.0, ``MixedPrecision`` from 2.1
@@ -622,7 +622,7 @@ def solo_lightning(tmp: pathlib.Path, *, version='1.6.4', optimizer='real', prec
       '_get_lr_called_within_step': False, '_last_lr': [0.25, 0.25, 0.25, 0.025]}]
   ckpt = {'epoch': 399, 'global_step': 1000, 'pytorch-lightning_version': version,
           'state_dict': state}
-  if major_minor >= (1, 5):
+  if major_minor >= (1, 6):
     ckpt['loops'] = lightning_loops(version)
   callbacks: dict = {}
   if user_callbacks:

@@ -149,7 +149,7 @@ def test_solo_learn_lightning(tmp_path, version, optimizer, precision, user_call
   keys = _top_level(synth.path)
   assert {'epoch', 'global_step', 'pytorch-lightning_version', 'state_dict', 'callbacks',
           'optimizer_states', 'lr_schedulers'} <= keys
-  assert ('loops' in keys) == (version >= '1.5')
+  assert ('loops' in keys) == (version >= '1.6')
   rejected = layouts.rejected_by_weights_only(synth.path)
   assert rejected == (omegaconf_hparams or (user_callbacks and version < '1.5'))
   with _warns_if(rejected):
