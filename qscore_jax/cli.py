@@ -70,7 +70,27 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     print(f"source       {source['name']}  sha256 {source['sha256']}")
   dropped = '; '.join(f'{reason} ({n})' for reason, n in provenance['dropped'].items())
   print(f"dropped      {dropped or 'nothing'}")
+  print(f"bookkeeping  {_describe_bookkeeping(provenance.get('file_metadata') or {})}")
+  print(f"method from  {provenance.get('method_from')}; preprocessing from "
+        f"{provenance.get('preprocessing_from')}")
+  for record in provenance.get('neutralised') or []:
+    print(f"not rebuilt  {record['global']} at {record['path']!r} (dropped: "
+          f"{record['dropped_as']}; nothing was run)")
   return 0
+
+
+def _describe_bookkeeping(metadata: dict) -> str:
+  """One line of what the file held besides arrays: scalars shown, containers sized."""
+  parts = []
+  for path, value in metadata.items():
+    if isinstance(value, (dict, list)):
+      parts.append(f'{path} ({len(value)} entries)' if value else f'{path} (empty)')
+    else:
+      text = str(value)
+      parts.append(f'{path}={text if len(text) <= 40 else text[:37] + "..."}')
+  return ', '.join(parts[:12]) + (f', ... ({len(parts) - 12} more)' if len(parts) > 12 else '') \
+      if parts else 'none'
+
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
@@ -342,14 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
                   '(default directory checkpoints/<model-id>/). Give a registry id to download '
                   'the official file (cached in $QSCORE_JAX_CACHE/downloads, default '
                   '~/.cache/qscore_jax/downloads, '
-                  'verified against the registry digest when known), or --file with --method '
-                  '(and optionally --arch) for a local file. Every parameter must be filled '
-                  'exactly once and every key of the file used or dropped by an explicit rule.')
-  convert.add_argument('model_id', nargs='?', help='registry id (qscore models), e.g. dino-vits16')
+                  'verified against the registry digest when known), or the path of a local file '
+                  '(positional or --file): its method and architecture are read from its layout '
+                  '(--method only where several methods publish the same layout, e.g. a bare '
+                  'ResNet backbone). Every parameter must be filled exactly once and every array '
+                  'of the file used or dropped by an explicit rule; the parts that hold no array '
+                  '(epoch, args, optimizer settings) are summarised in metadata.json.')
+  convert.add_argument('model_id', nargs='?', help='registry id (qscore models), e.g. '
+                       'dino-vits16, or the path of a local checkpoint')
   convert.add_argument('--file', help='local checkpoint: .pth/.pth.tar/.ckpt, TF1 prefix, '
                        '.index or .zip, or BYOL .pkl')
   convert.add_argument('--method', help='simclr, swav, moco, mocov3, byol, dino, simsiam, vicreg, '
-                       'barlowtwins or solo-learn (needed without a registry id)')
+                       'barlowtwins or solo-learn (default: the registry entry\'s, or the one '
+                       'whose layout the file has; needed only when several methods fit)')
   convert.add_argument('--arch', help='architecture (e.g. resnet50, vit_small); inferred from '
                        'the file when omitted')
   convert.add_argument('--arch-option', action='append', type=_parse_option, metavar='KEY=VALUE',

@@ -286,9 +286,47 @@ def test_registry_method_mismatch_and_unsupported(tmp_path, moco_file):
     _convert(moco_file.path, tmp_path, method='moco', submodel='teacher')
 
 
-def test_method_is_required_without_registry_id_and_guessed(tmp_path, moco_file):
-  with pytest.raises(ConversionError, match=r'give --method.*MoCo v1/v2.*--method moco'):
-    _convert(moco_file.path, tmp_path)
+def test_method_is_read_from_the_layout(tmp_path, moco_file):
+  converted = _convert(moco_file.path, tmp_path)
+  provenance = converted.metadata['provenance']
+  assert converted.metadata['method'] == 'moco' and provenance['method_from'] == "the file's layout"
+  # Without a registry id the preprocessing is the method's releases' (ImageNet statistics):
+  # a converted model without any would be fed unnormalised images.
+  assert converted.metadata['preprocessing']['name'] == 'imagenet'
+  assert provenance['preprocessing_from'] == 'the moco releases'
+
+
+def test_a_bare_backbone_lists_the_methods_it_could_be(tmp_path):
+  """A torchvision-named ResNet-50 state dict is what DINO, VICReg and Barlow Twins
+  publish (and SwAV, with module.): the file cannot tell which, so --method is needed."""
+  path = tmp_path / 'resnet50.pth'
+  torch.save(factories.resnet('resnet50', seed=1).state_dict(), path)
+  with pytest.raises(ConversionError) as error:
+    _convert(path, tmp_path)
+  text = _one_paragraph(error)
+  assert 'any of swav, dino, vicreg, barlowtwins' in text and 'Give --method' in text
+  assert 'dino-r50' in text
+  _no_output_left(tmp_path)
+  converted = _convert(path, tmp_path, method='vicreg')
+  assert converted.metadata['provenance']['method_from'] == 'the --method given'
+
+
+def test_a_bare_vit_is_dino_the_only_method_that_publishes_one(tmp_path):
+  path = tmp_path / 'dino_deitsmall16_pretrain.pth'
+  torch.save(factories.vit(6, seed=3).state_dict(), path)
+  converted = _convert(path, tmp_path, save=False)
+  assert converted.metadata['method'] == 'dino' and converted.model.num_heads == 6
+  assert converted.metadata['preprocessing']['name'] == 'imagenet_bicubic'
+
+
+def test_a_file_of_no_published_layout(tmp_path):
+  path = tmp_path / 'weights.pth'
+  torch.save({'encoder.layer.weight': torch.zeros(3, 3)}, path)
+  with pytest.raises(ConversionError, match='layout of none of the published checkpoints'):
+    _convert(path, tmp_path)
+  with pytest.raises(ConversionError, match="neither an existing checkpoint file nor a registry id"):
+    convert_checkpoint(str(tmp_path / 'typo.pth'), progress=False)
+  _no_output_left(tmp_path)
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path, moco_file):
@@ -381,6 +419,15 @@ def test_tf1_registry_entry_downloads_both_files(tmp_path, http_server, monkeypa
   prefix, sources = fetch_registry_files(spec, progress=False)
   assert prefix.name == 'model.ckpt-250228' and len(sources) == 2
   assert all(pathlib.Path(s['path']).exists() for s in sources)
+
+
+def test_cli_convert_takes_a_path_positionally_without_method_or_arch(tmp_path, capsys):
+  synth = factories.moco(tmp_path)
+  assert cli.main(['convert', str(synth.path), '--out', str(tmp_path / 'm')]) == 0
+  out = capsys.readouterr().out
+  assert 'resnet50' in out and "method from  the file's layout" in out
+  assert 'bookkeeping  epoch=200, arch=resnet50' in out
+  assert (tmp_path / 'm' / 'metadata.json').is_file()
 
 
 def test_cli_convert_from_a_local_file(tmp_path, capsys):

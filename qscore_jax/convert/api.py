@@ -308,6 +308,116 @@ def convert_state(flat: Mapping[str, np.ndarray], *, method: str, arch: str | No
           'file_metadata': dict(getattr(flat, 'metadata', {})), 'neutralised': neutralised}
 
 
+# ------------------------------------------------------- what a file is
+
+# The backbone kinds each method published (a guess from the layout only
+# considers these; --method converts any kind the rule reads).
+RELEASED_KINDS = {
+    'simclr': ('resnet',), 'swav': ('resnet',), 'moco': ('resnet',),
+    'mocov3': ('resnet', 'vit'), 'byol': ('resnet',), 'dino': ('resnet', 'vit'),
+    'simsiam': ('resnet',), 'vicreg': ('resnet',), 'barlowtwins': ('resnet',),
+    'solo-learn': ('resnet', 'vit'),
+}
+
+
+def _is_local_checkpoint(reference: str) -> bool:
+  """Whether ``reference`` names a file or TF1 checkpoint on disk rather than a registry id."""
+  try:
+    registry.get_model_spec(reference)
+    return False
+  except KeyError:
+    pass
+  path = pathlib.Path(reference).expanduser()
+  return path.exists() or readers.is_tf1_checkpoint(path)
+
+
+def methods_matching(flat: Mapping[str, np.ndarray], *, arch: str | None = None,
+                     arch_options: Mapping[str, Any] | None = None,
+                     submodel: str | None = None) -> list[str]:
+  """The methods whose published layout converts ``flat`` completely.
+
+  A method matches when its rule uses or drops every array of the file and the
+  backbone it extracts fills the architecture exactly (the whole of
+  :func:`convert_state`); only the backbone kinds the method released count.
+  A bare torchvision ResNet backbone matches every method that publishes one.
+
+  Args:
+    flat: a read checkpoint (:func:`qscore_jax.convert.read_checkpoint`).
+    arch, arch_options, submodel: as for :func:`convert_state`.
+  Returns:
+    The matching methods, in :data:`rules.CONVERTIBLE_METHODS` order.
+  """
+  kind = _kind(arch) if arch else ('vit' if any(k.endswith('cls_token') for k in flat)
+                                   else 'resnet')
+  candidates = []
+  for method in rules.CONVERTIBLE_METHODS:
+    if kind not in RELEASED_KINDS[method]:
+      continue
+    if submodel is not None and submodel not in rules.SUBMODELS[method]:
+      continue
+    ledger = rules.KeyLedger(flat)
+    try:  # the rule alone first: cheap, and it rules out most methods
+      rules.RULES[method](ledger, kind, submodel or rules.SUBMODELS[method][0])
+    except (ConversionError, KeyError, ValueError, IndexError, TypeError):
+      continue
+    if not ledger.remaining():
+      candidates.append(method)
+  matching = []
+  for method in candidates:
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore', NeutralisedObjectWarning)
+        convert_state(flat, method=method, arch=arch, arch_options=arch_options,
+                      submodel=submodel)
+    except (ConversionError, readers.ReaderError):
+      continue
+    matching.append(method)
+  return matching
+
+
+def _method_from_layout(flat, source, **kwargs) -> str:
+  """The one method whose layout the file has; else an error listing the candidates."""
+  matching = methods_matching(flat, **kwargs)
+  if len(matching) == 1:
+    return matching[0]
+  if matching:
+    kind = 'vit' if any(k.endswith('cls_token') for k in flat) else 'resnet'
+    ids = []  # one release of the same kind per method, as an example
+    for candidate in matching:
+      ids += [s.id for s in registry.list_models(candidate, include_unsupported=False)
+              if _kind(s.arch) == kind][:1]
+    raise ConversionError(
+        f'{source} could be a checkpoint of any of {", ".join(matching)}: its layout (e.g. a '
+        'bare backbone without heads or training state) does not tell them apart. Give '
+        f'--method (one of {", ".join(matching)}), or the registry id of the release it is '
+        f'(e.g. {", ".join(ids)}; `qscore models` lists them), which also sets its '
+        'preprocessing.')
+  guesses = rules.guess_method(flat)
+  hint = (f' Its keys look most like {guesses[0][1]}; `--method {guesses[0][0]}` reports '
+          'what does not fit.' if guesses else '')
+  raise ConversionError(
+      f'{source} has the layout of none of the published checkpoints qscore_jax converts '
+      f'({", ".join(rules.CONVERTIBLE_METHODS)}).{hint}')
+
+
+def release_preprocessing(method: str, arch_options: Mapping[str, Any]
+                          ) -> registry.Preprocessing | None:
+  """The evaluation preprocessing of ``method``'s releases, for a file converted without
+  a registry id: the preset all its registry entries share (solo-learn: CIFAR
+  statistics for the CIFAR stem, else ImageNet's). None when they differ.
+
+  Args:
+    method: a convertible method.
+    arch_options: the converted architecture's options (``stem``).
+  """
+  if method == 'solo-learn':
+    return registry.get_preprocessing(
+        'cifar' if arch_options.get('stem') == 'cifar' else 'imagenet')
+  presets = {spec.preprocessing.name for spec in registry.list_models()
+             if spec.method == method and spec.preprocessing is not None}
+  return registry.get_preprocessing(presets.pop()) if len(presets) == 1 else None
+
+
 # ---------------------------------------------------------------- sources
 
 def _registry_files(spec: registry.ModelSpec) -> list[tuple[str, str | None, str | None]]:
@@ -372,9 +482,13 @@ def convert_checkpoint(model_id: str | None = None, *, file: str | os.PathLike |
   Args:
     model_id: a registry id (``qscore models``); gives method, architecture,
       preprocessing and the official URL. Without ``file``, the file is
-      downloaded (cached, sha256-verified where the registry knows it).
+      downloaded (cached, sha256-verified where the registry knows it). The
+      path of an existing local checkpoint is taken as ``file``.
     file: a local checkpoint: PyTorch file, TF1 prefix/.index/zip, BYOL pickle.
-    method: needed without ``model_id`` (one of the convertible methods).
+    method: one of the convertible methods; without it (and without
+      ``model_id``) the method is the one whose published layout the file has
+      (:func:`methods_matching`), and a file several methods could have written
+      (a bare backbone) is an error that lists them.
     arch, arch_options: override or, without ``model_id``, choose the
       architecture; inferred from the file when omitted.
     submodel: which network of the file (e.g. DINO ``student``); default the
@@ -387,7 +501,13 @@ def convert_checkpoint(model_id: str | None = None, *, file: str | os.PathLike |
   Returns:
     The :class:`ConvertedModel`.
   """
-  spec = registry.get_model_spec(model_id) if model_id else None
+  if model_id is not None and file is None and _is_local_checkpoint(model_id):
+    file, model_id = model_id, None  # `qscore convert path/to/file.pth.tar`: a path is a path
+  try:
+    spec = registry.get_model_spec(model_id) if model_id else None
+  except KeyError as error:
+    raise ConversionError(f'{model_id!r} is neither an existing checkpoint file nor a '
+                          f'registry id: {error.args[0]}') from None
   if spec is not None and not spec.supported:
     raise ConversionError(f'{spec.id} cannot be converted yet: {spec.reason}')
   if spec is None and file is None:
@@ -401,34 +521,38 @@ def convert_checkpoint(model_id: str | None = None, *, file: str | os.PathLike |
                for p in _files_of(source)]
   else:
     source, sources = fetch_registry_files(spec, progress=progress)
-  if method is None:
-    flat = readers.read_checkpoint(source)
-    guesses = rules.guess_method(flat)
-    hint = f' It looks like {guesses[0][1]} (--method {guesses[0][0]}).' if guesses else ''
-    raise ConversionError(f'give --method (or a registry id) for {source}.{hint}')
   if spec is not None and method != spec.method and method != 'solo-learn':
     raise ConversionError(f'{spec.id} is a {spec.method} checkpoint, not {method}.')
 
   for entry in sources:  # the digest of every file read, verified or not
     entry['sha256'] = download_lib.sha256_of(entry['path'])
   flat = readers.read_checkpoint(source)
+  method_inferred = method is None
+  if method is None:
+    method = _method_from_layout(flat, source, arch=arch, arch_options=arch_options,
+                                 submodel=submodel)
   arch = arch or (spec.arch if spec else None)
   options = {**(dict(spec.arch_options) if spec else {}), **dict(arch_options or {})}
   result = convert_state(flat, method=method, arch=arch, arch_options=options,
                          submodel=submodel)
   default_submodel = rules.SUBMODELS[method][0]
+  preprocessing = spec.preprocessing if spec else release_preprocessing(
+      method, result['arch_options'])
   provenance = {
       'source_url': spec.url if spec else None,
       'source_files': [{'name': pathlib.Path(s['path']).name, 'sha256': s['sha256'],
                         'url': s['url']} for s in sources],
       'source_sha256': sources[0]['sha256'] if len(sources) == 1 else None,
       'submodel': result['submodel'],
+      'method_from': ('the registry entry' if spec else
+                      'the file\'s layout' if method_inferred else 'the --method given'),
+      'preprocessing_from': ('the registry entry' if spec else
+                             f'the {method} releases' if preprocessing else 'none known'),
       'dropped': result['dropped'],
       'file_metadata': result['file_metadata'],
       'neutralised': result['neutralised'],
       **result['facts'],
   }
-  preprocessing = spec.preprocessing if spec else None
   metadata = {'model_id': spec.id if spec else None, 'method': method, 'arch': result['arch'],
               'arch_options': result['arch_options'],
               'preprocessing': preprocessing.to_json() if preprocessing else None,
@@ -450,5 +574,5 @@ def convert_checkpoint(model_id: str | None = None, *, file: str | os.PathLike |
 
 
 __all__ = ['ConversionError', 'ConvertedModel', 'HeadSpec', 'NeutralisedObjectWarning',
-           'convert_checkpoint',
+           'RELEASED_KINDS', 'convert_checkpoint', 'methods_matching', 'release_preprocessing',
            'convert_state', 'fetch_registry_files', 'infer_resnet', 'infer_vit']

@@ -64,6 +64,11 @@ class FlatCheckpoint(dict):
   numpy arrays of any rank, TF variables) to a numpy array; only these go
   through the converters' strict key accounting.
 
+  Args:
+    arrays: the ``{path: array}`` items.
+    metadata, neutralised: the attributes below (default empty).
+    source: where the file was read from, for messages (default ``'the file'``).
+
   Attributes:
     metadata: ``{path: JSON-able summary}`` of every part of the file that holds
       no array: numbers, strings, None, empty containers, ``argparse.Namespace``
@@ -329,9 +334,8 @@ def _torch_load_restricted(torch, path):
   class Unpickler(_RestrictedUnpickler):
     _EXTRA = allowed
 
-    def __init__(self, file, **kwargs):
-      kwargs.pop('encoding', None)
-      super().__init__(file)
+    def __init__(self, file, **kwargs):  # torch passes encoding='utf-8' (and nothing else)
+      super().__init__(file, encoding=kwargs.get('encoding', 'ASCII'))
       self.neutralised = names
 
   module.Unpickler = Unpickler
@@ -601,8 +605,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
   }
   _EXTRA: Mapping[tuple[str, str], Any] = {}  # more allowed globals (torch's, for torch files)
 
-  def __init__(self, file):
-    super().__init__(file)
+  def __init__(self, file, *, encoding: str = 'ASCII'):
+    super().__init__(file, encoding=encoding)
     self.neutralised: set[str] = set()  # names that became placeholders
 
   def find_class(self, module: str, name: str):

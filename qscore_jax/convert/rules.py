@@ -444,7 +444,12 @@ def _rule_facebook_full(ledger: KeyLedger, kind: str, method: str, with_bn: bool
   heads = {}
   if ledger.has_prefix(root + 'projector.'):
     projector = _sequential_head(ledger, root + 'projector.')
-    if with_bn and ledger.has_prefix(root + 'bn.'):
+    if with_bn and not ledger.has_prefix(root + 'bn.'):
+      # main.py always builds self.bn = BatchNorm1d(sizes[-1], affine=False).
+      raise ConversionError(f'a Barlow Twins full checkpoint normalises its projector output '
+                            f'with {root}bn.*; this file has a projector but no bn (a VICReg '
+                            'full checkpoint has this layout).')
+    if with_bn:
       # Barlow Twins normalises the projector output with an affine-free
       # BatchNorm before the cross-correlation: stored as the projector's last norm.
       last = max(int(k.split('.')[0]) for k in projector)
