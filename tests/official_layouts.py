@@ -156,8 +156,8 @@ def rejected_by_weights_only(path) -> bool:
 def swav_training(tmp: pathlib.Path, *, optimizer='sgd', amp=True) -> factories.Synth:
   """A SwAV *training* checkpoint (``checkpoint.pth.tar`` / ``ckp-<epoch>.pth``).
 
-  Mirrors facebookresearch/swav ``main_swav.py`` ``main()`` (commit 06b1b7c,
-  lines 270-285): ``save_dict = {"epoch", "state_dict": model.state_dict()
+  Mirrors facebookresearch/swav ``main_swav.py`` ``main()`` (commit 04b8f43,
+  "save checkpoints" at the end of the epoch loop): ``save_dict = {"epoch", "state_dict": model.state_dict()
   (DDP: module.*), "optimizer": optimizer.state_dict()}`` plus ``"amp":
   apex.amp.state_dict()`` when ``--use_fp16``. The optimizer is apex's
   ``LARC(SGD(momentum=0.9, weight_decay=wd))``, whose ``state_dict()`` is the
@@ -187,7 +187,7 @@ def moco_release(tmp: pathlib.Path, *, version=2, optimizer='sgd') -> factories.
   """MoCo v1/v2 ``moco_v{1,2}_*_pretrain.pth.tar``.
 
   Mirrors facebookresearch/moco ``main_moco.py`` ``main_worker()`` (commit
-  132aea9, ``save_checkpoint({...})`` at the end of the epoch loop):
+  010242b, ``save_checkpoint({...})`` at the end of the epoch loop):
   ``{"epoch": epoch + 1, "arch": args.arch, "state_dict": model.state_dict(),
   "optimizer": optimizer.state_dict()}`` with ``torch.optim.SGD(model.parameters(),
   lr, momentum=0.9, weight_decay=1e-4)``: one param group, ``momentum_buffer``
@@ -219,7 +219,7 @@ def mocov3_release(tmp: pathlib.Path, *, kind='resnet', optimizer='real') -> fac
   """MoCo v3 ``r-50-*ep.pth.tar`` / ``vit-s-300ep.pth.tar``.
 
   Mirrors facebookresearch/moco-v3 ``main_moco.py`` ``main_worker()`` (commit
-  c349e6e, ``save_checkpoint({...})`` in the epoch loop): ``{'epoch', 'arch',
+  c349e6e, ``save_checkpoint({...})`` at lines 310-316; optimizer lines 225-232): ``{'epoch', 'arch',
   'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
   'scaler': scaler.state_dict()}``; the optimizer is ``moco.optimizer.LARS``
   (``moco/optimizer.py``: defaults lr, weight_decay, momentum,
@@ -313,7 +313,7 @@ def simsiam_release(tmp: pathlib.Path, *, optimizer='real', fix_pred_lr=True) ->
   """SimSiam ``checkpoint_0099.pth.tar``.
 
   Mirrors facebookresearch/simsiam ``main_simsiam.py`` ``main_worker()``
-  (commit a7bc177): ``save_checkpoint({'epoch': epoch + 1, 'arch': args.arch,
+  (commit a7bc177, line 264): ``save_checkpoint({'epoch': epoch + 1, 'arch': args.arch,
   'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict()})``;
   ``torch.optim.SGD(optim_params, init_lr, momentum=0.9, weight_decay=1e-4)``
   where, with ``--fix-pred-lr`` (the README's command), ``optim_params`` is two
@@ -342,7 +342,7 @@ def vicreg_or_barlow_release(tmp: pathlib.Path, *, method='vicreg', optimizer='r
   """VICReg ``resnet50_fullckpt.pth`` / Barlow Twins ``checkpoint.pth``.
 
   VICReg: facebookresearch/vicreg ``main_vicreg.py`` ``main()`` (commit
-  4e12602): ``state = dict(epoch=epoch + 1, model=model.state_dict(),
+  4e12602, lines 109-114 and 157-162): ``state = dict(epoch=epoch + 1, model=model.state_dict(),
   optimizer=optimizer.state_dict())`` saved as ``model.pth``; ``LARS(
   model.parameters(), lr=0, weight_decay=args.wd,
   weight_decay_filter=exclude_bias_and_norm,
