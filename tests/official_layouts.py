@@ -348,8 +348,10 @@ def vicreg_or_barlow_release(tmp: pathlib.Path, *, method='vicreg', optimizer='r
   weight_decay_filter=exclude_bias_and_norm,
   lars_adaptation_filter=exclude_bias_and_norm)``: the two filters are the
   *function* ``exclude_bias_and_norm`` of the script, so every param group
-  pickles the global ``__main__.exclude_bias_and_norm`` (the script is run as
-  ``__main__``), which ``torch.load(weights_only=True)`` refuses.
+  pickles a global reference to it, which ``torch.load(weights_only=True)``
+  refuses: ``main_vicreg.exclude_bias_and_norm`` when launched by
+  ``run_with_submitit.py`` (the README's 4-node, 1000-epoch ResNet-50 run),
+  ``__main__.exclude_bias_and_norm`` under ``torch.distributed.launch``.
 
   Barlow Twins: facebookresearch/barlowtwins ``main.py`` ``main_worker()``:
   ``state = dict(epoch=epoch + 1, model=model.state_dict(),
@@ -375,7 +377,7 @@ def vicreg_or_barlow_release(tmp: pathlib.Path, *, method='vicreg', optimizer='r
   else:
     groups = [{'params': [p for p in params if p.ndim != 1]},
               {'params': [p for p in params if p.ndim == 1]}]
-  module = '__main__' if method == 'vicreg' else '__mp_main__'
+  module = 'main_vicreg' if method == 'vicreg' else '__mp_main__'
   with _module_global(module, 'exclude_bias_and_norm', exclude_bias_and_norm) as fn:
     if optimizer != 'empty':
       filt = fn if filters == 'function' else True
