@@ -134,9 +134,7 @@ SOLO_CASES = [
     ('1.6.4', 'empty', 32, False, False),  # optimizer_states [], lr_schedulers []
     ('2.1.2', 'real', 16, False, False),   # MixedPrecision
     ('2.1.2', 'real', 16, True, True),     # a user's run: ModelCheckpoint, DictConfig hparams
-    pytest.param('1.4.7', 'real', 16, True, False, marks=pytest.mark.xfail(strict=True, reason=(
-        'a class pickled only as a dict key (Lightning <=1.4 callbacks[type(callback)]) is '
-        'neutralised silently: not in FlatCheckpoint.neutralised, no NeutralisedObjectWarning'))),
+    ('1.4.7', 'real', 16, True, False),    # callbacks keyed by the callback's class
 ]
 
 
@@ -157,14 +155,7 @@ def test_solo_learn_lightning(tmp_path, version, optimizer, precision, user_call
   check(synth, converted)
 
 
-@pytest.mark.parametrize('method', [
-    pytest.param('nnclr', marks=pytest.mark.xfail(strict=True, reason=(
-        "rule_solo drops only the buffers queue/queue_ptr/dino_loss_func: NNCLR/NNBYOL/NNSiam's "
-        "queue_y (and All4One's queue_index) are neither used nor dropped"))),
-    pytest.param('deepclusterv2', marks=pytest.mark.xfail(strict=True, reason=(
-        "rule_solo knows neither DeepClusterV2's local_memory_index/local_memory_embeddings "
-        "buffers nor its nn.ModuleList of prototypes (prototypes.{i}.weight)"))),
-])
+@pytest.mark.parametrize('method', ['nnclr', 'all4one', 'deepclusterv2'])
 def test_solo_learn_method_buffers(tmp_path, method):
   synth = layouts.solo_method_buffers(tmp_path, method=method)
   check(synth, convert(synth, tmp_path, method='solo-learn', arch='resnet18'))

@@ -491,6 +491,13 @@ def rule_barlowtwins(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
   return _rule_facebook_full(ledger, kind, 'Barlow Twins', with_bn=True)
 
 
+# Persistent buffers of solo-learn's methods (register_buffer in solo/methods/*.py):
+# MoCo v2+/NNCLR/NNBYOL/NNSiam/All4One queues, DeepClusterV2's memory bank,
+# DINO's loss centre.
+_SOLO_BUFFERS = ('queue', 'queue_ptr', 'queue_y', 'queue_index', 'local_memory_index',
+                 'local_memory_embeddings', 'dino_loss_func')
+
+
 def rule_solo(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
   """solo-learn (Lightning): the ``backbone`` (or old ``encoder``) or its momentum
   copy, with classifier, projector, predictor, prototypes or DINO head; method
@@ -515,7 +522,13 @@ def rule_solo(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
     if ledger.has_prefix(head_prefix + name + '.'):
       heads[name] = (ledger.take_prefix(head_prefix + name + '.'), activation, False)
   if submodel == 'base' and ledger.has_prefix(root + 'prototypes.'):
-    heads['prototypes'] = (ledger.take_prefix(root + 'prototypes.'), None, True)
+    prototypes = ledger.take_prefix(root + 'prototypes.')
+    if all(re.match(r'^\d+\.weight$', k) for k in prototypes):
+      # DeepClusterV2: an nn.ModuleList of Linear(bias=False), one per prototype set.
+      for key, weight in sorted(prototypes.items(), key=lambda kv: int(kv[0].split('.')[0])):
+        heads[f'prototypes_{key.split(".")[0]}'] = ({'weight': weight}, None, True)
+    else:  # SwAV: one (weight-normalised) Linear
+      heads['prototypes'] = (prototypes, None, True)
   if ledger.has_prefix(head_prefix + 'head.'):  # DINO head
     _dino_head(ledger, head_prefix + 'head.', heads)
   backbone = _take_torch_backbone(ledger, prefix, kind)
@@ -524,7 +537,7 @@ def rule_solo(ledger: KeyLedger, kind: str, submodel: str) -> Extraction:
                                'predictor.', 'prototypes.', 'head.'))),
                        'the other solo-learn sub-model (--submodel selects it)')
   ledger.drop_matching(lambda k: k.startswith(root) and k[len(root):].split('.')[0] in
-                       ('queue', 'queue_ptr', 'dino_loss_func'), 'method buffers')
+                       _SOLO_BUFFERS, 'method buffers')
   _drop_common(ledger)
   return Extraction(backbone, kind, heads, submodel)
 
