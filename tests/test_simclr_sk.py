@@ -439,6 +439,46 @@ def test_plain_arch_on_an_sk_file_is_refused_with_the_options_to_pass(tmp_path):
     convert_state(flat, method='simclr')
 
 
+def test_sk0_file_under_an_sk1_id_is_refused():
+  import checkpoint_factories as factories  # pylint: disable=import-outside-toplevel
+  from qscore_jax.convert import ConversionError  # pylint: disable=import-outside-toplevel
+  flat = factories._simclr_tf_names(factories.resnet('resnet50'), '')  # pylint: disable=protected-access
+  spec = get_model_spec('simclr-v2-r50x1-sk1')
+  with pytest.raises(ConversionError, match=r'sk_ratio: file 0.0, requested 0.0625'):
+    convert_state(flat, method='simclr', arch=spec.arch, arch_options=spec.arch_options)
+
+
+def test_small_sk_net_initialises_trains_and_rejects_basic_blocks():
+  """init_variables / abstract_variables / a jitted training-mode step of a one-block-per-stage
+  narrow SK net (the SK context BN sees (N, 1, 1, C) maps); sk_ratio needs bottlenecks and the
+  ImageNet stem."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from qscore_jax.models import (ResNet, abstract_variables, build_model,  # pylint: disable=import-outside-toplevel
+                                 init_variables)
+  model = ResNet(stage_sizes=(1, 1, 1, 1), sk_ratio=SK_RATIO, width_multiplier=0.25,
+                 pool_padding='tf_same')
+  shape = (2, 32, 32, 3)
+  variables = init_variables(model, jax.random.key(0), shape)
+  assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(
+      lambda a: a.shape, abstract_variables(model, shape))
+  params = variables['params']
+  assert params['stem_conv1']['kernel'].shape == (3, 3, 3, 8)
+  assert params['stem_conv3']['kernel'].shape == (3, 3, 8, 16)
+  assert params['layer2_0']['conv2']['kernel'].shape == (3, 3, 32, 64)  # two streams
+  assert params['layer2_0']['sk_conv1']['kernel'].shape == (1, 1, 32, 32)  # max(2, 32)
+  assert params['layer2_0']['sk_conv2']['kernel'].shape == (1, 1, 32, 64)
+  assert params['layer2_0']['downsample_conv']['kernel'].shape == (1, 1, 64, 128)
+  assert 'conv1' not in params and 'sk_bn1' in variables['batch_stats']['layer4_0']
+  step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
+  out, state = step(variables, jnp.asarray(_images(32, 32)))
+  assert out.shape == (2, 512) and bool(jnp.all(jnp.isfinite(out)))
+  assert not np.allclose(state['batch_stats']['layer1_0']['sk_bn1']['mean'],
+                         variables['batch_stats']['layer1_0']['sk_bn1']['mean'])
+  for options in ({'block': 'basic'}, {'stem': 'cifar'}):
+    with pytest.raises(ValueError, match='sk_ratio > 0'):
+      build_model('resnet50', sk_ratio=SK_RATIO, **options)
+
+
 # simclr-v2-r50x1-sk1 is converted and compared at 224x224 and 225x193 by
 # test_r50x1_sk1_outputs_match_the_reference; the other six rows, at their real depth and
 # width on 64x72 images, are slow (r101x1: ~10 s, r152x3: 795M parameters).

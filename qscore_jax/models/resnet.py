@@ -198,6 +198,8 @@ class BasicBlock(_Block):
     dtype: computation dtype.
     width_per_group: inner width per 64 planes (bottleneck only; default 64).
     zero_init_residual: initialise the last BN scale to zero (default False).
+    sk_ratio: must stay 0: SimCLR's selective-kernel nets are bottleneck nets
+      (:class:`ResNet` refuses ``sk_ratio > 0`` with basic blocks).
   """
   expansion = 1
 
