@@ -448,27 +448,30 @@ def test_sk0_file_under_an_sk1_id_is_refused():
     convert_state(flat, method='simclr', arch=spec.arch, arch_options=spec.arch_options)
 
 
-def test_small_sk_net_initialises_trains_and_rejects_basic_blocks():
-  """init_variables / abstract_variables / a jitted training-mode step of a one-block-per-stage
-  narrow SK net (the SK context BN sees (N, 1, 1, C) maps); sk_ratio needs bottlenecks and the
-  ImageNet stem."""
+def _small_sk_net():
+  from qscore_jax.models import ResNet  # pylint: disable=import-outside-toplevel
+  return ResNet(stage_sizes=(1, 1, 1, 1), sk_ratio=SK_RATIO, width_multiplier=0.25,
+                pool_padding='tf_same')
+
+
+def test_small_sk_net_shapes_train_step_and_invalid_options():
+  """abstract_variables and a jitted training-mode step of a one-block-per-stage narrow SK net
+  (the SK context BN sees (N, 1, 1, C) maps); sk_ratio needs bottlenecks and the ImageNet stem."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from qscore_jax.models import (ResNet, abstract_variables, build_model,  # pylint: disable=import-outside-toplevel
-                                 init_variables)
-  model = ResNet(stage_sizes=(1, 1, 1, 1), sk_ratio=SK_RATIO, width_multiplier=0.25,
-                 pool_padding='tf_same')
-  shape = (2, 32, 32, 3)
-  variables = init_variables(model, jax.random.key(0), shape)
-  assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(
-      lambda a: a.shape, abstract_variables(model, shape))
-  params = variables['params']
+  from qscore_jax.models import abstract_variables, build_model  # pylint: disable=import-outside-toplevel
+  model = _small_sk_net()
+  shapes = abstract_variables(model, (2, 32, 32, 3))
+  params = shapes['params']
   assert params['stem_conv1']['kernel'].shape == (3, 3, 3, 8)
   assert params['stem_conv3']['kernel'].shape == (3, 3, 8, 16)
   assert params['layer2_0']['conv2']['kernel'].shape == (3, 3, 32, 64)  # two streams
   assert params['layer2_0']['sk_conv1']['kernel'].shape == (1, 1, 32, 32)  # max(2, 32)
   assert params['layer2_0']['sk_conv2']['kernel'].shape == (1, 1, 32, 64)
   assert params['layer2_0']['downsample_conv']['kernel'].shape == (1, 1, 64, 128)
-  assert 'conv1' not in params and 'sk_bn1' in variables['batch_stats']['layer4_0']
+  assert 'conv1' not in params and 'sk_bn1' in shapes['batch_stats']['layer4_0']
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+                           if len(s.shape) == 4 else np.ones(s.shape, np.float32), shapes)
   step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
   out, state = step(variables, jnp.asarray(_images(32, 32)))
   assert out.shape == (2, 512) and bool(jnp.all(jnp.isfinite(out)))
@@ -477,6 +480,17 @@ def test_small_sk_net_initialises_trains_and_rejects_basic_blocks():
   for options in ({'block': 'basic'}, {'stem': 'cifar'}):
     with pytest.raises(ValueError, match='sk_ratio > 0'):
       build_model('resnet50', sk_ratio=SK_RATIO, **options)
+
+
+@pytest.mark.slow
+def test_init_variables_of_an_sk_net():
+  """Slow only for XLA:CPU's compilation of the initialisers (~15-30 s here)."""
+  from qscore_jax.models import abstract_variables, init_variables  # pylint: disable=import-outside-toplevel
+  model = _small_sk_net()
+  variables = init_variables(model, jax.random.key(0), (2, 32, 32, 3))
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), variables) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), abstract_variables(model, (2, 32, 32, 3)))
+  assert float(np.std(variables['params']['layer3_0']['sk_conv2']['kernel'])) > 0
 
 
 # simclr-v2-r50x1-sk1 is converted and compared at 224x224 and 225x193 by

@@ -121,10 +121,11 @@ def _infer_sk_ratio(state: Mapping[str, np.ndarray]) -> float:
   """
   ratios = []
   for key, value in state.items():
-    if key.endswith('.sk_conv1.weight'):
-      inner = state[key[:-len('sk_conv1.weight')] + 'conv1.weight'].shape[0]
-      if value.shape[0] > 32:
-        ratios.append((inner, value.shape[0] / inner))
+    if not key.endswith('.sk_conv1.weight'):
+      continue
+    conv1 = state.get(key.removesuffix('sk_conv1.weight') + 'conv1.weight')
+    if conv1 is not None and value.shape[0] > 32:  # a missing conv1: the shape check says so
+      ratios.append((conv1.shape[0], value.shape[0] / conv1.shape[0]))
   return max(ratios)[1] if ratios else 0.0625
 
 
