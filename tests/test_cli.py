@@ -1,5 +1,6 @@
 """The `qscore` command line: listing models and the inspect path."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,11 +10,19 @@ import pytest
 from qscore_jax import cli, summary
 
 
-def test_models_lists_the_registry(capsys):
+def test_models_lists_the_registry(capsys, monkeypatch):
   assert cli.main(['models']) == 0
   out = capsys.readouterr().out
-  assert 'dino-vits16' in out and 'num_heads=6' in out
-  assert 'not supported' in out  # SimCLR v2 selective-kernel entries say why
+  assert 'dino-vits16' in out and 'num_heads=6' in out and 'sk_ratio=0.0625' in out
+  assert 'not supported' not in out  # every entry converts
+  # An entry that is not supported says why (none is since the SimCLR v2 _sk1 nets).
+  import qscore_jax.models  # pylint: disable=import-outside-toplevel
+  listed = qscore_jax.models.list_models
+  monkeypatch.setattr(qscore_jax.models, 'list_models', lambda method=None, **kw: [
+      dataclasses.replace(s, supported=False, reason='Reason X.') if s.id == 'byol-r50x1' else s
+      for s in listed(method, **kw)])
+  assert cli.main(['models', '--method', 'byol']) == 0
+  assert '[not supported: Reason X.]' in capsys.readouterr().out
   assert cli.main(['models', '--method', 'byol', '--json']) == 0
   entries = json.loads(capsys.readouterr().out)
   assert {e['id'] for e in entries} == {'byol-r50x1', 'byol-r200x2'}

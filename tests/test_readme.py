@@ -28,6 +28,8 @@ CONVERTER_TESTS = {  # (method, container) -> test of tests/test_convert.py
     ('barlowtwins', 'torch_flat'): 'test_vicreg_and_barlowtwins',
     ('barlowtwins', 'torch_full'): 'test_vicreg_and_barlowtwins',
 }
+# The selective-kernel (sk_ratio) SimCLR rows: tests/test_simclr_sk.py.
+SK_CONVERTER_TEST = 'test_tf1_checkpoint_end_to_end'
 
 
 def _architecture_status(spec) -> str:
@@ -35,6 +37,10 @@ def _architecture_status(spec) -> str:
   weights (tests/test_resnet_parity.py, test_vit_parity.py), or parameter counts
   (test_models_api.py::test_architecture_sizes_match_the_references)."""
   options = dict(spec.arch_options)
+  if options.get('sk_ratio'):  # tests/test_simclr_sk.py, every row at its depth and width
+    where = ('224x224 and 225x193' if spec.id == 'simclr-v2-r50x1-sk1'
+             else 'this depth and width, 64x72, slow test')
+    return f'outputs = PyTorch SK reference written from google-research/simclr ({where})'
   if spec.arch == 'vit_small':
     parts = ['outputs = timm' + (', with DINO\'s interpolation' if spec.method == 'dino' else '')]
   elif spec.arch == 'vit_base':
@@ -69,8 +75,9 @@ def models_table_lines() -> list[str]:
     arch = f'{spec.arch} ({options})' if options else spec.arch
     if spec.supported:
       container = spec.container + ('_zip' if spec.url.endswith('.zip') else '')
-      status = (f'{_architecture_status(spec)}; converter: '
-                f'`{CONVERTER_TESTS[(spec.method, container)]}`')
+      converter = (f'test_simclr_sk.py::{SK_CONVERTER_TEST}' if spec.arch_options.get('sk_ratio')
+                   else CONVERTER_TESTS[(spec.method, container)])
+      status = f'{_architecture_status(spec)}; converter: `{converter}`'
     else:
       status = f'**not supported**: {spec.reason}'
     lines.append(f'| `{spec.id}` | {spec.method} | {arch} | {_source(spec.url)} | '
@@ -97,6 +104,8 @@ def test_every_converter_test_named_in_the_table_exists():
   for names in CONVERTER_TESTS.values():
     for name in names.split(', '):
       assert re.search(rf'^def {name}\(', tests, re.M), name
+  sk_tests = (ROOT / 'tests' / 'test_simclr_sk.py').read_text()
+  assert re.search(rf'^def {SK_CONVERTER_TEST}\(', sk_tests, re.M)
 
 
 def test_every_cli_command_is_in_the_readme():

@@ -71,9 +71,11 @@ def infer_resnet(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     state: ``{torchvision name: array}`` (PyTorch layouts) of the backbone.
   Returns:
     ``{'arch': name, 'options': {...}}`` (width multiplier, CIFAR stem, width
-    per group, as the shapes reveal them).
+    per group, selective-kernel ratio, as the shapes reveal them).
   """
-  if 'conv1.weight' not in state:
+  sk = 'stem.conv3.weight' in state  # SimCLR v2 selective-kernel: ResNet-D stem
+  stem_key = 'stem.conv3.weight' if sk else 'conv1.weight'
+  if stem_key not in state:
     raise ConversionError('the backbone has no conv1.weight: it is not a ResNet.')
   blocks = {}
   for key in state:
@@ -83,14 +85,16 @@ def infer_resnet(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
       blocks[stage] = max(blocks.get(stage, 0), index + 1)
   stage_sizes = tuple(blocks.get(s, 0) for s in (1, 2, 3, 4))
   block = 'bottleneck' if 'layer1.0.conv3.weight' in state else 'basic'
-  stem_channels, _, kernel, _ = state['conv1.weight'].shape
+  stem_channels, _, kernel, _ = state[stem_key].shape
   width = stem_channels / 64
   width = int(width) if width.is_integer() else width
   options: dict[str, Any] = {}
   if width != 1:
     options['width_multiplier'] = width
-  if kernel == 3:
+  if kernel == 3 and not sk:
     options['stem'] = 'cifar'
+  if sk:
+    options['sk_ratio'] = _infer_sk_ratio(state)
   depth = next((d for d, sizes in STAGE_SIZES.items() if tuple(sizes) == stage_sizes
                 and (block == 'basic') == (d < 50)), None)
   if depth is None:
@@ -105,6 +109,25 @@ def infer_resnet(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
       else:
         options['width_per_group'] = inner
   return {'arch': arch, 'options': options}
+
+
+def _infer_sk_ratio(state: Mapping[str, np.ndarray]) -> float:
+  """The selective-kernel ratio r of a block's mixing width max(int(inner * r), 32).
+
+  The widest mixing branch above the 32-channel floor gives r = mid / inner
+  (exact for SimCLR's r = 1/16 and power-of-two or x3 widths); when every
+  branch sits on the floor (the x1 nets) the shapes cannot tell, and SimCLR's
+  only value, 0.0625, is taken. The shape check after conversion verifies
+  every branch against the model built with it.
+  """
+  ratios = []
+  for key, value in state.items():
+    if not key.endswith('.sk_conv1.weight'):
+      continue
+    conv1 = state.get(key.removesuffix('sk_conv1.weight') + 'conv1.weight')
+    if conv1 is not None and value.shape[0] > 32:  # a missing conv1: the shape check says so
+      ratios.append((conv1.shape[0], value.shape[0] / conv1.shape[0]))
+  return max(ratios)[1] if ratios else 0.0625
 
 
 def infer_vit(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -146,7 +169,8 @@ def _architecture_facts(model: nn.Module) -> dict[str, Any]:
   if isinstance(model, ResNet):
     return {'stage_sizes': tuple(model.stage_sizes), 'block': model.block,
             'width_multiplier': model.width_multiplier,
-            'width_per_group': model.width_per_group, 'stem': model.stem}
+            'width_per_group': model.width_per_group, 'stem': model.stem,
+            'sk_ratio': model.sk_ratio}
   return {'patch_size': model.patch_size, 'embed_dim': model.embed_dim, 'depth': model.depth,
           'image_size': model.image_size, 'mlp_ratio': float(model.mlp_ratio)}
 

@@ -57,6 +57,14 @@ def resnet_from_torch(state: Mapping[str, Any]) -> dict[str, Any]:
   ``fc.*`` (a classifier) is not part of the backbone and must be removed by
   the caller; it is reported like any other unknown key.
 
+  SimCLR v2's selective-kernel nets (``ResNet(sk_ratio > 0)``) have no
+  torchvision names; this module names their extra parts in the same style:
+  the ResNet-D stem ``stem.conv1``..``stem.conv3`` / ``stem.bn1``..``stem.bn3``
+  (-> ``stem_conv1`` ...), and per block the two-stream 3x3 ``conv2``/``bn2``
+  and the mixing branch ``sk_conv1``, ``sk_bn1``, ``sk_conv2`` (-> e.g.
+  ``layer2_0/sk_conv1``); the ResNet-D shortcut's 1x1 conv and BN keep
+  ``downsample.0``/``downsample.1`` (its average pool has no parameters).
+
   Args:
     state: ``{torchvision name: array}`` with PyTorch layouts (OIHW kernels).
   Returns:
@@ -66,7 +74,8 @@ def resnet_from_torch(state: Mapping[str, Any]) -> dict[str, Any]:
   """
   variables: dict[str, Any] = {}
   used = set()
-  module_re = re.compile(r'^(conv1|bn1|layer(\d)\.(\d+)\.(conv\d|bn\d|downsample\.[01]))$')
+  module_re = re.compile(r'^(conv1|bn1|stem\.(?:conv|bn)[123]|'
+                         r'layer(\d)\.(\d+)\.((?:sk_)?conv\d|(?:sk_)?bn\d|downsample\.[01]))$')
   for key, value in state.items():
     module, _, leaf = key.rpartition('.')
     match = module_re.match(module)
@@ -78,8 +87,9 @@ def resnet_from_torch(state: Mapping[str, Any]) -> dict[str, Any]:
                }.get(match.group(4), match.group(4))
       path = (block, inner)
     else:
-      path = (module,)
-    is_conv = path[-1].startswith('conv') or path[-1] == 'downsample_conv'
+      path = (module.replace('.', '_'),)
+    is_conv = (path[-1].startswith(('conv', 'sk_conv', 'stem_conv'))
+               or path[-1] == 'downsample_conv')
     if is_conv:
       if leaf != 'weight' or np.ndim(value) != 4:
         continue

@@ -697,15 +697,88 @@ def _conv_to_bn(conv: str) -> str:
   return conv[:-5] + 'bn' + conv[-1]
 
 
-# Bottleneck ResNets by their number of convolutions (stem + 3 per block + 4 shortcuts).
-_SIMCLR_DEPTHS = {53: ((3, 4, 6, 3), 'bottleneck'), 104: ((3, 4, 23, 3), 'bottleneck'),
-                  155: ((3, 8, 36, 3), 'bottleneck'), 203: ((3, 24, 36, 3), 'bottleneck')}
+def sk_resnet_creation_order(stage_sizes) -> tuple[list[str], list[str]]:
+  """(convolutions, batch norms) of a SimCLR v2 selective-kernel ResNet in TF creation order.
+
+  Derived from google-research/simclr ``resnet.py`` (TF1, the code that wrote
+  the ``_sk1`` checkpoints; ``tf2/resnet.py`` builds the same layers in the
+  same order) with ``FLAGS.sk_ratio > 0``. TF1 numbers ``conv2d_N`` and
+  ``batch_normalization_N`` separately, each in the order its layers are
+  created, i.e. called:
+
+  * ``resnet_v1_generator.model``: the ResNet-D stem, three
+    ``conv2d_fixed_padding`` each followed by ``batch_norm_relu`` (the third
+    BN comes after ``tf.identity(inputs, 'initial_conv')``): ``stem.conv1..3``
+    and ``stem.bn1..3``.
+  * ``bottleneck_block``, per block: with ``use_projection`` (the first block
+    of each ``block_group``, layer1 included) the shortcut comes *first*:
+    average pool, 1x1 ``conv2d_fixed_padding``, ``batch_norm_relu(relu=False)``
+    (``downsample.0``/``downsample.1``); then the 1x1 conv + BN (``conv1``,
+    ``bn1``); then ``sk_conv2d``: the two-stream 3x3 conv + BN (``conv2``,
+    ``bn2``), the 1x1 ``tf.layers.conv2d`` to ``mid_dim`` + BN (``sk_conv1``,
+    ``sk_bn1``), the 1x1 ``tf.layers.conv2d`` to ``2 * filters`` with *no* BN
+    (``sk_conv2``); last the 1x1 conv + BN (``conv3``, ``bn3``).
+
+  So a block has 5 convolutions and 4 batch norms (plus one of each for a
+  projection), and the two numberings drift apart by one per block.
+
+  Args:
+    stage_sizes: blocks per stage, e.g. (3, 4, 6, 3).
+  Returns:
+    ``(convs, bns)``: the torch-style names of :func:`qscore_jax.convert.layout.resnet_from_torch`
+    for ``conv2d``, ``conv2d_1``, ... and ``batch_normalization``, ``batch_normalization_1``, ...
+  """
+  convs = ['stem.conv1', 'stem.conv2', 'stem.conv3']
+  bns = ['stem.bn1', 'stem.bn2', 'stem.bn3']
+  for stage, count in enumerate(stage_sizes):
+    for index in range(count):
+      prefix = f'layer{stage + 1}.{index}'
+      if index == 0:
+        convs.append(f'{prefix}.downsample.0')
+        bns.append(f'{prefix}.downsample.1')
+      convs += [f'{prefix}.{c}' for c in ('conv1', 'conv2', 'sk_conv1', 'sk_conv2', 'conv3')]
+      bns += [f'{prefix}.{b}' for b in ('bn1', 'bn2', 'sk_bn1', 'bn3')]
+  return convs, bns
+
+
+def simclr_creation_order(stage_sizes, block: str, sk: bool = False
+                          ) -> tuple[list[str], list[str]]:
+  """(convolutions, batch norms) in TF creation order, plain or selective-kernel.
+
+  Args:
+    stage_sizes: blocks per stage.
+    block: ``'basic'`` or ``'bottleneck'``.
+    sk: a selective-kernel (``_sk1``) net (bottleneck only).
+  """
+  if sk:
+    if block != 'bottleneck':
+      raise ConversionError('SimCLR selective-kernel ResNets have bottleneck blocks only.')
+    return sk_resnet_creation_order(stage_sizes)
+  convs = resnet_creation_order(stage_sizes, block)
+  return convs, [_conv_to_bn(c) for c in convs]
+
+
+# Bottleneck ResNets by their number of convolutions: plain, stem + 3 per block + 4
+# shortcuts; selective-kernel (sk), 3 stem convs + 5 per block + 4 shortcuts.
+_SIMCLR_DEPTHS = {53: ((3, 4, 6, 3), 'bottleneck', False),
+                  104: ((3, 4, 23, 3), 'bottleneck', False),
+                  155: ((3, 8, 36, 3), 'bottleneck', False),
+                  203: ((3, 24, 36, 3), 'bottleneck', False),
+                  87: ((3, 4, 6, 3), 'bottleneck', True),
+                  172: ((3, 4, 23, 3), 'bottleneck', True),
+                  257: ((3, 8, 36, 3), 'bottleneck', True),
+                  337: ((3, 24, 36, 3), 'bottleneck', True)}
 
 
 def rule_simclr(ledger: KeyLedger, kind: str, submodel: str, *, stage_sizes=None,
                 block: str | None = None) -> Extraction:
   """SimCLR TF1 variables; ``stage_sizes``/``block`` from the architecture, else
   from the number of convolutions (the names carry no structure).
+
+  Selective-kernel (``_sk1``) files are recognised by their ResNet-D stem: the
+  first convolution is 3x3 (a 7x7 in the plain nets), and the file then has
+  3 stem convolutions + 5 per block + 4 shortcuts (see
+  :func:`sk_resnet_creation_order`).
 
   Args:
     ledger: the file's keys (:class:`KeyLedger`); every key is taken or dropped.
@@ -738,26 +811,32 @@ def rule_simclr(ledger: KeyLedger, kind: str, submodel: str, *, stage_sizes=None
       convs[conv_index] = ledger.take(key)
     elif bn_index is not None and leaf in ('gamma', 'beta', 'moving_mean', 'moving_variance'):
       bns.setdefault(bn_index, {})[leaf] = ledger.take(key)
-  if stage_sizes is None:
-    if len(convs) not in _SIMCLR_DEPTHS:
-      raise ConversionError(
-          f'the file has {len(convs)} convolutions, which is no ResNet-50/101/152/200 '
-          '(a selective-kernel _sk1 model is not supported); give --arch to check.')
-    stage_sizes, block = _SIMCLR_DEPTHS[len(convs)]
-  order = resnet_creation_order(stage_sizes, block)
   if sorted(convs) != list(range(len(convs))) or sorted(bns) != list(range(len(bns))):
     raise ConversionError('the SimCLR convolutions or batch norms are not numbered 0..n-1.')
-  if len(convs) != len(order) or len(bns) != len(order):
+  if not convs or np.ndim(convs[0]) != 4:
+    raise ConversionError('the SimCLR file has no 4-d conv2d/kernel (the stem convolution).')
+  # The ResNet-D stem of the selective-kernel nets starts with a 3x3 (HWIO) conv.
+  sk = tuple(np.shape(convs[0])[:2]) == (3, 3)
+  if stage_sizes is None:
+    found = _SIMCLR_DEPTHS.get(len(convs))
+    if found is None or found[2] != sk:
+      raise ConversionError(
+          f'the file has {len(convs)} convolutions and a {np.shape(convs[0])[0]}x'
+          f'{np.shape(convs[0])[1]} stem convolution, which is no '
+          f'{"selective-kernel " if sk else ""}ResNet-50/101/152/200; give --arch to check.')
+    stage_sizes, block, _ = found
+  conv_order, bn_order = simclr_creation_order(stage_sizes, block, sk)
+  if len(convs) != len(conv_order) or len(bns) != len(bn_order):
     raise ConversionError(
         f'the file has {len(convs)} convolutions and {len(bns)} batch norms, the chosen '
-        f'architecture has {len(order)}: wrong depth (--arch), or a selective-kernel '
-        '(_sk1) model, which is not supported.')
+        f'{"selective-kernel " if sk else ""}architecture has {len(conv_order)} and '
+        f'{len(bn_order)}: wrong depth (--arch)?')
   backbone = {}
   tf_names = {'gamma': 'weight', 'beta': 'bias', 'moving_mean': 'running_mean',
               'moving_variance': 'running_var'}
-  for index, conv in enumerate(order):
+  for index, conv in enumerate(conv_order):
     backbone[f'{conv}.weight'] = np.asarray(convs[index]).transpose(3, 2, 0, 1)
-    bn = _conv_to_bn(conv)
+  for index, bn in enumerate(bn_order):
     for leaf, value in bns[index].items():
       backbone[f'{bn}.{tf_names[leaf]}'] = np.asarray(value)
   heads = {}

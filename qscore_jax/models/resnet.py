@@ -12,9 +12,20 @@ One module covers every ResNet the eight methods published:
   which on even inputs to a stride-2 layer pads one pixel less at the top/left
   (BYOL's Haiku nets everywhere; SimCLR's TF code in the stem max-pool only).
 * ``stem='cifar'``: solo-learn's 3x3/stride-1/padding-2 stem without max-pool.
+* ``sk_ratio > 0``: SimCLR v2's selective-kernel nets (the ``_sk1`` releases,
+  ``sk_ratio=0.0625``), exactly as google-research/simclr ``resnet.py`` builds
+  them when ``FLAGS.sk_ratio > 0``: the ResNet-D stem (three 3x3 convolutions,
+  ``32w`` stride 2, ``32w``, ``64w``, each with BatchNorm and ReLU, then the
+  max-pool), the ResNet-D projection shortcut (2x2 average pool, then a 1x1
+  convolution and BatchNorm) and a selective-kernel 3x3 convolution in every
+  bottleneck (see :func:`_selective_kernel_conv`).
 
 Parameter names follow torchvision (``conv1``, ``bn1``, ``layer3_2/conv2``,
 ``layer2_0/downsample_conv``), so a converted ``state_dict`` reads naturally.
+The selective-kernel nets add ``stem_conv1..3``/``stem_bn1..3`` (the ResNet-D
+stem, in place of ``conv1``/``bn1``) and, per block, ``sk_conv1``, ``sk_bn1``,
+``sk_conv2`` (the mixing-weight branch; ``conv2``/``bn2`` is the two-stream
+3x3 convolution with ``2 * inner`` channels).
 The model returns the globally average-pooled representation, shape
 (N, num_features); the feature maps of the stem and of every stage are sown into
 the ``'intermediates'`` collection and exposed to gradients through
@@ -97,6 +108,68 @@ def _conv_bn(x, train: bool, *, features: int, kernel_size: int, stride: int,
   return norm(scale_init=bn_scale_init, name=bn_name)(x, use_running_average=not train)
 
 
+def _resnet_d_pool(x, stride: int):
+  """The average pool of SimCLR's ResNet-D projection shortcut (before its 1x1 conv).
+
+  As google-research/simclr ``bottleneck_block`` (``FLAGS.sk_ratio > 0``):
+  stride 2 pads the input explicitly by ``fixed_padding(k=2)`` (0 rows/columns
+  before, 1 after) and pools 2x2/2 with VALID padding, so on odd sizes the
+  padded zeros *count* in the last average; stride 1 pools 2x2/1 with TF
+  'SAME' (1 row/column after), whose average *excludes* the padding.
+
+  Args:
+    x: (N, H, W, C).
+    stride: 1 or 2.
+  Returns:
+    (N, ceil(H / stride), ceil(W / stride), C).
+  """
+  pad = ((0, 1), (0, 1))
+  if stride == 1:
+    return nn.avg_pool(x, (2, 2), (1, 1), padding=pad, count_include_pad=False)
+  return nn.avg_pool(x, (2, 2), (stride, stride), padding=pad, count_include_pad=True)
+
+
+def _selective_kernel_conv(x, train: bool, *, features: int, stride: int, sk_ratio: float,
+                           padding: Any, norm: Any, dtype: Any, one=None, min_dim: int = 32):
+  """SimCLR v2's selective-kernel 3x3 convolution (``sk_conv2d`` of its ``resnet.py``).
+
+  A 3x3 convolution to ``2 * features`` channels (carrying the stride) with
+  BatchNorm and ReLU, split into two streams; the spatial mean of their sum
+  goes through a bias-free 1x1 conv to ``max(int(features * sk_ratio),
+  min_dim)`` channels, BatchNorm and ReLU, and a bias-free 1x1 conv to
+  ``2 * features``; a softmax over the two streams then weighs them per
+  channel. Created in the calling block's scope: ``conv2``/``bn2`` (two
+  streams), ``sk_conv1``/``sk_bn1``, ``sk_conv2``.
+
+  Args:
+    x: (N, H, W, C) feature map.
+    train: training mode (batch statistics).
+    features: ``filters`` of the official code (the bottleneck's inner width).
+    stride: stride of the 3x3 convolution.
+    sk_ratio: reduction ratio of the mixing branch (SimCLR: 0.0625).
+    padding: Flax padding of the 3x3 convolution.
+    norm: BatchNorm constructor.
+    dtype: computation dtype.
+    one: see :func:`_materialized`.
+    min_dim: the smallest mixing width (32 in SimCLR).
+  Returns:
+    (N, H / stride, W / stride, features).
+  """
+  streams = _conv_bn(x, train, features=2 * features, kernel_size=3, stride=stride,
+                     padding=padding, norm=norm, conv_name='conv2', bn_name='bn2', dtype=dtype)
+  streams = _materialized(nn.relu(streams), one)
+  first, second = jnp.split(streams, 2, axis=-1)
+  mid = max(int(features * sk_ratio), min_dim)
+  context = jnp.mean(first + second, axis=(1, 2), keepdims=True)  # (N, 1, 1, features)
+  context = nn.relu(_conv_bn(context, train, features=mid, kernel_size=1, stride=1,
+                             padding='VALID', norm=norm, conv_name='sk_conv1',
+                             bn_name='sk_bn1', dtype=dtype))
+  logits = nn.Conv(2 * features, (1, 1), use_bias=False, kernel_init=_conv_init,
+                   dtype=dtype, name='sk_conv2')(context)
+  weights = jax.nn.softmax(jnp.stack(jnp.split(logits, 2, axis=-1)), axis=0)  # (2, N, 1, 1, f)
+  return weights[0] * first + weights[1] * second
+
+
 class _Block(nn.Module):
   """Fields shared by the residual blocks; ``planes`` is torchvision's name."""
   planes: int
@@ -106,6 +179,7 @@ class _Block(nn.Module):
   dtype: Any
   width_per_group: int = 64
   zero_init_residual: bool = False
+  sk_ratio: float = 0.0
 
   def _last_bn_init(self):
     return nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
@@ -124,6 +198,8 @@ class BasicBlock(_Block):
     dtype: computation dtype.
     width_per_group: inner width per 64 planes (bottleneck only; default 64).
     zero_init_residual: initialise the last BN scale to zero (default False).
+    sk_ratio: must stay 0: SimCLR's selective-kernel nets are bottleneck nets
+      (:class:`ResNet` refuses ``sk_ratio > 0`` with basic blocks).
   """
   expansion = 1
 
@@ -167,6 +243,9 @@ class Bottleneck(_Block):
     dtype: computation dtype.
     width_per_group: inner width per 64 planes (bottleneck only; default 64).
     zero_init_residual: initialise the last BN scale to zero (default False).
+    sk_ratio: 0 (default), or SimCLR v2's selective-kernel ratio: the 3x3
+      becomes :func:`_selective_kernel_conv` and the projection shortcut the
+      ResNet-D one (:func:`_resnet_d_pool`, then a stride-1 1x1 conv + BN).
   """
   expansion = 4
 
@@ -189,16 +268,27 @@ class Bottleneck(_Block):
     out = conv_bn(x, features=inner, kernel_size=1, stride=1,
                   padding=_padding(1, self.conv_padding), conv_name='conv1', bn_name='bn1')
     out = _materialized(nn.relu(out), one)
-    out = conv_bn(out, features=inner, kernel_size=3, stride=self.stride,
-                  padding=_padding(3, self.conv_padding), conv_name='conv2', bn_name='bn2')
-    out = _materialized(nn.relu(out), one)
+    if self.sk_ratio > 0:
+      out = _selective_kernel_conv(out, train, features=inner, stride=self.stride,
+                                   sk_ratio=self.sk_ratio, padding=_padding(3, self.conv_padding),
+                                   norm=self.norm, dtype=self.dtype, one=one)
+    else:
+      out = conv_bn(out, features=inner, kernel_size=3, stride=self.stride,
+                    padding=_padding(3, self.conv_padding), conv_name='conv2', bn_name='bn2')
+      out = nn.relu(out)
+    out = _materialized(out, one)
     out = conv_bn(out, features=out_features, kernel_size=1, stride=1,
                   padding=_padding(1, self.conv_padding), conv_name='conv3',
                   bn_name='bn3', bn_scale_init=last_bn_init)
     if self.stride != 1 or x.shape[-1] != out_features:
-      x = conv_bn(x, features=out_features, kernel_size=1, stride=self.stride,
-                  padding=_padding(1, self.conv_padding), conv_name='downsample_conv',
-                  bn_name='downsample_bn')
+      if self.sk_ratio > 0:  # ResNet-D: pool, then a stride-1 projection
+        x = conv_bn(_resnet_d_pool(x, self.stride), features=out_features, kernel_size=1,
+                    stride=1, padding='VALID', conv_name='downsample_conv',
+                    bn_name='downsample_bn')
+      else:
+        x = conv_bn(x, features=out_features, kernel_size=1, stride=self.stride,
+                    padding=_padding(1, self.conv_padding), conv_name='downsample_conv',
+                    bn_name='downsample_bn')
     return _materialized(nn.relu(out + x), one)
 
 
@@ -229,6 +319,10 @@ class ResNet(nn.Module):
       batch mean is already global).
     zero_init_residual: initialise the last BN scale of each block to zero
       (only affects training from scratch).
+    sk_ratio: 0 (default: the nets above), or > 0 for SimCLR v2's
+      selective-kernel ResNets (``0.0625`` in every ``_sk1`` release): ResNet-D
+      stem and projection shortcuts and selective-kernel 3x3 convolutions
+      (bottleneck blocks and the ImageNet stem only).
     dtype: computation dtype (parameters stay float32).
   """
   stage_sizes: Sequence[int]
@@ -242,6 +336,7 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = None
   zero_init_residual: bool = False
+  sk_ratio: float = 0.0
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -259,6 +354,11 @@ class ResNet(nn.Module):
     if self.block == 'basic' and self.width_per_group != 64:
       raise ValueError('width_per_group other than 64 exists only for '
                        'bottleneck blocks (wide_resnet50_2).')
+    if self.sk_ratio < 0:
+      raise ValueError(f'sk_ratio must be >= 0, got {self.sk_ratio}.')
+    if self.sk_ratio > 0 and (self.block != 'bottleneck' or self.stem != 'imagenet'):
+      raise ValueError('sk_ratio > 0 (SimCLR v2 selective-kernel nets) needs bottleneck blocks '
+                       f"and the ImageNet stem, got block={self.block!r}, stem={self.stem!r}.")
     if len(self.stage_sizes) != 4 or min(self.stage_sizes) < 1:
       raise ValueError('stage_sizes must hold 4 positive block counts, got '
                        f'{tuple(self.stage_sizes)}.')
@@ -295,6 +395,12 @@ class ResNet(nn.Module):
                              conv_name='conv1', bn_name='bn1', dtype=self.dtype)
     if self.stem == 'cifar':
       x = nn.relu(stem(x, kernel_size=3, stride=1, padding=((2, 2), (2, 2))))
+    elif self.sk_ratio > 0:  # ResNet-D stem: 3x3/2 to base // 2, 3x3 to base // 2, 3x3 to base
+      for index, features in enumerate((base // 2, base // 2, base)):
+        x = nn.relu(stem(x, features=features, kernel_size=3, stride=2 if index == 0 else 1,
+                         padding=_padding(3, self.conv_padding),
+                         conv_name=f'stem_conv{index + 1}', bn_name=f'stem_bn{index + 1}'))
+      x = max_pool(x, (3, 3), (2, 2), padding=_padding(3, self.pool_padding))
     else:
       x = nn.relu(stem(x, kernel_size=7, stride=2, padding=_padding(7, self.conv_padding)))
       x = max_pool(x, (3, 3), (2, 2), padding=_padding(3, self.pool_padding))
@@ -312,6 +418,7 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             width_per_group=self.width_per_group,
             zero_init_residual=self.zero_init_residual,
+            sk_ratio=self.sk_ratio,
             name=f'layer{stage + 1}_{index}')(x, train, one)
       x = expose_feature(self, f'layer{stage + 1}', x)
     # Pool in float32 so a bfloat16 forward still yields float32 features.
