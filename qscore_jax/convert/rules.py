@@ -881,7 +881,8 @@ _SIGNATURES = [
     ('barlowtwins', 'a Barlow Twins full checkpoint', lambda k: k.startswith('model/module.bn.')),
     ('vicreg', 'a VICReg or Barlow Twins full checkpoint', lambda k: k.startswith('model/module.backbone.')),
     ('solo-learn', 'a solo-learn Lightning checkpoint',
-     lambda k: re.match(r'^state_dict/(momentum_)?(backbone|encoder)\.', k)),
+     lambda k: re.match(r'^state_dict/(momentum_)?(backbone|encoder|classifier|projector|predictor|'
+                        r'prototypes|head)\.', k)),
 ]
 
 
