@@ -544,7 +544,12 @@ class _Placeholder:
 
   def is_known_container(self) -> bool:
     """Whether this stands for a data class whose content can be read as a container."""
-    return self.name in _KNOWN_CONTAINERS
+    module, _, cls = self.name.rpartition('.')
+    # optax's and BYOL's optimizer states are NamedTuples of arrays (ScaleByLarsState,
+    # AddWeightDecayState, ScaleState, ...): their fields are read, nothing is called.
+    optimizer_state = cls.endswith('State') and (
+        module == 'optax' or module.startswith('optax.') or module == 'byol.utils.optimizers')
+    return self.name in _KNOWN_CONTAINERS or optimizer_state
 
   def as_container(self) -> Any:
     if self.items:
