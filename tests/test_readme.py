@@ -5,6 +5,8 @@ import re
 import urllib.parse
 
 from qscore_jax.models import list_models
+from parity_cases import (COVERED_ELSEWHERE, SLOW, SMALL_IN_DEFAULT_RUN, parity_status,
+                          registry_configurations)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / 'README.md').read_text()
@@ -31,28 +33,24 @@ CONVERTER_TESTS = {  # (method, container) -> test of tests/test_convert.py
 
 
 def _architecture_status(spec) -> str:
-  """How the backbone of ``spec`` is verified: outputs against torchvision / timm with random
-  weights (tests/test_resnet_parity.py, test_vit_parity.py), or parameter counts
-  (test_models_api.py::test_architecture_sizes_match_the_references)."""
+  """How the backbone of ``spec`` is verified: its outputs against torchvision / timm with
+  random weights, at its real depth and width, by the test that tests/parity_cases.py names
+  (tests/test_resnet_parity.py, tests/test_vit_parity.py)."""
   options = dict(spec.arch_options)
-  if spec.arch == 'vit_small':
-    parts = ['outputs = timm' + (', with DINO\'s interpolation' if spec.method == 'dino' else '')]
-  elif spec.arch == 'vit_base':
-    parts = ["parameter count = timm (vit_small's code)"]
-  elif spec.arch == 'resnet50':
-    parts = ['outputs = torchvision']
+  if spec.arch.startswith('vit'):
+    interpolation = options.get('pos_embed_interpolation') == 'dino'
+    reference = 'timm' + (", with DINO's interpolation" if interpolation else '')
   else:
-    parts = ["parameter count = torchvision (ResNet-50's blocks)"]
-  if options.get('conv_padding') == 'tf_same':
-    parts.append('TF SAME padding = torchvision padded by hand')
-  elif options.get('pool_padding') == 'tf_same':
-    parts.append('TF-SAME max-pool = torchvision padded by hand')
-  width = options.get('width_multiplier', 1)
-  if width == 2:
-    parts.append('×2 widening = torchvision widened')
-  elif width != 1:
-    parts.append(f'×{width:g} widening: the code of the ×2 tested')
-  return '; '.join(parts)
+    details = []
+    width = options.get('width_multiplier', 1)
+    if width != 1:
+      details.append(f'every channel ×{width:g}')
+    if options.get('conv_padding') == 'tf_same':
+      details.append('TF SAME padding by hand')
+    elif options.get('pool_padding') == 'tf_same':
+      details.append('TF-SAME max-pool by hand')
+    reference = 'torchvision' + (f' ({", ".join(details)})' if details else '')
+  return f'outputs = {reference}: {parity_status(spec.arch, options)}'
 
 
 def _source(url: str) -> str:
@@ -97,6 +95,18 @@ def test_every_converter_test_named_in_the_table_exists():
   for names in CONVERTER_TESTS.values():
     for name in names.split(', '):
       assert re.search(rf'^def {name}\(', tests, re.M), name
+
+
+def test_every_parity_test_named_in_the_table_exists():
+  configurations = {**registry_configurations('resnet'), **registry_configurations('vit')}
+  assert SMALL_IN_DEFAULT_RUN <= SLOW <= set(configurations)
+  assert set(COVERED_ELSEWHERE) <= set(configurations)
+  for name in COVERED_ELSEWHERE.values():
+    module, test = name.split('::')
+    assert re.search(rf'^def {test}\(', (ROOT / 'tests' / module).read_text(), re.M), name
+  for module in ('test_resnet_parity.py', 'test_vit_parity.py'):
+    assert re.search(r'^def test_registry_backbone_parity\(arch, options\):',
+                     (ROOT / 'tests' / module).read_text(), re.M), module
 
 
 def test_every_cli_command_is_in_the_readme():
