@@ -5,6 +5,8 @@ representation max relative error <= 1e-4 at 224x224 and at 225x193, where the
 position embedding is resampled to a 14x12 grid (timm's way, or DINO's), and at
 further sizes.
 A model built with the wrong head count must fail the same comparison.
+test_registry_backbone_parity does the same for every other ViT configuration of the
+registry (ViT-S/8, ViT-B/16, ViT-B/8) at its real size.
 """
 
 import jax
