@@ -46,8 +46,8 @@ COVERED_ELSEWHERE = {
 # Seconds each registry parity test takes on 2 lightly loaded cores (the cost follows parameter
 # count and depth -- weight copies, XLA compilation -- more than image size): ResNet-50 x1/x2/x4
 # 3-9, ResNet-101 6, x2 8, ResNet-152 11, x2 14, ResNet-50 x5 20 (6 GB peak), ResNet-200 x2 18;
-# ViTs 4-8. The default run keeps every one but the heaviest three, so that it adds ~90 s (88 s measured)
-# and still has every depth, width and padding mode; these are marked slow:
+# ViTs 4-8. The default run keeps every one but the heaviest three, so that it adds ~90 s
+# (88 s measured) and still has every depth, width and padding mode; these are marked slow:
 SLOW = {
     'resnet152-pool_padding=tf_same-width_multiplier=2',
     'resnet200-conv_padding=tf_same-pool_padding=tf_same-width_multiplier=2',
