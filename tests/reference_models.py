@@ -38,7 +38,13 @@ def randomize_(model: nn.Module, seed: int, *, attention_scale: float = 1.0) -> 
       if isinstance(module, (nn.Conv2d, nn.Linear)):
         fan_in = module.weight[0].numel()
         scale = attention_scale if name.endswith('attn.qkv') else 1.0
-        module.weight.copy_(normal(module.weight.shape, scale / math.sqrt(fan_in)))
+        std = scale / math.sqrt(fan_in)
+        if module.weight.numel() >= 16:
+          # In place, without a temporary (ResNet-50 x5 has 586M weights); from 16
+          # elements on, torch's normal_ draws exactly the values of randn(...) * std.
+          module.weight.normal_(0.0, std, generator=gen)
+        else:
+          module.weight.copy_(normal(module.weight.shape, std))
         if module.bias is not None:
           module.bias.copy_(normal(module.bias.shape, 0.1))
       elif isinstance(module, nn.BatchNorm2d):

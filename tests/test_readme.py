@@ -5,6 +5,8 @@ import re
 import urllib.parse
 
 from qscore_jax.models import list_models
+from parity_cases import (COVERED_ELSEWHERE, SLOW, SMALL_IN_DEFAULT_RUN, parity_status,
+                          registry_configurations)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / 'README.md').read_text()
@@ -29,36 +31,46 @@ CONVERTER_TESTS = {  # (method, container) -> test of tests/test_convert.py
     ('barlowtwins', 'torch_full'): 'test_vicreg_and_barlowtwins',
 }
 # The selective-kernel (sk_ratio) SimCLR rows: tests/test_simclr_sk.py.
+# Files with the complete top-level structure the official code writes (optimizer states,
+# scalers, args, ...): tests/test_convert_layouts.py. Flat backbone files hold nothing else.
+LAYOUT_TESTS = {
+    # SimCLR v2's TF1 files: test_simclr_v2_tf1 / test_simclr_sk.py write them complete.
+    ('simclr', 'tf1_zip'): 'test_simclr_release',
+    ('swav', 'torch_flat'): 'test_swav_training_checkpoint',
+    ('moco', 'torch_state_dict'): 'test_moco_release',
+    ('mocov3', 'torch_state_dict'): 'test_mocov3_release',
+    ('byol', 'byol_pickle'): 'test_byol_release',
+    ('dino', 'torch_full'): 'test_dino_full_release',
+    ('simsiam', 'torch_state_dict'): 'test_simsiam_release',
+    ('vicreg', 'torch_full'): 'test_vicreg_and_barlowtwins_full_release',
+    ('barlowtwins', 'torch_full'): 'test_vicreg_and_barlowtwins_full_release',
+}
 SK_CONVERTER_TEST = 'test_tf1_checkpoint_end_to_end'
 
 
 def _architecture_status(spec) -> str:
-  """How the backbone of ``spec`` is verified: outputs against torchvision / timm with random
-  weights (tests/test_resnet_parity.py, test_vit_parity.py), or parameter counts
-  (test_models_api.py::test_architecture_sizes_match_the_references)."""
+  """How the backbone of ``spec`` is verified: its outputs against torchvision / timm with
+  random weights, at its real depth and width, by the test that tests/parity_cases.py names
+  (tests/test_resnet_parity.py, tests/test_vit_parity.py)."""
   options = dict(spec.arch_options)
   if options.get('sk_ratio'):  # tests/test_simclr_sk.py, every row at its depth and width
     where = ('224x224 and 225x193' if spec.id == 'simclr-v2-r50x1-sk1'
              else 'this depth and width, 64x72, slow test')
     return f'outputs = PyTorch SK reference written from google-research/simclr ({where})'
-  if spec.arch == 'vit_small':
-    parts = ['outputs = timm' + (', with DINO\'s interpolation' if spec.method == 'dino' else '')]
-  elif spec.arch == 'vit_base':
-    parts = ["parameter count = timm (vit_small's code)"]
-  elif spec.arch == 'resnet50':
-    parts = ['outputs = torchvision']
+  if spec.arch.startswith('vit'):
+    interpolation = options.get('pos_embed_interpolation') == 'dino'
+    reference = 'timm' + (", with DINO's interpolation" if interpolation else '')
   else:
-    parts = ["parameter count = torchvision (ResNet-50's blocks)"]
-  if options.get('conv_padding') == 'tf_same':
-    parts.append('TF SAME padding = torchvision padded by hand')
-  elif options.get('pool_padding') == 'tf_same':
-    parts.append('TF-SAME max-pool = torchvision padded by hand')
-  width = options.get('width_multiplier', 1)
-  if width == 2:
-    parts.append('×2 widening = torchvision widened')
-  elif width != 1:
-    parts.append(f'×{width:g} widening: the code of the ×2 tested')
-  return '; '.join(parts)
+    details = []
+    width = options.get('width_multiplier', 1)
+    if width != 1:
+      details.append(f'every channel ×{width:g}')
+    if options.get('conv_padding') == 'tf_same':
+      details.append('TF SAME padding by hand')
+    elif options.get('pool_padding') == 'tf_same':
+      details.append('TF-SAME max-pool by hand')
+    reference = 'torchvision' + (f' ({", ".join(details)})' if details else '')
+  return f'outputs = {reference}: {parity_status(spec.arch, options)}'
 
 
 def _source(url: str) -> str:
@@ -78,6 +90,9 @@ def models_table_lines() -> list[str]:
       converter = (f'test_simclr_sk.py::{SK_CONVERTER_TEST}' if spec.arch_options.get('sk_ratio')
                    else CONVERTER_TESTS[(spec.method, container)])
       status = f'{_architecture_status(spec)}; converter: `{converter}`'
+      if (spec.method, container) in LAYOUT_TESTS and not spec.arch_options.get('sk_ratio'):
+        status += (f', full layout: `test_convert_layouts.py::'
+                   f'{LAYOUT_TESTS[(spec.method, container)]}`')
     else:
       status = f'**not supported**: {spec.reason}'
     lines.append(f'| `{spec.id}` | {spec.method} | {arch} | {_source(spec.url)} | '
@@ -106,6 +121,21 @@ def test_every_converter_test_named_in_the_table_exists():
       assert re.search(rf'^def {name}\(', tests, re.M), name
   sk_tests = (ROOT / 'tests' / 'test_simclr_sk.py').read_text()
   assert re.search(rf'^def {SK_CONVERTER_TEST}\(', sk_tests, re.M)
+  layout_tests = (ROOT / 'tests' / 'test_convert_layouts.py').read_text()
+  for name in LAYOUT_TESTS.values():
+    assert re.search(rf'^def {name}\(', layout_tests, re.M), name
+
+
+def test_every_parity_test_named_in_the_table_exists():
+  configurations = {**registry_configurations('resnet'), **registry_configurations('vit')}
+  assert SMALL_IN_DEFAULT_RUN <= SLOW <= set(configurations)
+  assert set(COVERED_ELSEWHERE) <= set(configurations)
+  for name in COVERED_ELSEWHERE.values():
+    module, test = name.split('::')
+    assert re.search(rf'^def {test}\(', (ROOT / 'tests' / module).read_text(), re.M), name
+  for module in ('test_resnet_parity.py', 'test_vit_parity.py'):
+    assert re.search(r'^def test_registry_backbone_parity\(arch, options\):',
+                     (ROOT / 'tests' / module).read_text(), re.M), module
 
 
 def test_every_cli_command_is_in_the_readme():

@@ -4,6 +4,8 @@ Pooled representations and every stage's feature map must agree to a max
 relative error of 1e-4 at 224x224 (every stride-2 layer sees an even input, so
 TF 'SAME' pads asymmetrically) and at the odd size 225x193 (odd inputs to every
 stride-2 layer, where off-by-one output sizes and padding slips show).
+test_registry_backbone_parity does it for every ResNet configuration of the registry
+(tests/parity_cases.py) at its real depth and width.
 """
 
 import functools
@@ -17,6 +19,8 @@ from torch import nn
 
 from qscore_jax.convert.layout import resnet_from_torch
 from qscore_jax.models import apply_with_features, build_model
+from parity_cases import (COVERED_ELSEWHERE, SLOW, SMALL_IN_DEFAULT_RUN,
+                          registry_configurations)
 from reference_models import (max_relative_error, randomize_, state_dict_numpy,
                               tf_same_resnet_, unwrap_tf_same_state)
 
@@ -48,14 +52,14 @@ def _flax_features(model, variables, images):
   return np.asarray(pooled), {k: np.asarray(v) for k, v in features.items()}
 
 
-def _assert_parity(torch_model, flax_model, size, state=None, seed=0):
-  images = _images(*size, seed=seed)
+def _assert_parity(torch_model, flax_model, size, state=None, seed=0, batch=2):
+  images = _images(*size, batch=batch, seed=seed)
   state = state if state is not None else state_dict_numpy(torch_model)
   state = {k: v for k, v in state.items() if not k.startswith('fc.')}
   variables = resnet_from_torch(state)
   expected, expected_maps = _torch_features(torch_model, images)
   actual, actual_maps = _flax_features(flax_model, variables, images)
-  assert actual.shape == expected.shape == (2, flax_model.num_features)
+  assert actual.shape == expected.shape == (batch, flax_model.num_features)
   for name, expected_map in expected_maps.items():
     assert actual_maps[name].shape == expected_map.shape, name
     assert max_relative_error(actual_maps[name], expected_map) < TOLERANCE, name
@@ -145,6 +149,106 @@ def test_simclr_same_maxpool_parity(size):
   if size == (224, 224):  # the max-pool input is 112x112: SAME pads (0, 1)
     symmetric, _ = _torch_features(_torchvision('resnet18', seed=6), _images(*size))
     assert max_relative_error(actual, symmetric) > 1e-3
+
+
+# Stage sizes of torchvision's resnet50/101/152 (test_stage_sizes_are_torchvisions) and of
+# ResNet-200 (He et al. 2016, "Identity mappings"; BYOL's and VICReg's ResNet-200).
+STAGES = {'resnet50': [3, 4, 6, 3], 'resnet101': [3, 4, 23, 3], 'resnet152': [3, 8, 36, 3],
+          'resnet200': [3, 24, 36, 3]}
+# The heavy configurations' default-run check: even at every stride-2 layer (64 -> 32 -> ...
+# -> 2: TF SAME pads asymmetrically), and odd at every one (97 -> 49 -> 25 -> 13 -> 7 -> 4,
+# 65 -> 33 -> ... -> 3), as 224x224 and 225x193 are.
+SMALL_SIZES = [(64, 64), (97, 65)]
+
+
+def test_stage_sizes_are_torchvisions():
+  for arch in ('resnet50', 'resnet101', 'resnet152'):
+    with torch.device('meta'):
+      model = getattr(torchvision.models, arch)()
+    assert [len(getattr(model, f'layer{i}')) for i in range(1, 5)] == STAGES[arch]
+
+
+def bottleneck_reference(arch, seed, *, width_multiplier=1, conv_padding='torch',
+                         pool_padding='torch'):
+  """torchvision ``ResNet(Bottleneck, stage sizes)`` with *every* channel times the width
+  (as SimCLR/SwAV/VICReg/BYOL widen: stem 64w, stage s of planes 64w*2^s, so inner width
+  64w*2^s and output 256w*2^s), random weights and BN statistics, TF SAME padded by hand
+  where asked, and the state dict under torchvision's names."""
+  bottleneck = torchvision.models.resnet.Bottleneck
+  width = width_multiplier
+  with torch.device('meta'):  # no torch init of what randomize_ overwrites
+    reference = torchvision.models.ResNet(bottleneck, STAGES[arch])
+    if width != 1:
+      reference.inplanes = 64 * width
+      reference.conv1 = nn.Conv2d(3, 64 * width, kernel_size=7, stride=2, padding=3, bias=False)
+      reference.bn1 = nn.BatchNorm2d(64 * width)
+      for stage, blocks in enumerate(STAGES[arch]):
+        setattr(reference, f'layer{stage + 1}', reference._make_layer(  # pylint: disable=protected-access
+            bottleneck, 64 * width * 2**stage, blocks, stride=1 if stage == 0 else 2))
+    reference.fc = nn.Identity()
+  reference = reference.to_empty(device='cpu')
+  # randomize_ fills every parameter and running statistic (all are in Conv2d / BatchNorm2d);
+  # the step counters stay, zeroed.
+  assert {type(m) for m in reference.modules() if not list(m.children())} <= {
+      nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Identity}
+  for name, buffer in reference.named_buffers():
+    if name.endswith('num_batches_tracked'):
+      buffer.zero_()
+  randomize_(reference, seed)
+  if 'tf_same' in (conv_padding, pool_padding):
+    tf_same_resnet_(reference, convs=conv_padding == 'tf_same', pool=pool_padding == 'tf_same')
+  return reference
+
+
+def _registry_backbone_parity(arch, options, sizes):
+  """The configuration's Flax ResNet (as the registry builds it) against its reference, batch 1
+  (the batch dimension is checked with 2 by the tests above); returns the max relative error
+  over the pooled output and every stage's map."""
+  unknown = set(options) - {'width_multiplier', 'conv_padding', 'pool_padding'}
+  assert not unknown, f'no torchvision reference for the options {unknown}: add one'
+  reference = bottleneck_reference(arch, seed=sum(STAGES[arch]), **options)
+  # Views of the torch tensors, moved to the device once (r50x5: 2.3 GB, a strided copy).
+  variables = jax.device_put(resnet_from_torch(unwrap_tf_same_state(
+      {k: v.numpy() for k, v in reference.state_dict().items()})))
+  model = build_model(arch, **options)
+  forward = jax.jit(functools.partial(apply_with_features, model))
+  errors = []
+  for size in sizes:
+    images = _images(*size, batch=1)
+    expected, expected_maps = _torch_features(reference, images)
+    actual, actual_maps = forward(variables, images)
+    actual = np.asarray(actual)
+    actual_maps = {k: np.asarray(v) for k, v in actual_maps.items()}
+    assert actual.shape == expected.shape == (1, model.num_features)
+    for name, expected_map in expected_maps.items():
+      assert actual_maps[name].shape == expected_map.shape, (size, name)
+      errors.append(max_relative_error(actual_maps[name], expected_map))
+      assert errors[-1] < TOLERANCE, (size, name, errors[-1])
+    errors.append(max_relative_error(actual, expected))
+    assert errors[-1] < TOLERANCE, (size, errors[-1])
+  print(f'{arch} {options}: max relative error {max(errors):.2e}')
+  return max(errors)
+
+
+_RESNETS = {key: config for key, config in registry_configurations('resnet').items()
+            if key not in COVERED_ELSEWHERE}
+
+
+@pytest.mark.parametrize('arch,options', [
+    pytest.param(*config, id=key, marks=[pytest.mark.slow] if key in SLOW else [])
+    for key, config in _RESNETS.items()])
+def test_registry_backbone_parity(arch, options):
+  """Every ResNet configuration of the registry (real depth, real width, its padding) equals
+  torchvision at 224x224 and 225x193: stem and stage maps and the pooled output."""
+  _registry_backbone_parity(arch, options, SIZES)
+
+
+@pytest.mark.parametrize('arch,options', [
+    pytest.param(*_RESNETS[key], id=key) for key in sorted(SMALL_IN_DEFAULT_RUN)])
+def test_registry_backbone_parity_small(arch, options):
+  """Slow configurations in the default run at their real depth and width, at sizes (64x64
+  and 97x65) that are even / odd at every stride-2 layer as 224x224 / 225x193 are."""
+  _registry_backbone_parity(arch, options, SMALL_SIZES)
 
 
 def test_train_mode_batchnorm_matches_torch():

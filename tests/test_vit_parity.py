@@ -5,6 +5,8 @@ representation max relative error <= 1e-4 at 224x224 and at 225x193, where the
 position embedding is resampled to a 14x12 grid (timm's way, or DINO's), and at
 further sizes.
 A model built with the wrong head count must fail the same comparison.
+test_registry_backbone_parity does the same for every other ViT configuration of the
+registry (ViT-S/8, ViT-B/16, ViT-B/8) at its real size.
 """
 
 import jax
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from qscore_jax.convert.layout import vit_from_torch
 from qscore_jax.models import build_model
 from qscore_jax.models.vit import Mlp, resample_pos_embed, torch_bicubic_matrix
+from parity_cases import COVERED_ELSEWHERE, SLOW, registry_configurations
 from reference_models import (dino_forward, max_relative_error, randomize_,
                               state_dict_numpy)
 
@@ -85,6 +88,46 @@ def test_wrong_head_count_fails_the_comparison(reference):
   wrong = 12 if num_heads == 6 else 6
   actual = _flax(wrong, state_dict_numpy(model), images)
   assert max_relative_error(actual, expected) > 100 * TOLERANCE
+
+
+# timm's vit_small_* / vit_base_* (timm.models.vision_transformer): embed dim, depth 12.
+EMBED_DIM = {'vit_small': 384, 'vit_base': 768}
+_VITS = {key: config for key, config in registry_configurations('vit').items()
+         if key not in COVERED_ELSEWHERE}
+
+
+@pytest.mark.parametrize('arch,options', [
+    pytest.param(*config, id=key, marks=[pytest.mark.slow] if key in SLOW else [])
+    for key, config in _VITS.items()])
+def test_registry_backbone_parity(arch, options):
+  """Every ViT configuration of the registry (real embed dim, depth, heads and patch) equals a
+  timm VisionTransformer at 224x224 and at 225x193, where the position embedding is resampled
+  as the row's model does it (timm's way, or DINO's: then against DINO's forward). Batch 1;
+  the tests above check batches of 2 with the same code."""
+  unknown = set(options) - {'patch_size', 'num_heads', 'pos_embed_interpolation'}
+  assert not unknown, f'no timm reference for the options {unknown}: add one'
+  patch, num_heads = options['patch_size'], options['num_heads']
+  interpolation = options.get('pos_embed_interpolation', 'timm')
+  reference = timm.models.vision_transformer.VisionTransformer(
+      img_size=224, patch_size=patch, embed_dim=EMBED_DIM[arch], depth=12,
+      num_heads=num_heads, qkv_bias=True, num_classes=0, dynamic_img_size=True)
+  randomize_(reference, seed=patch + num_heads + (interpolation == 'dino'), attention_scale=1.5)
+  variables = vit_from_torch(state_dict_numpy(reference), num_heads=num_heads)
+  model = build_model(arch, **options)
+  errors = []
+  for size in [(224, 224), (225, 193)]:
+    images = _images(*size, batch=1)
+    with torch.no_grad():
+      if interpolation == 'dino':
+        expected = dino_forward(reference, _torch_nchw(images)).numpy()
+      else:  # timm sees the image cropped to whole patches (see test_timm_parity)
+        height, width = size[0] // patch * patch, size[1] // patch * patch
+        expected = reference(_torch_nchw(images[:, :height, :width])).numpy()
+    actual = np.asarray(jax.jit(model.apply)(variables, images))
+    assert actual.shape == expected.shape == (1, EMBED_DIM[arch])
+    errors.append(max_relative_error(actual, expected))
+    assert errors[-1] < TOLERANCE, (size, errors[-1])
+  print(f'{arch} {options}: max relative error {max(errors):.2e}')
 
 
 def test_intermediate_tokens_match_timm():
