@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -493,6 +494,22 @@ def _haiku_mlp(seq, name, params, state):
   params[f'{name}/~/linear_1'] = {'w': lin1.weight.detach().numpy().T.copy()}
 
 
+@contextlib.contextmanager
+def modules_installed(modules: dict[str, types.ModuleType]):
+  """``modules`` in sys.modules while a file naming their classes is pickled or loaded;
+  whatever was there before is put back."""
+  saved = {name: sys.modules.get(name) for name in modules}
+  sys.modules.update(modules)
+  try:
+    yield
+  finally:
+    for name, module in saved.items():
+      if module is None:
+        sys.modules.pop(name, None)
+      else:
+        sys.modules[name] = module
+
+
 def byol(tmp: pathlib.Path, *, submodel='online') -> Synth:
   online = tf_same_resnet_(resnet('resnet50', seed=14), convs=True, pool=True)
   target = tf_same_resnet_(resnet('resnet50', seed=15), convs=True, pool=True)
@@ -521,17 +538,9 @@ def byol(tmp: pathlib.Path, *, submodel='online') -> Synth:
   checkpoint = dict(experiment_state=state_cls(opt_state=lars, **experiment), step=312000,
                     rng=np.array([0, 42], np.uint32))
   path = tmp / 'pretrain_res50x1.pkl'
-  saved = {name: sys.modules.get(name) for name in modules}
-  sys.modules.update(modules)
-  try:
+  with modules_installed(modules):
     with open(path, 'wb') as f:
       pickle.dump(checkpoint, f, protocol=2)
-  finally:
-    for name, module in saved.items():
-      if module is None:
-        sys.modules.pop(name, None)
-      else:
-        sys.modules[name] = module
   x = images()
   # BYOL normalises inside its forward; the converted backbone takes normalised images,
   # so both sides get the same (already normalised) batch here.

@@ -432,10 +432,7 @@ def byol_release(tmp: pathlib.Path, *, opt_state='optax_chain', submodel='online
   for name, cls in classes.items():
     setattr(modules['byol.utils.optimizers'] if cls.__module__.startswith('byol') else
             optax_modules['optax._src.transform'], name, cls)
-  saved = {name: sys.modules.get(name) for name in {**modules, **optax_modules}}
-  sys.modules.update(modules)
-  sys.modules.update(optax_modules)
-  try:
+  with factories.modules_installed({**modules, **optax_modules}):
     with open(synth.path, 'rb') as f:
       checkpoint = pickle.load(f)
     state = checkpoint['experiment_state']
@@ -449,12 +446,6 @@ def byol_release(tmp: pathlib.Path, *, opt_state='optax_chain', submodel='online
     # Written in 2020 with numpy 1.x: its arrays name numpy.core.multiarray
     # (numpy 2 writes numpy._core); a protocol-2 GLOBAL is 'c<module>\n<name>\n'.
     synth.path.write_bytes(data.replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n'))
-  finally:
-    for name, module in saved.items():
-      if module is None:
-        sys.modules.pop(name, None)
-      else:
-        sys.modules[name] = module
   return synth
 
 
@@ -678,19 +669,11 @@ def _stub_modules(dotted: str, **attrs):
   holding ``attrs``) while a file that references them by name is pickled."""
   parts = dotted.split('.')
   names = ['.'.join(parts[:i + 1]) for i in range(len(parts))]
-  saved = {name: sys.modules.get(name) for name in names}
-  for name in names:
-    sys.modules[name] = types.ModuleType(name)
+  modules = {name: types.ModuleType(name) for name in names}
   for key, value in attrs.items():
-    setattr(sys.modules[dotted], key, value)
-  try:
+    setattr(modules[dotted], key, value)
+  with factories.modules_installed(modules):
     yield
-  finally:
-    for name, module in saved.items():
-      if module is None:
-        sys.modules.pop(name, None)
-      else:
-        sys.modules[name] = module
 
 
 def solo_method_buffers(tmp: pathlib.Path, *, method='nnclr') -> factories.Synth:

@@ -129,11 +129,8 @@ def test_call_neutralised_in_a_dropped_part_warns_and_is_recorded(tmp_path, moco
 
 def test_byol_pickle_with_a_call_in_dropped_and_kept_parts(tmp_path):
   synth = factories.byol(tmp_path)
-  modules = factories._fake_modules()  # pylint: disable=protected-access
-  saved = {name: sys.modules.get(name) for name in modules}
-  sys.modules.update(modules)
   marker = tmp_path / 'pwned'
-  try:
+  with factories.modules_installed(factories._fake_modules()):  # pylint: disable=protected-access
     with open(synth.path, 'rb') as f:
       checkpoint = pickle.load(f)
     checkpoint['rng'] = _RunsCommand(marker)  # dropped as training bookkeeping
@@ -147,12 +144,6 @@ def test_byol_pickle_with_a_call_in_dropped_and_kept_parts(tmp_path):
     with open(kept_path, 'wb') as f:
       pickle.dump({**checkpoint, 'experiment_state': state._replace(online_params=online)}, f,
                   protocol=2)
-  finally:
-    for name, module in saved.items():
-      if module is None:
-        sys.modules.pop(name, None)
-      else:
-        sys.modules[name] = module
   with pytest.warns(convert_api.NeutralisedObjectWarning, match="at 'rng'"):
     converted = _convert(dropped_path, tmp_path, method='byol', save=False)
   assert converted.heads and not marker.exists()
