@@ -6,7 +6,7 @@ Discriminative Features" (AAAI 2024), with the published checkpoints of
 SimCLR, SwAV, MoCo, BYOL, DINO, SimSiam, VICReg and Barlow Twins.
 """
 
-__version__ = '0.1.0'
+from qscore_jax._version import __version__
 
 # Before anything starts a JAX backend: CPU flags are read only once.
 from qscore_jax import _xla_cpu
@@ -16,8 +16,8 @@ _xla_cpu.configure()
 # pylint: disable=wrong-import-position
 from qscore_jax import models
 from qscore_jax.models import (
-    abstract_variables, apply_with_features, build_model, embed, get_model_spec,
-    init_variables, list_models, load_model, save_model)
+    Encoder, abstract_variables, apply_with_features, build_model, embed, get_model_spec,
+    init_variables, list_models, load_encoder, load_model, save_model)
 # The statistics, for users' own jitted code.
 from qscore_jax.stats import (
     activation_counts, activation_frequency, band_limits, check_finite,
@@ -29,9 +29,9 @@ from qscore_jax.embed import embed_dataset, embed_images, make_embed_step
 from qscore_jax.models import embed  # pylint: disable=reimported
 
 __all__ = [
-    '__version__', 'abstract_variables', 'activation_counts', 'activation_frequency',
+    'Encoder', '__version__', 'abstract_variables', 'activation_counts', 'activation_frequency',
     'apply_with_features', 'band_limits', 'build_model', 'check_finite',
     'discriminative_features', 'embed', 'embed_dataset', 'embed_images', 'get_model_spec',
-    'highly_active', 'init_variables', 'list_models', 'load_model', 'make_embed_step',
+    'highly_active', 'init_variables', 'list_models', 'load_encoder', 'load_model', 'make_embed_step',
     'models', 'nonfinite_rows', 'qscore', 'qscore_v1', 'sample_moments', 'save_model',
 ]

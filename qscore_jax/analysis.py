@@ -14,18 +14,29 @@ split â€” stores written by :func:`qscore_jax.embed.embed_dataset`, or arrays â€
    alpha-ReQ;
 5. draws the compression curve (kept by discriminativeness vs random);
 6. writes ``report.json``, the per-sample scores (``scores.npz``) and the plots.
+
+:func:`analyze_encoder` is the pipeline every driver runs (``demo``,
+``interpret``, ``compare``, ``experiment``): it embeds the reference and the
+evaluated split with an :class:`~qscore_jax.models.encoder.Encoder` (reusing
+stores), runs :func:`analyze` (or reads an identical earlier run back) and
+returns an :class:`AnalysisResult`, which the interpretation and the reports
+consume. :func:`analyze_stores` is the same from two stores (``qscore analyze``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from qscore_jax import compression, metrics, report, stats, streaming
+from qscore_jax.data.datasets import dataset_info
+from qscore_jax.embed import embed_encoder
+from qscore_jax.models.encoder import as_encoder
 from qscore_jax.probe import ProbeConfig, evaluate_probe, train_linear_probe
 from qscore_jax.store import RepresentationStore
 
@@ -285,20 +296,172 @@ def summary_lines(report_dict: dict[str, Any]) -> list[str]:
   return lines
 
 
-def compare_models(model_refs: Sequence[str], dataset: str, out_dir: str | pathlib.Path, *,
-                   train_split: str = 'train', eval_split: str = 'test', batch_size: int = 256,
-                   data_dir: str | None = None, config: AnalysisConfig | None = None,
-                   progress: bool = True) -> list[dict[str, Any]]:
-  """Embeds and analyses several models on the same data (``qscore compare``).
+# --------------------------------------------------------------------------- the pipeline
 
-  Each model is a saved model directory, a ``qscore finetune`` workdir (its
-  ``model/``) or a converted registry id. Stores and reports go to
-  ``<out_dir>/<i>-<name>/``; stores are resumed/reused when present.
+SETTINGS_FILE = 'analysis_settings.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisResult:
+  """One finished analysis: its report, its per-sample scores and what made them.
+
+  Attributes:
+    report: the ``report.json`` content (:func:`analyze`).
+    scores: the ``scores.npz`` arrays: ``ids``, ``labels``, ``predictions``,
+      ``correct``, ``activation_counts`` (d,), ``discriminative`` (d,),
+      ``score_<name>`` per score, ``num_active``, ``num_active_discriminative``
+      (all (N,) over the evaluated split unless marked (d,)).
+    directory: where ``report.json``, ``scores.npz`` and the plots are.
+    stores: the representation stores, ``{'reference': path, 'evaluated': path}``.
+    encoder: the encoder that made the stores (None when analysed from stores).
+    reference: ``(dataset, split)`` giving D and training the probe.
+    evaluated: ``(dataset, split)`` that is scored and classified.
+    data_dir: the tfds data directory the splits were read from.
+    reused: True when an earlier identical analysis was read back instead of rerun.
+  """
+  report: dict[str, Any]
+  scores: dict[str, np.ndarray]
+  directory: pathlib.Path
+  stores: dict[str, pathlib.Path]
+  encoder: Any = None
+  reference: tuple[str, str] | None = None
+  evaluated: tuple[str, str] | None = None
+  data_dir: str | None = None
+  reused: bool = False
+
+  @property
+  def discriminative(self) -> np.ndarray:
+    """bool (d,), membership of D."""
+    return self.scores['discriminative'].astype(bool)
+
+  @property
+  def eps(self) -> float:
+    """The highly-active threshold the analysis used."""
+    return float(self.report['options']['eps'])
+
+  def evaluated_store(self) -> RepresentationStore:
+    """The evaluated split's store."""
+    return RepresentationStore.open(self.stores['evaluated'])
+
+
+def _read_result(directory: pathlib.Path, **fields) -> AnalysisResult:
+  report_dict = json.loads((directory / 'report.json').read_text())
+  with np.load(directory / 'scores.npz') as scores:
+    arrays = dict(scores)
+  return AnalysisResult(report_dict, arrays, directory, **fields)
+
+
+def _class_names(dataset: str | None, data_dir: str | None) -> Sequence[str] | None:
+  """The dataset's class names, or None when the dataset cannot be described (names are
+  cosmetic: a store can outlive the data it was made from)."""
+  if not dataset:
+    return None
+  try:
+    return dataset_info(dataset, data_dir).class_names
+  except (ValueError, KeyError, OSError):
+    return None
+
+
+def analyze_stores(reference_store: str | pathlib.Path, evaluated_store: str | pathlib.Path,
+                   out_dir: str | pathlib.Path, *, config: AnalysisConfig = AnalysisConfig(),
+                   data_dir: str | None = None, plots: bool = True) -> AnalysisResult:
+  """:func:`analyze` of two stores (``qscore analyze``); class names from the evaluated dataset.
 
   Args:
-    model_refs: the models, in order.
+    reference_store: store of the reference split (D, the probe).
+    evaluated_store: store of the evaluated split.
+    out_dir: output directory of ``report.json``, ``scores.npz`` and the plots.
+    config: every option (:class:`AnalysisConfig`).
+    data_dir: tfds data directory, for the class names.
+    plots: also draw the PNG plots.
+  """
+  train = Split.from_store(reference_store)
+  evaluation = Split.from_store(evaluated_store)
+  out = pathlib.Path(out_dir).expanduser().resolve()
+  analyze(train, evaluation, out, config=config, plots=plots,
+          class_names=_class_names(evaluation.description.get('dataset'), data_dir))
+  return _read_result(out, stores={'reference': train.source.path,
+                                   'evaluated': evaluation.source.path}, data_dir=data_dir)
+
+
+def analyze_encoder(encoder, dataset: str, out_dir: str | pathlib.Path, *, split: str = 'test',
+                    reference_dataset: str | None = None, reference_split: str = 'train',
+                    config: AnalysisConfig = AnalysisConfig(), batch_size: int = 256,
+                    data_dir: str | None = None, plots: bool = True, progress: bool = True,
+                    store_dirs: Mapping[str, str | pathlib.Path] | None = None,
+                    analysis_dir: str | pathlib.Path | None = None) -> AnalysisResult:
+  """The analysis pipeline: embed both splits (reusing stores), then D, Q, probe, metrics.
+
+  ``demo``, ``interpret``, ``compare`` and ``experiment`` all run the method
+  through this one function. The stores are resumed or reused when they hold
+  this encoder's rows (its content fingerprint is in their metadata); the
+  analysis is read back instead of rerun when ``<analysis_dir>/analysis_settings.json``
+  records the same encoder, splits and options.
+
+  Args:
+    encoder: the :class:`~qscore_jax.models.encoder.Encoder`.
+    dataset: the evaluated dataset.
+    out_dir: output directory.
+    split: the evaluated split (default ``'test'``).
+    reference_dataset: dataset of the reference split (default ``dataset``).
+    reference_split: the split giving D and training the probe (default ``'train'``).
+    config: analysis options (:class:`AnalysisConfig`; its ``compression`` None skips
+      the curve).
+    batch_size: global embedding batch, a multiple of the device count.
+    data_dir: tfds data directory.
+    plots: draw the analysis plots.
+    progress: progress bars while embedding.
+    store_dirs: ``{'reference': dir, 'evaluated': dir}`` (default
+      ``<out>/store_reference``, ``<out>/store_evaluated``).
+    analysis_dir: where the report goes (default ``<out>/analysis``).
+  Returns:
+    The :class:`AnalysisResult`.
+  """
+  out = pathlib.Path(out_dir).expanduser().resolve()
+  reference = (reference_dataset or dataset, reference_split)
+  evaluated = (dataset, split)
+  store_dirs = {name: pathlib.Path(path).expanduser().resolve() for name, path in (
+      store_dirs or {'reference': out / 'store_reference',
+                     'evaluated': out / 'store_evaluated'}).items()}
+  directory = pathlib.Path(analysis_dir).expanduser().resolve() if analysis_dir else out / 'analysis'
+  stores = {name: embed_encoder(encoder, ds, sp, store_dirs[name], batch_size=batch_size,
+                                data_dir=data_dir, progress=progress)
+            for name, (ds, sp) in (('reference', reference), ('evaluated', evaluated))}
+  fields = dict(stores=stores, encoder=encoder, reference=reference, evaluated=evaluated,
+                data_dir=data_dir)
+  # Reused only if made from the same weights, splits and options.
+  settings = json.loads(json.dumps({
+      'model_fingerprint': encoder.fingerprint, 'reference': list(reference),
+      'evaluated': list(evaluated), 'config': dataclasses.asdict(config), 'plots': plots}))
+  settings_path = directory / SETTINGS_FILE
+  if (settings_path.is_file() and (directory / 'report.json').is_file()
+      and (directory / 'scores.npz').is_file()
+      and json.loads(settings_path.read_text()) == settings):
+    return _read_result(directory, reused=True, **fields)
+  settings_path.unlink(missing_ok=True)  # a rerun that dies midway leaves no stale match
+  analyze(Split.from_store(stores['reference']), Split.from_store(stores['evaluated']),
+          directory, config=config, plots=plots, class_names=_class_names(dataset, data_dir))
+  settings_path.write_text(json.dumps(settings))
+  return _read_result(directory, **fields)
+
+
+def compare_models(encoders: Sequence[Any], dataset: str, out_dir: str | pathlib.Path, *,
+                   labels: Sequence[str] | None = None, train_split: str = 'train',
+                   eval_split: str = 'test', batch_size: int = 256,
+                   data_dir: str | None = None, config: AnalysisConfig | None = None,
+                   progress: bool = True) -> list[dict[str, Any]]:
+  """Embeds and analyses several encoders on the same data (``qscore compare``).
+
+  Each encoder goes through :func:`analyze_encoder`; its stores and report go
+  to ``<out_dir>/<i>-<label>/`` (stores reused when present).
+
+  Args:
+    encoders: the :class:`~qscore_jax.models.encoder.Encoder` s, in order (a model
+      reference is loaded once, with a deprecation warning).
     dataset: dataset name (``qscore datasets``).
     out_dir: output directory.
+    labels: one name per encoder in the table and the folder names (default:
+      each encoder's directory name, its workdir's for a finetune ``model/``).
     train_split: split giving D and training the probe (default ``'train'``).
     eval_split: split that is scored and classified (default ``'test'``).
     batch_size: global embedding batch (default 256).
@@ -307,24 +470,32 @@ def compare_models(model_refs: Sequence[str], dataset: str, out_dir: str | pathl
       compression curve).
     progress: show progress bars while embedding (default True).
   Returns:
-    One report dict per model, in order.
+    One report dict per model, in order, each with ``model_ref`` (its label).
   """
-  from qscore_jax.embed import embed_model_on_dataset  # pylint: disable=import-outside-toplevel
+  encoders = [as_encoder(e, caller='compare_models') for e in encoders]
+  labels = list(labels) if labels is not None else [_label(e) for e in encoders]
+  if len(labels) != len(encoders):
+    raise ValueError(f'compare_models: {len(labels)} labels for {len(encoders)} encoders.')
   config = config or AnalysisConfig(compression=None)
   out = pathlib.Path(out_dir).expanduser().resolve()
   reports = []
-  for index, ref in enumerate(model_refs):
-    name = f'{index}-{pathlib.Path(ref).name}'
-    stores = {}
-    for split in (train_split, eval_split):
-      stores[split] = embed_model_on_dataset(ref, dataset, split, out / name / f'store_{split}',
-                                             batch_size=batch_size, data_dir=data_dir,
-                                             progress=progress)
-    result = analyze(Split.from_store(stores[train_split]), Split.from_store(stores[eval_split]),
-                     out / name, config=config, plots=False)
-    result['model_ref'] = str(ref)
-    reports.append(result)
+  for index, (encoder, label) in enumerate(zip(encoders, labels)):
+    folder = out / f'{index}-{pathlib.Path(label).name}'
+    result = analyze_encoder(
+        encoder, dataset, folder, split=eval_split, reference_split=train_split, config=config,
+        batch_size=batch_size, data_dir=data_dir, plots=False, progress=progress,
+        store_dirs={'reference': folder / f'store_{train_split}',
+                    'evaluated': folder / f'store_{eval_split}'}, analysis_dir=folder)
+    reports.append({**result.report, 'model_ref': str(label)})
   return reports
+
+
+def _label(encoder) -> str:
+  """An encoder's short name: its directory's (a finetune workdir's for its ``model/``)."""
+  if encoder.directory is None:
+    return encoder.name
+  directory = pathlib.Path(encoder.directory)
+  return directory.parent.name if directory.name == 'model' else directory.name
 
 
 def comparison_lines(reports: Sequence[dict[str, Any]]) -> list[str]:

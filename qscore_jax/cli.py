@@ -124,10 +124,13 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-  from qscore_jax.embed import embed_model_on_dataset  # pylint: disable=import-outside-toplevel
-  path = embed_model_on_dataset(
-      args.model, args.dataset, args.split, args.out, batch_size=args.batch_size,
-      image_size=args.image_size, data_dir=args.data_dir, progress=not args.no_progress)
+  from qscore_jax import models  # pylint: disable=import-outside-toplevel
+  # Not `from qscore_jax import embed`: that name is the jitted forward pass.
+  from qscore_jax.embed import embed_encoder  # pylint: disable=import-outside-toplevel
+  path = embed_encoder(
+      models.load_encoder(args.model), args.dataset, args.split, args.out,
+      batch_size=args.batch_size, image_size=args.image_size, data_dir=args.data_dir,
+      progress=not args.no_progress)
   import jax  # pylint: disable=import-outside-toplevel
   from qscore_jax.store import RepresentationStore  # pylint: disable=import-outside-toplevel
   if jax.process_count() > 1:  # every shard is written before any process describes the store
@@ -153,15 +156,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
   config = analysis.AnalysisConfig(eps=args.eps, band=tuple(args.band),
                                    nonzero_only=not args.all_features, probe=probe,
                                    compression=comp, knn_k=args.knn_k)
-  train = analysis.Split.from_store(args.train)
-  evaluation = analysis.Split.from_store(args.eval)
-  class_names = None
-  try:
-    from qscore_jax.data import dataset_info  # pylint: disable=import-outside-toplevel
-    class_names = dataset_info(train.description['dataset'], args.data_dir).class_names
-  except Exception:  # pylint: disable=broad-except  # names are cosmetic
-    pass
-  result = analysis.analyze(train, evaluation, args.out, config=config, class_names=class_names)
+  result = analysis.analyze_stores(args.train, args.eval, args.out, config=config,
+                                   data_dir=args.data_dir).report
   print('\n'.join(analysis.summary_lines(result)))
   print(f'report       {args.out}/report.json (+ scores.npz, {len(result.get("figures", {}))} plots)')
   return 0
@@ -243,12 +239,13 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-  from qscore_jax import analysis  # pylint: disable=import-outside-toplevel
+  from qscore_jax import analysis, models  # pylint: disable=import-outside-toplevel
   from qscore_jax.probe import ProbeConfig  # pylint: disable=import-outside-toplevel
   config = analysis.AnalysisConfig(probe=ProbeConfig(epochs=args.probe_epochs, seed=args.seed),
                                    compression=None)
   reports = analysis.compare_models(
-      args.models, args.dataset, args.out, train_split=args.train_split,
+      [models.load_encoder(ref) for ref in args.models], args.dataset, args.out,
+      labels=args.models, train_split=args.train_split,
       eval_split=args.eval_split, batch_size=args.batch_size, data_dir=args.data_dir,
       config=config, progress=not args.no_progress)
   print('\n'.join(analysis.comparison_lines(reports)))
@@ -258,7 +255,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_interpret(args: argparse.Namespace) -> int:
   import pathlib  # pylint: disable=import-outside-toplevel
-  from qscore_jax import interpret, report  # pylint: disable=import-outside-toplevel
+  from qscore_jax import interpret, models, report  # pylint: disable=import-outside-toplevel
   if len(args.models) > 2:
     raise ValueError(f'give one model, or two to compare (before / after), not '
                      f'{len(args.models)}.')
@@ -270,7 +267,7 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
   for index, ref in enumerate(args.models):
     target = out if len(args.models) == 1 else out / f'{index}-{pathlib.Path(ref).name}'
     results.append(interpret.interpret_model(
-        ref, args.dataset, target, split=args.split, reference_dataset=args.reference_dataset,
+        models.load_encoder(ref), args.dataset, target, split=args.split, reference_dataset=args.reference_dataset,
         reference_split=args.reference_split, config=config, batch_size=args.batch_size,
         feature=args.feature, samples_per_group=args.samples, data_dir=args.data_dir,
         probe_epochs=args.probe_epochs, progress=not args.no_progress))
@@ -286,8 +283,9 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-  from qscore_jax import demo  # pylint: disable=import-outside-toplevel
-  demo.run_demo(args.out, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+  from qscore_jax import demo, models  # pylint: disable=import-outside-toplevel
+  encoder = models.load_encoder(args.model)
+  demo.run_demo(args.out, model=encoder, model_label=args.model, dataset=args.dataset, data_dir=args.data_dir,
                 stage=None if args.stage == 'default' else args.stage, eps=args.eps,
                 probe_epochs=args.probe_epochs, progress=not args.no_progress)
   return 0

@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 
 from qscore_jax.probe import ProbeConfig, evaluate_probe, train_linear_probe
-from qscore_jax.streaming import FeatureStats
+from qscore_jax.stats import FeatureStats
 
 
 def discriminativeness_ranking(feature: FeatureStats) -> np.ndarray:
   """Feature indices, most discriminative first (a permutation of range(d)).
 
   Args:
-    feature: the reference split's :class:`~qscore_jax.streaming.FeatureStats`
+    feature: the reference split's :class:`~qscore_jax.stats.FeatureStats`
       (activation frequencies, band and D).
   Returns:
     (d,) int indices: members of D by distance to the band's centre, then the
@@ -72,7 +72,7 @@ def compression_curve(train_h: np.ndarray, train_y: np.ndarray, eval_h: np.ndarr
     eval_h: (N_eval, d) float representations it is evaluated on.
     eval_y: (N_eval,) integer labels.
     num_classes: number of classes.
-    feature: the reference split's :class:`~qscore_jax.streaming.FeatureStats`
+    feature: the reference split's :class:`~qscore_jax.stats.FeatureStats`
       (ranks the features, gives D).
     config: fractions, seeds and probe (:class:`CompressionConfig`).
   Returns:

@@ -18,34 +18,41 @@ r"""``qscore demo``: the whole paper on the built-in synthetic shapes, in minute
    commands that reproduce each part.
 
 Everything goes through the same functions as ``qscore embed / analyze /
-interpret`` (:func:`qscore_jax.interpret.interpret_model`); this module only
-chooses the inputs and writes the report.
+interpret``: the analysis pipeline (:func:`qscore_jax.analysis.analyze_encoder`)
+and the interpretation of its result (:func:`qscore_jax.interpret.interpret`);
+this module only chooses the inputs and writes the report.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import pathlib
 import time
 from typing import Any, Callable, Mapping
+
+from qscore_jax import analysis, compression, interpret
+from qscore_jax.models.encoder import Encoder, as_encoder
+from qscore_jax.probe import ProbeConfig
 
 DEMO_MODEL = 'demo-simclr-r18w025'
 DEMO_DATASET = 'synthetic_shapes/fixed_colours_small'
 DEMO_EPS = 2.0
 
 
-def run_demo(out_dir: str | pathlib.Path = 'qscore_demo', *, model: str = DEMO_MODEL,
+def run_demo(out_dir: str | pathlib.Path = 'qscore_demo', *,
+             model: Encoder | str | os.PathLike = DEMO_MODEL,
              dataset: str = DEMO_DATASET, data_dir: str | None = None,
              stage: str | None = 'layer2', eps: float = DEMO_EPS, probe_epochs: int = 100,
              batch_size: int = 250, progress: bool = True,
-             log: Callable[[str], Any] = print) -> pathlib.Path:
+             log: Callable[[str], Any] = print, model_label: str | None = None) -> pathlib.Path:
   """Runs the demo and writes its report.
 
   Args:
     out_dir: output directory (stores, analysis, figures, ``report.md``); a
       rerun reuses its stores and analysis.
-    model: the encoder: the shipped demo model by default; any saved model
-      directory, ``qscore finetune`` workdir or converted id works.
+    model: the encoder (:func:`qscore_jax.load_encoder`), or a reference loaded once
+      here: the shipped demo model by default; any saved model directory,
+      ``qscore finetune`` workdir or converted id works.
     dataset: a dataset with core/spurious masks (``synthetic_shapes/*`` or
       ``salient_imagenet``); it needs a ``train`` and a ``test`` split.
     data_dir: tfds data directory (default ``$QSCORE_JAX_DATA_DIR`` or tfds').
@@ -58,35 +65,38 @@ def run_demo(out_dir: str | pathlib.Path = 'qscore_demo', *, model: str = DEMO_M
     batch_size: global batch of the embedding and heatmap passes.
     progress: progress bars.
     log: where the step-by-step messages go (``print``; ``lambda _: None`` for none).
+    model_label: how the user named the model, for the report (default: the
+      reference given, or the encoder's name).
 
   Returns:
     The path of ``report.md``.
   """
-  from qscore_jax import analysis, compression, interpret  # pylint: disable=import-outside-toplevel
-  from qscore_jax.models.weights import read_metadata, resolve_model_dir  # pylint: disable=import-outside-toplevel
-  from qscore_jax.probe import ProbeConfig  # pylint: disable=import-outside-toplevel
-
   start = time.perf_counter()
   out = pathlib.Path(out_dir).expanduser().resolve()
-  model_dir = resolve_model_dir(model)
-  log(f'model        {model} ({model_dir})')
+  encoder = as_encoder(model)
+  label = model_label or (encoder.name if isinstance(model, Encoder) else str(model))
+  log(f'model        {label} ({encoder.directory or encoder.name})')
   log(f'data         {dataset}: embedding train and test, finding D, Q-Scores, linear probe, '
       'compression curve, heatmaps')
+  config = interpret.check_inputs(encoder, dataset, interpret.InterpretConfig(stage=stage, eps=eps),
+                                  data_dir=data_dir)
   curve = compression.CompressionConfig(
       fractions_removed=(0.0, 0.25, 0.5, 0.75, 0.9), random_seeds=(0, 1, 2),
       probe=ProbeConfig(epochs=30))
-  result = interpret.interpret_model(
-      str(model_dir), dataset, out, split='test', reference_split='train',
-      config=interpret.InterpretConfig(stage=stage, eps=eps),
-      batch_size=batch_size, data_dir=data_dir, probe_epochs=probe_epochs, compression=curve,
-      analysis_plots=True, progress=progress)
-  analysis_report = json.loads((out / 'analysis' / 'report.json').read_text())
+  result = analysis.analyze_encoder(
+      encoder, dataset, out, split='test', reference_split='train',
+      config=analysis.AnalysisConfig(eps=eps, compression=curve,
+                                     probe=ProbeConfig(epochs=probe_epochs)),
+      batch_size=batch_size, data_dir=data_dir, plots=True, progress=progress)
+  interpretation = interpret.interpret(result, out, config=config, batch_size=batch_size,
+                                       progress=progress)
+  analysis_report = result.report
   seconds = time.perf_counter() - start
-  text = report_markdown(analysis_report, result, read_metadata(model_dir), model=model,
+  text = report_markdown(analysis_report, interpretation, encoder.metadata, model=label,
                          dataset=dataset, seconds=seconds, data_dir=data_dir)
   path = out / 'report.md'
   path.write_text(text)
-  for line in analysis.summary_lines(analysis_report) + interpret.summary_lines(result)[1:]:
+  for line in analysis.summary_lines(analysis_report) + interpret.summary_lines(interpretation)[1:]:
     log(line)
   log(f'took         {seconds:.0f} s')
   log(f'report       {path}')

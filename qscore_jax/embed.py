@@ -21,9 +21,12 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from qscore_jax import parallel
+from qscore_jax.models.encoder import Encoder, as_encoder
 from qscore_jax.models.features import keep_state
 from qscore_jax.store import RepresentationStore, ShardWriter
 
@@ -68,7 +71,6 @@ def _agree_on_resume(done_batches: int) -> int:
   """The number of batches every process has committed (processes may have died apart)."""
   if jax.process_count() == 1:
     return done_batches
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   counts = multihost_utils.process_allgather(np.asarray([done_batches], np.int64))
   return int(np.min(counts))
 
@@ -96,8 +98,8 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
   Returns:
     The absolute store path (every process returns once its shard is complete).
   """
-  from qscore_jax.data import eval_batches, split_size, shard_bounds  # pylint: disable=import-outside-toplevel
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  # Function-level: `import qscore_jax` imports this module and must not import TensorFlow.
+  from qscore_jax.data import eval_batches, shard_bounds, split_size  # pylint: disable=import-outside-toplevel
   mesh = mesh or parallel.data_mesh()
   process, processes = jax.process_index(), jax.process_count()
   size = split_size(dataset, split, data_dir)
@@ -133,37 +135,37 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
   return writer.root
 
 
-def embed_model_on_dataset(model_ref: str, dataset: str, split: str,
-                           store_dir: str | pathlib.Path, **kwargs) -> pathlib.Path:
-  """:func:`embed_dataset` for a saved model (``qscore embed``).
+def embed_encoder(encoder: Encoder, dataset: str, split: str, store_dir: str | pathlib.Path,
+                  **kwargs) -> pathlib.Path:
+  """:func:`embed_dataset` for an :class:`~qscore_jax.models.encoder.Encoder` (``qscore embed``).
+
+  The store records the encoder's :meth:`~qscore_jax.models.encoder.Encoder.describe`
+  (name, method, architecture, content fingerprint), so a store made by other
+  weights is never resumed or reused as this encoder's.
 
   Args:
-    model_ref: anything :func:`qscore_jax.models.weights.resolve_model_dir`
-      accepts: a directory written by ``save_model``/``qscore convert``, a
-      ``qscore finetune`` workdir, a registry id whose conversion lives in
-      ``checkpoints/<id>``, or a shipped model's id.
+    encoder: the encoder (:func:`qscore_jax.load_encoder`).
     dataset: the dataset name.
     split: the split to embed.
     store_dir: the store directory.
     **kwargs: the keyword arguments of :func:`embed_dataset` (``batch_size``,
       ``image_size``, ``data_dir``, ``mesh``, ``progress``, ...);
-      ``preprocessing`` defaults to the saved model's, ``metadata`` is merged
-      with its id, method and architecture.
+      ``preprocessing`` defaults to the encoder's, ``metadata`` is merged
+      over its description.
   Returns:
     The absolute store path.
   """
-  from qscore_jax.models import registry  # pylint: disable=import-outside-toplevel
-  from qscore_jax.models.weights import load_model, resolve_model_dir  # pylint: disable=import-outside-toplevel
-  model_ref = str(resolve_model_dir(model_ref))
-  model, variables, meta = load_model(model_ref)
-  pre = meta.get('preprocessing')
-  kwargs.setdefault('preprocessing', registry.Preprocessing.from_json(pre) if pre else None)
-  extra = {'model': meta.get('model_id') or str(pathlib.Path(model_ref).resolve()),
-           'method': meta.get('method'), 'arch': meta['arch'],
-           'arch_options': meta['arch_options']}
-  kwargs['metadata'] = {**extra, **dict(kwargs.get('metadata') or {})}
-  return embed_dataset(model, variables, dataset, split, store_dir, **kwargs)
+  kwargs.setdefault('preprocessing', encoder.preprocessing)
+  kwargs['metadata'] = {**encoder.describe(), **dict(kwargs.get('metadata') or {})}
+  return embed_dataset(encoder.module, encoder.variables, dataset, split, store_dir, **kwargs)
 
 
-__all__ = ['RepresentationStore', 'embed_dataset', 'embed_images', 'embed_model_on_dataset',
-           'make_embed_step']
+def embed_model_on_dataset(model_ref: str, dataset: str, split: str,
+                           store_dir: str | pathlib.Path, **kwargs) -> pathlib.Path:
+  """Deprecated: ``embed_encoder(load_encoder(model_ref), ...)`` (loads the model once)."""
+  return embed_encoder(as_encoder(model_ref, caller='embed_model_on_dataset'), dataset, split,
+                       store_dir, **kwargs)
+
+
+__all__ = ['RepresentationStore', 'embed_dataset', 'embed_encoder', 'embed_images',
+           'embed_model_on_dataset', 'make_embed_step']

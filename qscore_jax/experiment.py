@@ -23,8 +23,15 @@ import pathlib
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
+
+from qscore_jax import analysis, compression
+from qscore_jax.configs import finetune
+from qscore_jax.data import dataset_info, native_preprocessing
+from qscore_jax.finetune import loop
+from qscore_jax.models import build_model, init_variables, load_encoder, save_model
 
 VARIANTS = ('plain', 'qscore')
 
@@ -43,7 +50,6 @@ def run_config(config: ml_collections.ConfigDict, method: str, *, steps: int, se
     learning_rate: peak learning rate (cosine schedule).
     warmup_epochs: linear warm-up length in epochs.
   """
-  from qscore_jax.configs import finetune  # pylint: disable=import-outside-toplevel
   c = finetune.get_config(f'method={method}')
   c.dataset = config.dataset
   c.arch = config.arch
@@ -76,7 +82,6 @@ def pretrain_config(config: ml_collections.ConfigDict, method: str) -> ml_collec
 
 
 def _train(config, workdir: pathlib.Path, init: str, log) -> pathlib.Path:
-  from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
   if (workdir / 'model').is_dir():
     log(f'  {workdir.name}: done earlier, reused')
     return workdir / 'model'
@@ -89,9 +94,6 @@ def _train(config, workdir: pathlib.Path, init: str, log) -> pathlib.Path:
 
 def _random_encoder(config, workdir: pathlib.Path) -> pathlib.Path:
   """The architecture with random weights (seed 0), saved: what pre-training must beat."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from qscore_jax.data import dataset_info, native_preprocessing  # pylint: disable=import-outside-toplevel
-  from qscore_jax.models import build_model, init_variables, save_model  # pylint: disable=import-outside-toplevel
   if (workdir / 'model').is_dir():
     return workdir / 'model'
   options = {'width_multiplier': float(config.width_multiplier)}
@@ -105,16 +107,13 @@ def _random_encoder(config, workdir: pathlib.Path) -> pathlib.Path:
 
 
 def _evaluate(config, model_dir: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
-  from qscore_jax import analysis, compression  # pylint: disable=import-outside-toplevel
-  report_path = out / 'report.json'
-  if not report_path.is_file():
-    analysis_config = analysis.AnalysisConfig(compression=compression.CompressionConfig(
-        fractions_removed=tuple(config.compression_removed), random_seeds=(0,)))
-    analysis.compare_models([str(model_dir)], config.eval_dataset, out,
-                            config=analysis_config, progress=False)
-    # compare_models writes <out>/0-model/report.json; keep one report per run.
-    (out / '0-model' / 'report.json').replace(report_path)
-  report = json.loads(report_path.read_text())
+  """The run's metrics: the analysis pipeline on its model (read back when done earlier)."""
+  analysis_config = analysis.AnalysisConfig(compression=compression.CompressionConfig(
+      fractions_removed=tuple(config.compression_removed), random_seeds=(0,)))
+  report = analysis.analyze_encoder(
+      load_encoder(model_dir), config.eval_dataset, out, split='test', reference_split='train',
+      config=analysis_config, plots=False, progress=False, analysis_dir=out,
+      store_dirs={'reference': out / 'store_train', 'evaluated': out / 'store_test'}).report
   curve = {row['removed']: row for row in report['compression']}
   row = {'top1': report['probe']['top1'],
          # Misclassification detection: positives are the probe's errors, ranked by low Q.
@@ -143,7 +142,6 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     ``{'config', 'runs', 'summary', 'seconds'}``; ``summary`` is :func:`summarize`
     of ``runs``.
   """
-  import jax  # pylint: disable=import-outside-toplevel
   root = pathlib.Path(workdir).expanduser().resolve()
   root.mkdir(parents=True, exist_ok=True)
   if jax.config.jax_compilation_cache_dir is None:

@@ -21,6 +21,9 @@ chunk by chunk (:mod:`qscore_jax.analysis`).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,3 +233,47 @@ def check_finite(h, what: str = 'representations') -> None:
   """
   h = np.asarray(h)
   raise_if_nonfinite(int(np.sum(~np.all(np.isfinite(h), axis=-1))), len(h), what)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureStats:
+  """Dataset-level statistics of a reference split.
+
+  Attributes:
+    counts: int64 (d,), rows in which each feature is highly active.
+    num_rows: N of the reference split.
+    discriminative: bool (d,), membership of D.
+    band_counts: (p_lo, p_hi) in counts (divide by N for A_j); NaN when D is empty.
+    eps, band, nonzero_only: the options they were computed with.
+  """
+  counts: np.ndarray
+  num_rows: int
+  discriminative: np.ndarray
+  band_counts: tuple[float, float]
+  eps: float
+  band: tuple[float, float]
+  nonzero_only: bool
+
+  @property
+  def frequencies(self) -> np.ndarray:
+    """A_j, float64 (d,)."""
+    return self.counts / max(self.num_rows, 1)
+
+  @property
+  def band_frequencies(self) -> tuple[float, float]:
+    """``band_counts`` as activation frequencies ``(lo, hi)`` (divided by N)."""
+    return tuple(float(c) / max(self.num_rows, 1) for c in self.band_counts)
+
+  @property
+  def num_discriminative(self) -> int:
+    """|D|, the number of discriminative features."""
+    return int(self.discriminative.sum())
+
+  def to_json(self) -> dict[str, Any]:
+    """The summary written to ``report.json`` (options, N, d, |D|, band, never-active count)."""
+    lo, hi = self.band_frequencies
+    return {'eps': self.eps, 'band_percentiles': list(self.band),
+            'nonzero_only': self.nonzero_only, 'num_rows': self.num_rows,
+            'dim': int(len(self.counts)), 'num_discriminative': self.num_discriminative,
+            'band_frequencies': [lo, hi],
+            'never_active': int((self.counts == 0).sum())}

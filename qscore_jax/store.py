@@ -87,7 +87,8 @@ class ShardWriter:
                                       'shard_count': shard_count}))  # as it reads back
     if meta_path.exists():
       existing = json.loads(meta_path.read_text())
-      keys = ('model', 'dataset', 'split', 'dim', 'shard_count', 'split_size', 'preprocessing')
+      keys = ('model', 'model_fingerprint', 'dataset', 'split', 'dim', 'shard_count',
+              'split_size', 'preprocessing')
       diff = {k: (existing.get(k), metadata.get(k)) for k in keys
               if existing.get(k) != metadata.get(k)}
       if diff:

@@ -13,10 +13,9 @@ counts are integers, and everything else is computed row by row.
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qscore_jax import parallel, stats
+from qscore_jax.stats import FeatureStats
 from qscore_jax.store import RepresentationStore
 
 DEFAULT_CHUNK_ROWS = 16384
@@ -32,50 +32,6 @@ DEFAULT_CHUNK_ROWS = 16384
 # statistics read each row several times (mean, std, threshold, ...), and
 # within a block those reads hit the cache instead of memory.
 BLOCK_ROWS = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureStats:
-  """Dataset-level statistics of a reference split.
-
-  Attributes:
-    counts: int64 (d,), rows in which each feature is highly active.
-    num_rows: N of the reference split.
-    discriminative: bool (d,), membership of D.
-    band_counts: (p_lo, p_hi) in counts (divide by N for A_j); NaN when D is empty.
-    eps, band, nonzero_only: the options they were computed with.
-  """
-  counts: np.ndarray
-  num_rows: int
-  discriminative: np.ndarray
-  band_counts: tuple[float, float]
-  eps: float
-  band: tuple[float, float]
-  nonzero_only: bool
-
-  @property
-  def frequencies(self) -> np.ndarray:
-    """A_j, float64 (d,)."""
-    return self.counts / max(self.num_rows, 1)
-
-  @property
-  def band_frequencies(self) -> tuple[float, float]:
-    """``band_counts`` as activation frequencies ``(lo, hi)`` (divided by N)."""
-    return tuple(float(c) / max(self.num_rows, 1) for c in self.band_counts)
-
-  @property
-  def num_discriminative(self) -> int:
-    """|D|, the number of discriminative features."""
-    return int(self.discriminative.sum())
-
-  def to_json(self) -> dict[str, Any]:
-    """The summary written to ``report.json`` (options, N, d, |D|, band, never-active count)."""
-    lo, hi = self.band_frequencies
-    return {'eps': self.eps, 'band_percentiles': list(self.band),
-            'nonzero_only': self.nonzero_only, 'num_rows': self.num_rows,
-            'dim': int(len(self.counts)), 'num_discriminative': self.num_discriminative,
-            'band_frequencies': [lo, hi],
-            'never_active': int((self.counts == 0).sum())}
 
 
 def _reader(source):

@@ -103,9 +103,10 @@ def test_embed_step_under_jit_mesh_and_pmap():
 
 RUN = r"""
 import sys, json, jax
-from qscore_jax.embed import embed_model_on_dataset
-embed_model_on_dataset(sys.argv[1], 'synthetic_shapes/tiny', 'train', sys.argv[2],
-                       batch_size=int(sys.argv[3]), data_dir=sys.argv[4], progress=False)
+from qscore_jax import load_encoder
+from qscore_jax.embed import embed_encoder
+embed_encoder(load_encoder(sys.argv[1]), 'synthetic_shapes/tiny', 'train', sys.argv[2],
+              batch_size=int(sys.argv[3]), data_dir=sys.argv[4], progress=False)
 print(json.dumps({'devices': jax.device_count(), 'processes': jax.process_count()}))
 """
 

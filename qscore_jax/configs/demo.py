@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from qscore_jax import experiment
 from qscore_jax.configs import experiment as experiment_config
 from qscore_jax.configs import finetune
 
@@ -25,7 +26,6 @@ STEPS = 2400
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The demo pre-training config, with ``arg`` (``key=value,...``) applied."""
-  from qscore_jax import experiment  # pylint: disable=import-outside-toplevel
   exp = experiment_config.get_config(f'pretrain_steps={STEPS}')
   c = experiment.pretrain_config(exp, 'simclr')
   c.progress = True

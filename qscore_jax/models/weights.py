@@ -17,6 +17,7 @@ so a failure never leaves a half-written model behind.
 from __future__ import annotations
 
 import datetime
+import importlib.resources
 import json
 import pathlib
 import shutil
@@ -27,18 +28,15 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
+from qscore_jax._version import __version__
 from qscore_jax.models.heads import HeadSpec, MLPHead
-from qscore_jax.models.registry import ModelSpec, Preprocessing, build_model
+from qscore_jax.models.registry import ModelSpec, Preprocessing, build_model, list_models
+from qscore_jax.models.variables import abstract_variables
 
 METADATA_FILE = 'metadata.json'
 VARIABLES_DIR = 'variables'
 HEADS_DIR = 'heads'
 FORMAT_VERSION = 1
-
-
-def _package_version() -> str:
-  from qscore_jax import __version__  # pylint: disable=import-outside-toplevel
-  return __version__
 
 
 def _check_variables(variables: Any, what: str = 'variables') -> dict[str, Any]:
@@ -114,7 +112,7 @@ def save_model(directory: str | pathlib.Path, variables: Mapping[str, Any],
       'preprocessing': preprocessing.to_json() if preprocessing else None,
       'heads': {name: head_spec.to_json() for name, (head_spec, _) in heads.items()},
       'provenance': dict(provenance or {}),
-      'qscore_jax_version': _package_version(),
+      'qscore_jax_version': __version__,
       'saved_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
   text = json.dumps(metadata, indent=2) + '\n'  # fails here, before writing, if not serialisable
@@ -227,7 +225,6 @@ def load_variables(directory: str | pathlib.Path, model: nn.Module | None = None
       architecture fails with the mismatching names.
     sharding: where to place every array (default: the first local device).
   """
-  from qscore_jax.models import abstract_variables  # pylint: disable=import-outside-toplevel
   directory = pathlib.Path(directory).expanduser().resolve()
   model = model or model_from_metadata(read_metadata(directory))
   sharding = _default_sharding(sharding)
@@ -293,7 +290,6 @@ def shipped_model_dir(model_id: str) -> pathlib.Path:
   if model_id not in SHIPPED_MODELS:
     raise ValueError(f'{model_id!r} is not shipped with qscore_jax; shipped: '
                      f'{", ".join(SHIPPED_MODELS)}.')
-  import importlib.resources  # pylint: disable=import-outside-toplevel
   directory = pathlib.Path(str(importlib.resources.files('qscore_jax.checkpoints'))) / model_id
   if not (directory / METADATA_FILE).is_file():
     raise FileNotFoundError(f'the shipped model {model_id} is missing from {directory}: '
@@ -326,8 +322,7 @@ def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
     return converted.resolve()
   if str(ref) in SHIPPED_MODELS:
     return shipped_model_dir(str(ref))
-  from qscore_jax.models import registry  # pylint: disable=import-outside-toplevel
-  if str(ref) in {s.id for s in registry.list_models()}:
+  if str(ref) in {s.id for s in list_models()}:
     raise FileNotFoundError(f'{ref} is not converted yet: run `qscore convert {ref}` (it '
                             f'writes checkpoints/{ref}).')
   raise FileNotFoundError(f'{ref} is neither a saved model directory ({METADATA_FILE} '
