@@ -36,6 +36,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from qscore_jax.data.errors import manual_download_error
+
 SPURIOUS_ANSWERS = ('background', 'separate_object')
 
 
@@ -255,7 +257,6 @@ def _imagenet_train_images(wanted: dict[str, SalientClass], train_dir, data_dir)
   else:
     builder = tfds.builder('imagenet2012', data_dir=data_dir)
     if not builder.is_prepared():
-      from qscore_jax.data.datasets import manual_download_error  # pylint: disable=import-outside-toplevel
       raise manual_download_error('imagenet2012', builder, needed_by='salient_imagenet')
     ds = builder.as_dataset(split='train', shuffle_files=False,
                             decoders={'image': tfds.decode.SkipDecoding()})
