@@ -18,8 +18,10 @@ import functools
 import importlib.resources
 import io
 
+from qscore_jax.data._tensorflow import tf  # before tfds: TF imported quietly, off accelerators
+
+# pylint: disable=wrong-import-order
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from qscore_jax.data.errors import manual_download_error

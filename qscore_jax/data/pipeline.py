@@ -25,6 +25,8 @@ import dataclasses
 import math
 from typing import Any, Iterator
 
+import jax
+
 from qscore_jax import parallel
 from qscore_jax.data import augment as augment_lib
 from qscore_jax.data import datasets
@@ -62,7 +64,6 @@ class _Plan:
 
 def _plan(dataset, split, batch_size, data_dir, process_index, process_count,
           local_device_count) -> _Plan:
-  import jax  # pylint: disable=import-outside-toplevel
   if process_count is None:
     process_count = jax.process_count()
   if process_index is None:

@@ -32,6 +32,10 @@ import dataclasses
 import io
 import pathlib
 
+# Before tfds: TF imported quietly, off accelerators (see _tensorflow.py).
+from qscore_jax.data import _tensorflow  # pylint: disable=unused-import
+
+# pylint: disable=wrong-import-order
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
