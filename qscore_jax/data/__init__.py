@@ -7,10 +7,10 @@
 
 The names of ``__all__`` and the submodules are loaded on first use (PEP 562),
 so ``import qscore_jax`` and ``import qscore_jax.data`` import no TensorFlow,
-and neither do the plain data (:class:`DatasetError`, the recipes
-:class:`Recipe`, :class:`ViewSpec`, :func:`recipe`). TensorFlow (tf.data,
-tensorflow-datasets) is imported by the first name that reads or transforms
-data (``eval_batches``, ``dataset_info``, ...), always through
+and neither do the plain data (:class:`Preprocessing`, :class:`DatasetError`,
+the recipes :class:`Recipe`, :class:`ViewSpec`, :func:`recipe`). TensorFlow
+(tf.data, tensorflow-datasets) is imported by the first name that reads or
+transforms data (``eval_batches``, ``dataset_info``, ...), always through
 ``_tensorflow.py``: quietly, and never seeing a GPU/TPU.
 """
 
@@ -22,6 +22,7 @@ _EXPORTS = {
     'Batches': 'pipeline',
     'DatasetError': 'errors',
     'DatasetInfo': 'datasets',
+    'Preprocessing': 'preprocessing',
     'Recipe': 'augment',
     'ViewSpec': 'augment',
     'dataset_info': 'datasets',
@@ -40,10 +41,10 @@ _EXPORTS = {
 }
 # Submodules, reachable as attributes (``qscore_jax.data.salient``) without an import.
 _SUBMODULES = ('augment', 'datasets', 'digits', 'errors', 'folder', 'imagenet100', 'pipeline',
-               'preprocess', 'salient', 'synthetic')
+               'preprocess', 'preprocessing', 'salient', 'synthetic')
 
-__all__ = ['BUILT_IN', 'Batches', 'DatasetError', 'DatasetInfo', 'Recipe', 'ViewSpec',
-           'dataset_info', 'decode_image', 'ensure_prepared', 'eval_batches',
+__all__ = ['BUILT_IN', 'Batches', 'DatasetError', 'DatasetInfo', 'Preprocessing', 'Recipe',
+           'ViewSpec', 'dataset_info', 'decode_image', 'ensure_prepared', 'eval_batches',
            'imagenet100_wnids', 'iterate_global', 'native_preprocessing', 'prepare', 'read_split',
            'recipe', 'shard_bounds', 'split_size', 'ssl_batches']
 

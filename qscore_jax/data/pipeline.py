@@ -32,7 +32,7 @@ from qscore_jax.data import augment as augment_lib
 from qscore_jax.data import datasets
 from qscore_jax.data._tensorflow import tf
 from qscore_jax.data.preprocess import eval_transform, mask_transform
-from qscore_jax.models.registry import Preprocessing
+from qscore_jax.data.preprocessing import Preprocessing
 
 
 def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:

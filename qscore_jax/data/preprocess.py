@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 from qscore_jax.data._tensorflow import tf
-from qscore_jax.models.registry import Preprocessing
+from qscore_jax.data.preprocessing import Preprocessing
 
 
 def _center_crop(tf, image, height, width):
