@@ -199,7 +199,8 @@ def augment_view(image, spec: ViewSpec, seed):
     spec: the view's :class:`ViewSpec`.
     seed: a stateless seed, shape (2,) int32/int64.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  # TF only when views are drawn: Recipe, ViewSpec and recipe() are plain data.
+  from qscore_jax.data._tensorflow import tf  # pylint: disable=import-outside-toplevel
   seeds = tf.random.experimental.stateless_split(seed, 8)
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seeds[0],
@@ -228,7 +229,8 @@ def example_seed(seed: int, epoch, example_id):
   Returns:
     int64 tensor (2,).
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  # TF only when views are drawn: Recipe, ViewSpec and recipe() are plain data.
+  from qscore_jax.data._tensorflow import tf  # pylint: disable=import-outside-toplevel
   base = tf.constant([seed % (2 ** 31), seed // (2 ** 31) % (2 ** 31)], tf.int64)
   base = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
   return tf.random.experimental.stateless_fold_in(base, tf.cast(example_id, tf.int64))
@@ -242,7 +244,8 @@ def augment_views(image, recipe_: Recipe, seed):
     recipe_: the :class:`Recipe`; view v is (size_v, size_v, 3).
     seed: the example's stateless seed (:func:`example_seed`), split per view.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  # TF only when views are drawn: Recipe, ViewSpec and recipe() are plain data.
+  from qscore_jax.data._tensorflow import tf  # pylint: disable=import-outside-toplevel
   seeds = tf.random.experimental.stateless_split(seed, len(recipe_.views))
   return tuple(augment_view(image, spec, seeds[i]) for i, spec in enumerate(recipe_.views))
 

@@ -27,29 +27,21 @@ import os
 import pathlib
 from typing import Any
 
+from qscore_jax.data._tensorflow import tf  # before tfds: TF imported quietly, off accelerators
+
+# pylint: disable=wrong-import-order
+import tensorflow_datasets as tfds
+
+# Registered with tfds by their import: the built-in builders.
+from qscore_jax.data import digits, imagenet100, salient, synthetic  # pylint: disable=unused-import
+from qscore_jax.data.errors import DatasetError, manual_download_error
+from qscore_jax.data.folder import FolderError, scan_image_folder
+
 BUILT_IN = ('synthetic_shapes', 'sklearn_digits', 'imagenet100', 'salient_imagenet')
 # Generated locally: prepared automatically on first use (no network).
 GENERATED = ('synthetic_shapes', 'sklearn_digits')
 FOLDER_PREFIX = 'folder:'
 MASK_FEATURES = ('core_mask', 'spurious_mask')
-
-
-class DatasetError(ValueError):
-  """A dataset name, split or preparation problem, with what to do about it."""
-
-
-def _tf():
-  """TensorFlow, imported quietly and kept away from accelerators (JAX owns them)."""
-  from qscore_jax.data._tensorflow import tf  # pylint: disable=import-outside-toplevel
-  return tf
-
-
-def _tfds():
-  _tf()
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  # Registers the built-in builders with tfds.
-  from qscore_jax.data import digits, imagenet100, salient, synthetic  # pylint: disable=import-outside-toplevel,unused-import
-  return tfds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +88,6 @@ def default_data_dir() -> str | None:
 
 
 def _unknown_name_error(name: str) -> DatasetError:
-  tfds = _tfds()
   known = list(tfds.list_builders())
   base = name.split('/')[0]
   close = difflib.get_close_matches(base, known + list(BUILT_IN), n=3)
@@ -115,37 +106,12 @@ def builder(name: str, data_dir: str | None = None):
   Raises:
     DatasetError: unknown name (with close matches) or config.
   """
-  tfds = _tfds()
   try:
     return tfds.builder(name, data_dir=data_dir or default_data_dir())
   except tfds.core.registered.DatasetNotFoundError:
     raise _unknown_name_error(name) from None
   except ValueError as error:  # e.g. an unknown config
     raise DatasetError(f'{name!r}: {error}') from None
-
-
-def manual_download_error(name: str, dataset_builder, *, needed_by: str | None = None) -> DatasetError:
-  """The error for a manual-download dataset that is not prepared yet.
-
-  Args:
-    name: the dataset needing a manual download (e.g. ``'imagenet2012'``).
-    dataset_builder: its tfds builder (gives the data directory).
-    needed_by: the dataset built from it (e.g. ``'imagenet100'``), if any.
-  Returns:
-    A :class:`DatasetError` saying which files to put where and what to run.
-  """
-  manual = pathlib.Path(dataset_builder.data_dir_root) / 'downloads' / 'manual'
-  data_dir = dataset_builder.data_dir_root
-  files = {'imagenet2012': 'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
-                           '(from https://image-net.org/download-images.php)'}.get(
-                               name, 'the files its tfds documentation lists')
-  present = sorted(p.name for p in manual.glob('*')) if manual.is_dir() else []
-  state = (f'{manual} holds {present[:4]}' if present else f'{manual} is missing or empty')
-  prefix = f'{needed_by} is built from {name}, which' if needed_by else f'{name}'
-  return DatasetError(
-      f'{prefix} is not prepared in {data_dir}, and {state}. Put {files} in {manual}, then run '
-      f'`qscore prepare {name} --data-dir {data_dir}` (hours for imagenet2012; needs ~300 GB).'
-      + (f' Then run `qscore prepare {needed_by} --data-dir {data_dir}`.' if needed_by else ''))
 
 
 def dataset_info(name: str, data_dir: str | None = None, *, prepare: bool = True) -> DatasetInfo:
@@ -158,7 +124,6 @@ def dataset_info(name: str, data_dir: str | None = None, *, prepare: bool = True
       True); False only reads the builder's metadata.
   """
   if is_folder(name):
-    from qscore_jax.data.folder import scan_image_folder  # pylint: disable=import-outside-toplevel
     folder = _scan_folder(name[len(FOLDER_PREFIX):])
     return DatasetInfo(name, folder.class_names, {s: len(v) for s, v in folder.splits.items()},
                        ('image', 'label'), (None, None, 3))
@@ -173,7 +138,6 @@ def dataset_info(name: str, data_dir: str | None = None, *, prepare: bool = True
 
 @functools.lru_cache(maxsize=16)
 def _scan_folder(path: str):
-  from qscore_jax.data.folder import FolderError, scan_image_folder  # pylint: disable=import-outside-toplevel
   try:
     return scan_image_folder(path)
   except FolderError as error:
@@ -234,7 +198,6 @@ def prepare(name: str, data_dir: str | None = None, **kwargs: Any):
   b = builder(name, data_dir)
   base = name.split('/')[0]
   if base == 'salient_imagenet':
-    from qscore_jax.data import salient  # pylint: disable=import-outside-toplevel
     return salient.prepare(data_dir=b.data_dir_root, **kwargs)
   if base == 'imagenet100':
     source = builder('imagenet2012', data_dir)
@@ -275,7 +238,6 @@ def decode_image(encoded):
   Args:
     encoded: a scalar ``tf.string`` tensor (usable inside ``tf.data`` maps).
   """
-  tf = _tf()
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
   return image
@@ -299,7 +261,6 @@ def read_split(name: str, split: str, *, data_dir: str | None = None, start: int
     with_masks: add the core/spurious masks (datasets with masks only).
     decode: decode the images (default True).
   """
-  tf = _tf()
   size = split_size(name, split, data_dir)
   end = size if end is None else end
   if not 0 <= start <= end <= size:
@@ -317,7 +278,6 @@ def read_split(name: str, split: str, *, data_dir: str | None = None, start: int
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
-    tfds = _tfds()
     b = ensure_prepared(name, data_dir)
     features = set(b.info.features.keys())
     if with_masks and not set(MASK_FEATURES) <= features:

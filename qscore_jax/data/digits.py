@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 
+# Before tfds: TF imported quietly, off accelerators (see _tensorflow.py).
+from qscore_jax.data import _tensorflow  # pylint: disable=unused-import
+
+# pylint: disable=wrong-import-order
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -26,6 +30,7 @@ def digits_arrays(image_size: int = 32):
   Returns:
     ``(images, labels, is_test)``: uint8 (N, S, S, 3), int64 (N,), bool (N,).
   """
+  # Here, not at the top: scikit-learn takes ~1 s to import and only preparing needs it.
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
   digits = load_digits()
   # Grey levels 0..16, ink bright: invert to dark ink on white paper like a scan.

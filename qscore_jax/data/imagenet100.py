@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import io
 
+from qscore_jax.data._tensorflow import tf  # before tfds: TF imported quietly, off accelerators
+
+# pylint: disable=wrong-import-order
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from qscore_jax.data.errors import manual_download_error
 
 
 @functools.cache
@@ -66,7 +71,6 @@ def _imagenet2012_source(split: str, data_dir: str | None) -> tuple[tf.data.Data
   """imagenet2012 examples with undecoded JPEG bytes, in canonical order."""
   builder = tfds.builder('imagenet2012', data_dir=data_dir)
   if not builder.is_prepared():
-    from qscore_jax.data.datasets import manual_download_error  # pylint: disable=import-outside-toplevel
     raise manual_download_error('imagenet2012', builder, needed_by='imagenet100')
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()},
@@ -108,5 +112,4 @@ class Imagenet100(tfds.core.GeneratorBasedBuilder):
 
 def _jpeg_file(data: bytes):
   """Encoded bytes passed through to the tfds Image feature without re-encoding."""
-  import io  # pylint: disable=import-outside-toplevel
   return io.BytesIO(data)

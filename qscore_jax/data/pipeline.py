@@ -25,11 +25,14 @@ import dataclasses
 import math
 from typing import Any, Iterator
 
+import jax
+
 from qscore_jax import parallel
 from qscore_jax.data import augment as augment_lib
 from qscore_jax.data import datasets
+from qscore_jax.data._tensorflow import tf
 from qscore_jax.data.preprocess import eval_transform, mask_transform
-from qscore_jax.models.registry import Preprocessing
+from qscore_jax.data.preprocessing import Preprocessing
 
 
 def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -61,7 +64,6 @@ class _Plan:
 
 def _plan(dataset, split, batch_size, data_dir, process_index, process_count,
           local_device_count) -> _Plan:
-  import jax  # pylint: disable=import-outside-toplevel
   if process_count is None:
     process_count = jax.process_count()
   if process_index is None:
@@ -131,7 +133,6 @@ def eval_batches(dataset: str, split: str, *, batch_size: int,
     :class:`Batches` of dicts: ``image`` float32 (b, S, S, 3), ``label``
     int32, ``id`` int64, ``mask`` bool (False on padding rows), masks if asked.
   """
-  tf = datasets._tf()  # pylint: disable=protected-access
   plan = _plan(dataset, split, batch_size, data_dir, process_index, process_count,
                local_device_count)
   info, size, start, end, local = plan.info, plan.size, plan.start, plan.end, plan.local
@@ -213,7 +214,6 @@ def ssl_batches(dataset: str, split: str = 'train', *, recipe: str | augment_lib
     :class:`Batches` (``num_batches`` per epoch) of dicts: ``views`` a tuple
     of float32 (b, s_v, s_v, 3), ``label`` int32, ``id`` int64, ``epoch``.
   """
-  tf = datasets._tf()  # pylint: disable=protected-access
   plan = _plan(dataset, split, batch_size, data_dir, process_index, process_count,
                local_device_count)
   info, size, start, end, local = plan.info, plan.size, plan.start, plan.end, plan.local

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from qscore_jax.models.registry import Preprocessing
+from qscore_jax.data._tensorflow import tf
+from qscore_jax.data.preprocessing import Preprocessing
 
 
 def _center_crop(tf, image, height, width):
@@ -89,8 +90,6 @@ def eval_transform(preprocessing: Preprocessing | None, *, image_size: int | Non
   Without ``preprocessing`` the image is only scaled to [0, 1] (fixed-size
   datasets). ``image_size`` overrides the metadata's size.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
   def transform(image):
     if preprocessing is None:
       return tf.cast(image, tf.float32) / 255.0
@@ -115,8 +114,6 @@ def mask_transform(preprocessing: Preprocessing | None, *, image_size: int | Non
       mask's size.
     image_size: overrides ``preprocessing.image_size``.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
   def transform(mask):
     mask = tf.cast(mask, tf.float32) / 255.0
     if preprocessing is not None:

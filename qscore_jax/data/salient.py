@@ -32,9 +32,15 @@ import dataclasses
 import io
 import pathlib
 
+# Before tfds: TF imported quietly, off accelerators (see _tensorflow.py).
+from qscore_jax.data import _tensorflow  # pylint: disable=unused-import
+
+# pylint: disable=wrong-import-order
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from qscore_jax.data.errors import manual_download_error
 
 SPURIOUS_ANSWERS = ('background', 'separate_object')
 
@@ -255,7 +261,6 @@ def _imagenet_train_images(wanted: dict[str, SalientClass], train_dir, data_dir)
   else:
     builder = tfds.builder('imagenet2012', data_dir=data_dir)
     if not builder.is_prepared():
-      from qscore_jax.data.datasets import manual_download_error  # pylint: disable=import-outside-toplevel
       raise manual_download_error('imagenet2012', builder, needed_by='salient_imagenet')
     ds = builder.as_dataset(split='train', shuffle_files=False,
                             decoders={'image': tfds.decode.SkipDecoding()})

@@ -26,9 +26,14 @@ tfds builder ``synthetic_shapes`` and prepares in seconds.
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import math
 
+# Before tfds: TF imported quietly, off accelerators (see _tensorflow.py).
+from qscore_jax.data import _tensorflow  # pylint: disable=unused-import
+
+# pylint: disable=wrong-import-order
 import numpy as np
 import tensorflow_datasets as tfds
 from matplotlib.path import Path
@@ -127,7 +132,6 @@ def texture_pattern(texture: str, x: np.ndarray, y: np.ndarray,
 
 
 def _hsv_colour(rng: np.random.Generator, saturation=(0.5, 1.0), value=(0.5, 1.0)) -> np.ndarray:
-  import colorsys  # pylint: disable=import-outside-toplevel
   return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(*saturation),
                                       rng.uniform(*value)), np.float32)
 
