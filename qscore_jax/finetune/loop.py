@@ -136,7 +136,7 @@ def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
       directory, a finetune workdir, a converted registry id, a shipped model id).
   """
   from qscore_jax.data import dataset_info, native_preprocessing, ssl_batches  # pylint: disable=import-outside-toplevel
-  from qscore_jax.models.registry import Preprocessing  # pylint: disable=import-outside-toplevel
+  from qscore_jax.data.preprocessing import Preprocessing  # pylint: disable=import-outside-toplevel
   method = get_method(config.method)
   parallel.check_batch_divisible(config.batch_size)
   key = jax.random.key(config.seed)

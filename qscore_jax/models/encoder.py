@@ -27,10 +27,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from qscore_jax.data.preprocessing import Preprocessing
 from qscore_jax.models.features import keep_state
-from qscore_jax.models.registry import Preprocessing
-from qscore_jax.models.variables import embed
 from qscore_jax.models import weights
+from qscore_jax.models.variables import embed
 
 
 def fingerprint_variables(variables: Mapping[str, Any]) -> str:

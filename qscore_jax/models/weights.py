@@ -29,8 +29,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from qscore_jax._version import __version__
+from qscore_jax.data.preprocessing import Preprocessing
 from qscore_jax.models.heads import HeadSpec, MLPHead
-from qscore_jax.models.registry import ModelSpec, Preprocessing, build_model, list_models
+from qscore_jax.models.registry import ModelSpec, build_model, list_models
 from qscore_jax.models.variables import abstract_variables
 
 METADATA_FILE = 'metadata.json'
