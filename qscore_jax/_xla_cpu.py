@@ -46,6 +46,7 @@ def _backends_started() -> bool:
   if 'jax' not in sys.modules:
     return False
   try:
+    # Private module, only read once jax is imported (it must not import jax itself).
     from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
     return bool(xla_bridge.backends_are_initialized())
   except (ImportError, AttributeError):

@@ -1,14 +1,23 @@
-"""The ``qscore`` command. Thin: it parses arguments and calls the library."""
+"""The ``qscore`` command. Thin: it parses arguments, loads each model reference once
+(:func:`qscore_jax.load_encoder`) and calls the library.
+
+Each handler imports the library it calls inside itself, so that ``qscore
+--help`` and a mistyped command answer without importing TensorFlow or the drivers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import pathlib
 import sys
 from typing import Sequence
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax.models import list_models  # pylint: disable=import-outside-toplevel
   specs = list_models(args.method)
   if args.json:
@@ -30,6 +39,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import summary  # pylint: disable=import-outside-toplevel
   report = summary.inspect_model(args.model, batch_size=args.batch_size,
                                  image_size=args.image_size, seed=args.seed)
@@ -53,6 +63,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import convert  # pylint: disable=import-outside-toplevel
   converted = convert.convert_checkpoint(
       args.model_id, file=args.file, method=args.method, arch=args.arch,
@@ -94,8 +105,10 @@ def _describe_bookkeeping(metadata: dict) -> str:
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import data  # pylint: disable=import-outside-toplevel
   if args.name is None:
+    # Imported here, not at the top: `qscore --help` stays fast.
     from qscore_jax.data import datasets  # pylint: disable=import-outside-toplevel
     print(datasets.__doc__.split('\n\n', 1)[1].split('\n\n:func:')[0])
     return 0
@@ -110,6 +123,7 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import data  # pylint: disable=import-outside-toplevel
   extra = {}
   if args.name.startswith('salient_imagenet'):
@@ -124,6 +138,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import models  # pylint: disable=import-outside-toplevel
   # Not `from qscore_jax import embed`: that name is the jitted forward pass.
   from qscore_jax.embed import embed_encoder  # pylint: disable=import-outside-toplevel
@@ -131,9 +146,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
       models.load_encoder(args.model), args.dataset, args.split, args.out,
       batch_size=args.batch_size, image_size=args.image_size, data_dir=args.data_dir,
       progress=not args.no_progress)
+  # Imported here, not at the top: `qscore --help` stays fast.
   import jax  # pylint: disable=import-outside-toplevel
   from qscore_jax.store import RepresentationStore  # pylint: disable=import-outside-toplevel
   if jax.process_count() > 1:  # every shard is written before any process describes the store
+    # Imported here, not at the top: `qscore --help` stays fast.
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices('qscore embed: all shards written')
   store = RepresentationStore.open(path, require_complete=False)
@@ -143,6 +160,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import analysis, compression  # pylint: disable=import-outside-toplevel
   from qscore_jax.probe import ProbeConfig  # pylint: disable=import-outside-toplevel
   probe = ProbeConfig(epochs=args.probe_epochs, batch_size=args.probe_batch_size,
@@ -164,6 +182,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_supervised(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import supervised  # pylint: disable=import-outside-toplevel
   config = supervised.SupervisedConfig(
       arch=args.arch, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size,
@@ -186,9 +205,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
     FileNotFoundError: the config file does not exist.
     ValueError: no built-in config of that name, or a bad override.
   """
-  import importlib  # pylint: disable=import-outside-toplevel
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  import pathlib  # pylint: disable=import-outside-toplevel
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax.configs.finetune import apply_overrides  # pylint: disable=import-outside-toplevel
   name, _, arg = spec.partition(':')
   if name.endswith('.py'):
@@ -209,6 +226,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
   config = load_config(args.config, args.set or ())
   try:
@@ -224,6 +242,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import experiment  # pylint: disable=import-outside-toplevel
   from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
   config = load_config(args.config, args.set or ())
@@ -239,6 +258,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import analysis, models  # pylint: disable=import-outside-toplevel
   from qscore_jax.probe import ProbeConfig  # pylint: disable=import-outside-toplevel
   config = analysis.AnalysisConfig(probe=ProbeConfig(epochs=args.probe_epochs, seed=args.seed),
@@ -254,7 +274,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_interpret(args: argparse.Namespace) -> int:
-  import pathlib  # pylint: disable=import-outside-toplevel
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import interpret, models, report  # pylint: disable=import-outside-toplevel
   if len(args.models) > 2:
     raise ValueError(f'give one model, or two to compare (before / after), not '
@@ -283,6 +303,7 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import demo, models  # pylint: disable=import-outside-toplevel
   encoder = models.load_encoder(args.model)
   demo.run_demo(args.out, model=encoder, model_label=args.model, dataset=args.dataset, data_dir=args.data_dir,
@@ -645,6 +666,7 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
       raise ValueError('--coordinator-address, --num-processes and --process-id only apply with '
                        '--distributed.')
     return
+  # Imported here, not at the top: `qscore --help` stays fast.
   import jax  # pylint: disable=import-outside-toplevel
   jax.distributed.initialize(coordinator_address=args.coordinator_address,
                              num_processes=args.num_processes, process_id=args.process_id)

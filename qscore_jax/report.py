@@ -15,12 +15,13 @@ import pathlib
 from typing import Any, Mapping
 
 import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import precision_recall_curve
 
 
 def _subplots(*args, **kwargs):
   """A new figure and its axes, outside pyplot: no backend is chosen or changed, so the
   figures are written headless and a notebook's inline plotting is left alone."""
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   fig = Figure(figsize=kwargs.pop('figsize', None))
   return fig, fig.subplots(*args, **kwargs)
 
@@ -91,7 +92,6 @@ def plot_precision_recall(scores: Mapping[str, np.ndarray], correct: np.ndarray,
   Returns:
     ``path``.
   """
-  from sklearn.metrics import precision_recall_curve  # pylint: disable=import-outside-toplevel
   fig, ax = _subplots(figsize=(6, 5))
   if 0 < correct.sum() < len(correct):
     for name, values in scores.items():

@@ -12,6 +12,8 @@ import torch  # noqa: F401  pylint: disable=unused-import
 import torchvision  # noqa: F401  pylint: disable=unused-import
 
 
+import pathlib  # pylint: disable=wrong-import-position,wrong-import-order
+
 import pytest  # pylint: disable=wrong-import-position
 
 
@@ -23,3 +25,20 @@ def tiny_data_dir(tmp_path_factory):
   from qscore_jax.data import dataset_info  # pylint: disable=import-outside-toplevel
   dataset_info('synthetic_shapes/tiny', path)
   return path
+
+
+@pytest.fixture
+def model_restores(monkeypatch):
+  """The saved model directories restored while the test runs, in order (one entry per
+  restore of a backbone's variables; heads are not counted)."""
+  from qscore_jax.models import weights  # pylint: disable=import-outside-toplevel
+  restored = []
+  original = weights._restore  # pylint: disable=protected-access
+
+  def counting(path, target, what):
+    if what == 'model':
+      restored.append(pathlib.Path(path).parent)
+    return original(path, target, what)
+
+  monkeypatch.setattr(weights, '_restore', counting)
+  return restored

@@ -36,10 +36,15 @@ def test_the_shipped_model_resolves_from_anywhere_and_was_trained_by_the_demo_co
   assert h.shape == (4, 128) and np.isfinite(h).all() and h.std() > 0
 
 
-def test_demo_writes_a_report_whose_numbers_are_the_analysis(tmp_path, tiny_data_dir, capsys):
+def test_demo_writes_a_report_whose_numbers_are_the_analysis(tmp_path, tiny_data_dir, capsys,
+                                                             model_restores):
   out = tmp_path / 'demo'
-  assert cli.main(['demo', '--out', str(out), '--dataset', 'synthetic_shapes/tiny',
-                   '--probe-epochs', '5', '--data-dir', tiny_data_dir, '--no-progress']) == 0
+  args = ['demo', '--out', str(out), '--dataset', 'synthetic_shapes/tiny', '--probe-epochs', '5',
+          '--data-dir', tiny_data_dir, '--no-progress']
+  assert cli.main(args) == 0
+  # The model is resolved and restored once for the whole report (embedding both splits,
+  # the analysis, the heatmaps).
+  assert model_restores == [resolve_model_dir(DEMO)]
   printed = capsys.readouterr().out
   report = out / 'report.md'
   assert f'report       {report}' in printed
@@ -58,6 +63,15 @@ def test_demo_writes_a_report_whose_numbers_are_the_analysis(tmp_path, tiny_data
   assert analysis['evaluation']['split_size'] == 128 and analysis['compression']
   interpretation = json.loads((out / 'interpret.json').read_text())
   assert interpretation['summary']['all']['images'] == 128
+
+  # Run again into the same folder: stores and analysis are read back (same encoder, same
+  # settings), the report's numbers are the same, and it is still one restore.
+  before = (out / 'analysis' / 'report.json').read_text()
+  stamp = (out / 'analysis' / 'scores.npz').stat().st_mtime_ns
+  assert cli.main(args) == 0
+  assert len(model_restores) == 2
+  assert (out / 'analysis' / 'report.json').read_text() == before
+  assert (out / 'analysis' / 'scores.npz').stat().st_mtime_ns == stamp
 
 
 def test_demo_rejects_a_dataset_without_masks(tmp_path, capsys):

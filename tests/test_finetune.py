@@ -482,7 +482,7 @@ def test_finetune_from_a_saved_model_reuses_its_heads(tmp_path, data_dir):
   assert built.state.discriminative.shape == (32,)
 
 
-def test_compare_puts_two_models_side_by_side(tmp_path, data_dir, capsys):
+def test_compare_puts_two_models_side_by_side(tmp_path, data_dir, capsys, model_restores):
   from helpers import random_variables  # pylint: disable=import-outside-toplevel
   from qscore_jax.cli import main  # pylint: disable=import-outside-toplevel
   from qscore_jax.models import build_model, get_preprocessing, save_model  # pylint: disable=import-outside-toplevel
@@ -496,6 +496,7 @@ def test_compare_puts_two_models_side_by_side(tmp_path, data_dir, capsys):
                '--probe-epochs', '3', '--no-progress'])
   out = capsys.readouterr().out
   assert code == 0
+  assert model_restores == [tmp_path / 'model0', tmp_path / 'model1']  # one restore per model
   lines = {line.split('  ')[0].strip(): line.split() for line in out.splitlines()}
   assert lines['model'][-2:] == ['model0', 'model1']
   reports = [json.loads((tmp_path / 'cmp' / f'{i}-model{i}' / 'report.json').read_text())

@@ -283,13 +283,14 @@ def two_models(tmp_path_factory):
   return paths
 
 
-def test_interpret_command_on_synthetic_shapes(tmp_path, two_models, capsys):
+def test_interpret_command_on_synthetic_shapes(tmp_path, two_models, capsys, model_restores):
   data_dir = str(tmp_path / 'tfds')
   out = tmp_path / 'interpret'
   args = ['interpret', str(two_models[0]), str(two_models[1]), '--dataset', 'synthetic_shapes/tiny',
           '--out', str(out), '--data-dir', data_dir, '--batch-size', '64', '--stage', 'layer3',
           '--probe-epochs', '5', '--no-progress']
   assert cli.main(args) == 0
+  assert model_restores == list(two_models)  # one restore per model
   printed = capsys.readouterr().out
   assert 'core mIoU' in printed and 'paired change' in printed
   for name in ('0-r18-0', '1-r18-1'):

@@ -30,6 +30,7 @@ from qscore_jax.convert.rules import ConversionError
 from qscore_jax.models import registry
 from qscore_jax.models.heads import HeadSpec, MLPHead
 from qscore_jax.models.resnet import ResNet, STAGE_SIZES
+from qscore_jax.models.variables import abstract_variables
 from qscore_jax.models.weights import save_model, tree_mismatches
 
 
@@ -304,7 +305,6 @@ def convert_state(flat: Mapping[str, np.ndarray], *, method: str, arch: str | No
       variables = layout.resnet_from_torch(extraction.backbone)
   except layout.LayoutError as error:
     raise ConversionError(f'The {method} backbone does not have the {kind} layout: {error}') from None
-  from qscore_jax.models import abstract_variables  # pylint: disable=import-outside-toplevel
   problems = tree_mismatches(abstract_variables(model), variables)
   if problems:
     raise ConversionError('\n'.join(

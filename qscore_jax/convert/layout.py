@@ -22,6 +22,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from qscore_jax.models.heads import HeadLayer, HeadSpec
+
 _BN_LEAVES = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
               'running_mean': ('batch_stats', 'mean'),
               'running_var': ('batch_stats', 'var')}
@@ -200,7 +202,6 @@ def mlp_head_from_torch(state: Mapping[str, Any], *, activation: str | None = 'r
   Returns:
     ``(HeadSpec, {'params'[, 'batch_stats']})``.
   """
-  from qscore_jax.models.heads import HeadLayer, HeadSpec  # pylint: disable=import-outside-toplevel
   modules: dict[int, dict[str, Any]] = {}
   for key, value in state.items():
     index, _, leaf = key.rpartition('.')

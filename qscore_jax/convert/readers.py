@@ -263,6 +263,7 @@ def read_torch(path: str | os.PathLike) -> FlatCheckpoint:
     ReaderError: the file cannot be read (the message says why and what to do).
   """
   try:
+    # torch only for PyTorch files: an optional 5 GB dependency.
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise ReaderError(
@@ -360,6 +361,7 @@ def _torch_safe_globals(torch) -> dict[tuple[str, str], Any]:
   """The globals ``torch.load(weights_only=True)`` itself allows (tensor rebuilders,
   storages, dtypes), as ``{(module, name): object}``."""
   try:
+    # torch only for PyTorch files: an optional 5 GB dependency.
     from torch import _weights_only_unpickler  # pylint: disable=import-outside-toplevel
     table = _weights_only_unpickler._get_allowed_globals()  # pylint: disable=protected-access
   except (ImportError, AttributeError):  # an older or newer torch: the essentials
@@ -443,6 +445,7 @@ def read_tf1(path: str | os.PathLike) -> FlatCheckpoint:
   prefix = _tf1_prefix(pathlib.Path(path))
   if not prefix.with_name(prefix.name + '.index').is_file():
     raise ReaderError(f'{prefix}.index does not exist: {path} is not a TF1 checkpoint prefix.')
+  # TensorFlow only for TF1 checkpoints.
   from qscore_jax.data._tensorflow import tf  # pylint: disable=import-outside-toplevel
   try:
     reader = tf.train.load_checkpoint(str(prefix))

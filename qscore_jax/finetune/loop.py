@@ -29,11 +29,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from qscore_jax import parallel, regularizer, stats
+from qscore_jax.data import augment, dataset_info, eval_batches, native_preprocessing, ssl_batches
+from qscore_jax.data.preprocessing import Preprocessing
+from qscore_jax.embed import make_embed_step
 from qscore_jax.finetune import core
 from qscore_jax.finetune.methods import get_method
+from qscore_jax.models import (VisionTransformer, build_model, init_variables, load_encoder,
+                               load_heads, save_model)
 
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ('progress', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -74,15 +82,14 @@ def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _init_model(config, init: str, key):
   """(model, backbone variables, heads {name: variables}, metadata) of the initialisation."""
-  from qscore_jax.models import build_model, init_variables  # pylint: disable=import-outside-toplevel
-  from qscore_jax.models.weights import load_heads, load_model, resolve_model_dir  # pylint: disable=import-outside-toplevel
   if init == 'random':
     arch = config.arch or 'resnet18'
     options = dict(config.arch_options)
     model = build_model(arch, **options)
     return model, None, {}, {'arch': arch, 'arch_options': options}
-  path = resolve_model_dir(init)
-  model, variables, meta = load_model(path)
+  encoder = load_encoder(init)
+  path, model, variables, meta = (encoder.directory, encoder.module, encoder.variables,
+                                  encoder.metadata)
   if config.arch and config.arch != meta['arch']:
     raise ValueError(f'--init {init} is a {meta["arch"]} but the config asks for '
                      f'{config.arch}: drop arch from the config or use an init of that '
@@ -100,7 +107,6 @@ def _init_model(config, init: str, key):
 def _head_options(config, model) -> dict[str, Any]:
   """The config's head overrides, plus whether the backbone is a ViT (MoCo v3's heads
   differ for ViTs)."""
-  from qscore_jax.models import VisionTransformer  # pylint: disable=import-outside-toplevel
   return {**{k: v for k, v in dict(config.heads).items() if v is not None},
           'vit': isinstance(model, VisionTransformer)}
 
@@ -122,7 +128,6 @@ def _compatible_heads(trainer, heads, dim):
 
 def _recipe(config: ml_collections.ConfigDict, name: str, image_size: int):
   """The method's augmentation recipe at ``image_size``, with the config's crop override."""
-  from qscore_jax.data import augment  # pylint: disable=import-outside-toplevel
   return augment.recipe(name, image_size=image_size, min_crop_scale=config.min_crop_scale)
 
 
@@ -132,11 +137,9 @@ def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
   Args:
     config: see :mod:`qscore_jax.configs.finetune`.
     init: ``'random'`` (from scratch, default) or anything
-      :func:`~qscore_jax.models.weights.resolve_model_dir` accepts (a saved model
+      :func:`~qscore_jax.models.encoder.load_encoder` accepts (a saved model
       directory, a finetune workdir, a converted registry id, a shipped model id).
   """
-  from qscore_jax.data import dataset_info, native_preprocessing, ssl_batches  # pylint: disable=import-outside-toplevel
-  from qscore_jax.data.preprocessing import Preprocessing  # pylint: disable=import-outside-toplevel
   method = get_method(config.method)
   parallel.check_batch_divisible(config.batch_size)
   key = jax.random.key(config.seed)
@@ -146,7 +149,6 @@ def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
                    else native_preprocessing(info))
   image_size = config.image_size or preprocessing.image_size
   if backbone_vars is None:
-    from qscore_jax.models import init_variables  # pylint: disable=import-outside-toplevel
     backbone_vars = jax.device_get(init_variables(model, key, (1, image_size, image_size, 3)))
 
   steps_per_epoch = ssl_batches(config.dataset, config.split,
@@ -218,8 +220,6 @@ def reference_discriminative(model, variables, dataset: str, split: str, *, prep
     band: percentiles delimiting D (default 50, 95).
     data_dir: tfds data directory (default: the usual one).
   """
-  from qscore_jax.data import eval_batches  # pylint: disable=import-outside-toplevel
-  from qscore_jax.embed import make_embed_step  # pylint: disable=import-outside-toplevel
   mesh = parallel.data_mesh()
   step = make_embed_step(model, mesh)
   replicated = jax.device_put(jax.device_get(variables), NamedSharding(mesh, PartitionSpec()))
@@ -234,7 +234,6 @@ def reference_discriminative(model, variables, dataset: str, split: str, *, prep
     if seen >= examples:
       break
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
   return np.asarray(stats.discriminative_features(counts, band))
 
@@ -275,7 +274,6 @@ def _managers(workdir: pathlib.Path, config):
 
   Both remove the unfinished ``*.orbax-checkpoint-tmp`` directories a killed run leaves.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   periodic = ocp.CheckpointManager(
       workdir / 'checkpoints',
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
@@ -289,13 +287,11 @@ def _managers(workdir: pathlib.Path, config):
 
 
 def _save(manager, state, step: int, metrics=None) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                metrics=metrics)
 
 
 def _restore(manager, target, step: int):
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))['state']
@@ -320,6 +316,7 @@ class _Logger:
   def __init__(self, workdir: pathlib.Path):
     self.enabled = jax.process_index() == 0
     if self.enabled:
+      # Imports TensorFlow: here, after qscore_jax.data has imported it quietly, off accelerators.
       from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
       self.jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')  # pylint: disable=consider-using-with
       self.tensorboard = tensorboard.SummaryWriter(str(workdir / 'tensorboard'))
@@ -350,7 +347,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     workdir: where checkpoints, logs and the final model go (absolute or relative).
     init: ``'random'`` (pre-training from scratch), or a saved model directory, a
       finetune workdir, a converted registry id or a shipped model id
-      (:func:`~qscore_jax.models.weights.resolve_model_dir`).
+      (:func:`~qscore_jax.models.encoder.load_encoder`).
     stop_after: stop after this step even if the run is not finished (for tests and
       time-boxed jobs; the run resumes later from the checkpoint written then).
   Returns:
@@ -359,8 +356,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     TrainingError: a NaN/inf loss (the step is named; earlier checkpoints are kept),
       or a workdir of another run.
   """
-  from qscore_jax.data import ssl_batches  # pylint: disable=import-outside-toplevel
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir).expanduser().resolve()
   get_method(config.method)  # fail fast on an unknown method
   _check_workdir(workdir, config, init)
@@ -461,7 +456,6 @@ def export_model(built: Setup, state: core.TrainState, directory: pathlib.Path,
   Returns:
     The absolute directory.
   """
-  from qscore_jax.models import save_model  # pylint: disable=import-outside-toplevel
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   heads = {name: (spec, {'params': params[name], **({'batch_stats': batch_stats[name]}
                                                      if batch_stats.get(name) else {})})

@@ -23,6 +23,7 @@ A loss is ``loss(outputs, ctx) -> (scalar, new_buffers, metrics)`` with ctx a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -420,8 +421,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 def get_method(name: str) -> Method:
   """The :class:`Method` called ``name``; a clear error listing the known ones otherwise."""
   if name not in METHODS:
-    from qscore_jax.models.registry import did_you_mean  # pylint: disable=import-outside-toplevel
-    raise ValueError(f'unknown method {name!r}{did_you_mean(name, METHODS)}; known methods: '
+    close = difflib.get_close_matches(name, list(METHODS), n=3)
+    hint = f' Did you mean {", ".join(map(repr, close))}?' if close else ''
+    raise ValueError(f'unknown method {name!r}{hint}; known methods: '
                      f'{", ".join(sorted(METHODS))}.')
   return METHODS[name]
 
