@@ -7,6 +7,7 @@ level or inside a function), so a cycle cannot hide in a function-level import.
 import ast
 import itertools
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -183,3 +184,22 @@ def test_importing_the_package_imports_neither_tensorflow_nor_torch(statement):
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True, timeout=300)
   assert result.stdout.strip() == '', f'`{statement}` imports {result.stdout.strip()}'
+
+
+def test_architecture_md_places_every_module():
+  """The map stays true: every module's path appears in ARCHITECTURE.md's table (as
+  ``name``, ``package/name``, ``package/*`` or ``package/{a,name,b}``)."""
+  text = (PACKAGE / 'ARCHITECTURE.md').read_text()
+  missing = []
+  for name, source in _modules().items():
+    parts = name.split('.')[1:]
+    if source.name == '__init__.py' or parts[-1].startswith('_'):
+      continue  # packages are placed by their modules; private helpers go with them
+    path, package, leaf = '/'.join(parts), '/'.join(parts[:-1]), parts[-1]
+    forms = [f'`{path}`', f'`{path}/*`', f'{path}/*'] + (
+        [f'{package}/*', f'{package}/{leaf}'] if package else [])
+    braces = any(leaf in group.split(',') for group in
+                 re.findall(rf'{package}/\{{([^}}]*)\}}', text)) if package else False
+    if not braces and not any(form in text for form in forms):
+      missing.append(path)
+  assert not missing, f'ARCHITECTURE.md does not place: {missing}'

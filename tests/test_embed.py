@@ -216,3 +216,54 @@ def test_analysis_split_from_store(tmp_path, data_dir, saved_model):
   split = analysis.Split.from_store(tmp_path / 'train')
   assert split.representations.shape == (256, 256) and split.description['split'] == 'train'
   assert pathlib.Path(split.source.path).name == 'train'
+
+
+# ------------------------------------------------------------- one encoder, loaded once
+
+
+def test_an_encoder_is_restored_once_and_knows_its_weights(saved_model, model_restores):
+  from qscore_jax import load_encoder  # pylint: disable=import-outside-toplevel
+  encoder = load_encoder(saved_model)
+  assert model_restores == [pathlib.Path(saved_model)]
+  again = load_encoder(saved_model)
+  assert again.fingerprint == encoder.fingerprint and again is not encoder
+  assert encoder.describe()['model_fingerprint'] == encoder.fingerprint
+  assert encoder.preprocessing == get_preprocessing('cifar') and encoder.num_features == 256
+  # The fingerprint is of the content: one changed number changes it.
+  params = jax.tree.map(np.array, encoder.variables['params'])  # writable copies
+  first = jax.tree_util.tree_leaves(params)[0]
+  first.flat[0] += 1
+  changed = type(encoder).from_variables(encoder.module, {**encoder.variables, 'params': params})
+  assert changed.fingerprint != encoder.fingerprint
+
+
+def test_a_store_of_other_weights_is_refused_even_under_the_same_path(tmp_path, data_dir):
+  """A model retrained into the same directory must not resume the old model's store."""
+  from qscore_jax import load_encoder  # pylint: disable=import-outside-toplevel
+  from qscore_jax.embed import embed_encoder  # pylint: disable=import-outside-toplevel
+  model = build_model('resnet18', width_multiplier=0.25)
+  directory = tmp_path / 'model'
+  store = tmp_path / 'store'
+  for seed in (0, 1):
+    save_model(directory, random_variables(model, (1, 32, 32, 3), seed=seed), arch='resnet18',
+               arch_options={'width_multiplier': 0.25}, preprocessing=get_preprocessing('cifar'),
+               overwrite=True)
+    encoder = load_encoder(directory)
+    if seed == 0:
+      embed_encoder(encoder, 'synthetic_shapes/tiny', 'train', store, batch_size=64,
+                    data_dir=data_dir, progress=False)
+      continue
+    with pytest.raises(StoreError, match='model_fingerprint'):
+      embed_encoder(encoder, 'synthetic_shapes/tiny', 'train', store, batch_size=64,
+                    data_dir=data_dir, progress=False)
+
+
+def test_the_deprecated_reference_call_still_works_and_says_what_to_use(tmp_path, data_dir,
+                                                                        saved_model,
+                                                                        model_restores):
+  from qscore_jax.embed import embed_model_on_dataset  # pylint: disable=import-outside-toplevel
+  with pytest.warns(DeprecationWarning, match='load_encoder'):
+    path = embed_model_on_dataset(str(saved_model), 'synthetic_shapes/tiny', 'test',
+                                  tmp_path / 'store', batch_size=64, data_dir=data_dir,
+                                  progress=False)
+  assert RepresentationStore.open(path).num_rows == 128 and len(model_restores) == 1
