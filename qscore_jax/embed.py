@@ -162,7 +162,17 @@ def embed_encoder(encoder: Encoder, dataset: str, split: str, store_dir: str | p
 
 def embed_model_on_dataset(model_ref: str, dataset: str, split: str,
                            store_dir: str | pathlib.Path, **kwargs) -> pathlib.Path:
-  """Deprecated: ``embed_encoder(load_encoder(model_ref), ...)`` (loads the model once)."""
+  """Deprecated: ``embed_encoder(load_encoder(model_ref), ...)`` (loads the model once).
+
+  Args:
+    model_ref: a saved model directory, finetune workdir, converted or shipped id.
+    dataset: the dataset name.
+    split: the split to embed.
+    store_dir: the store directory.
+    **kwargs: the keyword arguments of :func:`embed_encoder`.
+  Returns:
+    The absolute store path.
+  """
   return embed_encoder(as_encoder(model_ref, caller='embed_model_on_dataset'), dataset, split,
                        store_dir, **kwargs)
 

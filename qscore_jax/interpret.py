@@ -69,6 +69,15 @@ def figure_samples(q: np.ndarray, correct: np.ndarray, ids: np.ndarray, has_targ
 
   The last two prefer images with a target (Q = 0 images have no discriminative
   feature active, hence an empty heatmap); they fall back to any image.
+
+  Args:
+    q: (N,) Q-Scores.
+    correct: (N,) bool, the probe classified the sample correctly.
+    ids: (N,) example ids.
+    has_target: (N,) bool, the sample has a highly active discriminative feature.
+    per_group: ids per group (default 4).
+  Returns:
+    ``{'highest Q', 'lowest Q', 'misclassified'}``, each an array of up to ``per_group`` ids.
   """
   order = np.argsort(-q, kind='stable')
   shown = order[has_target[order]] if has_target.any() else order

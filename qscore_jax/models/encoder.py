@@ -97,7 +97,11 @@ class Encoder:
             'model_fingerprint': self.fingerprint}
 
   def embed(self, images) -> jax.Array:
-    """Jitted inference-mode representations, (N, H, W, 3) -> (N, d) float32."""
+    """Jitted inference-mode representations, (N, H, W, 3) -> (N, d) float32.
+
+    Args:
+      images: (N, H, W, 3) float, preprocessed as :attr:`preprocessing` says.
+    """
     return embed(self.module, self.variables, images)
 
   @classmethod
