@@ -38,7 +38,7 @@ from qscore_jax.data.datasets import dataset_info
 from qscore_jax.embed import embed_encoder
 from qscore_jax.models.encoder import as_encoder
 from qscore_jax.probe import ProbeConfig, evaluate_probe, train_linear_probe
-from qscore_jax.store import RepresentationStore
+from qscore_jax.store import RepresentationStore, check_same_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +161,7 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
   Returns:
     The report dict (also in ``<out_dir>/report.json``).
   """
+  _check_pair(train, evaluation)
   out = pathlib.Path(out_dir).expanduser().resolve()
   out.mkdir(parents=True, exist_ok=True)
   timings: dict[str, float] = {}
@@ -263,6 +264,18 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
     report_dict['figures'] = {k: v.name for k, v in figures.items()}
   report.write_json(report_dict, out / 'report.json')
   return report_dict
+
+
+def _check_pair(train: Split, evaluation: Split) -> None:
+  """Refuses splits of two representation spaces (other model, preprocessing or d)."""
+  if isinstance(train.source, RepresentationStore) and isinstance(evaluation.source,
+                                                                  RepresentationStore):
+    check_same_model(train.source, evaluation.source)
+  dims = (train.representations.shape[1], evaluation.representations.shape[1])
+  if dims[0] != dims[1]:
+    raise ValueError(f'the reference split has d={dims[0]} features and the evaluated split '
+                     f'd={dims[1]}: they come from different models; embed both splits with '
+                     'the same model.')
 
 
 def summary_lines(report_dict: dict[str, Any]) -> list[str]:

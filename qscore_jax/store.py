@@ -39,6 +39,47 @@ class StoreError(ValueError):
   """A representation store is missing, incomplete or inconsistent."""
 
 
+# The metadata fields that determine a store's rows: a store is resumed or reused only when
+# every one of them is the same (the model's weights by their content fingerprint; the
+# preprocessing and image size that make the pixels).
+MODEL_FIELDS = ('model', 'model_fingerprint', 'arch', 'arch_options', 'preprocessing',
+                'image_size', 'dim')
+RUN_FIELDS = MODEL_FIELDS + ('dataset', 'split', 'split_size', 'shard_count')
+
+
+def differences(first: Mapping[str, Any], second: Mapping[str, Any],
+                fields: tuple[str, ...] = RUN_FIELDS) -> dict[str, tuple[Any, Any]]:
+  """``{field: (first's value, second's value)}`` for the ``fields`` where two store
+  metadata dicts differ (a field missing from one counts as None)."""
+  return {k: (first.get(k), second.get(k)) for k in fields if first.get(k) != second.get(k)}
+
+
+def describe_differences(diff: Mapping[str, tuple[Any, Any]], first: str, second: str) -> str:
+  """One line per field of :func:`differences`, e.g. ``image_size: stored None, now 64``."""
+  return '; '.join(f'{k}: {first} {a!r}, {second} {b!r}' for k, (a, b) in diff.items())
+
+
+def check_same_model(reference: 'RepresentationStore', evaluated: 'RepresentationStore') -> None:
+  """Refuses a reference and an evaluated store made by different models or preprocessing.
+
+  D, the probe and the Q-Scores are only meaningful within one representation space: the
+  reference split's features must be the evaluated split's. The datasets may differ (e.g.
+  ImageNet train as the reference of Salient ImageNet).
+
+  Raises:
+    StoreError: naming the fields that differ (the weights' fingerprints among them).
+  """
+  diff = differences(reference.metadata, evaluated.metadata, MODEL_FIELDS)
+  if reference.metadata.get('model_fingerprint') and evaluated.metadata.get('model_fingerprint'):
+    diff.pop('model', None)  # the same weights saved in two places are the same model
+  if diff:
+    raise StoreError(
+        f'the reference store {reference.path} and the evaluated store {evaluated.path} hold '
+        f'representations of different models or inputs ({describe_differences(diff, "reference", "evaluated")}); '
+        'D, the probe and the Q-Scores need both splits embedded by the same model with the '
+        'same preprocessing. Embed both with one model.')
+
+
 def shard_name(index: int, count: int) -> str:
   """The directory name of shard ``index`` of ``count``: ``shard-00000-of-00002``.
 
@@ -87,14 +128,12 @@ class ShardWriter:
                                       'shard_count': shard_count}))  # as it reads back
     if meta_path.exists():
       existing = json.loads(meta_path.read_text())
-      keys = ('model', 'model_fingerprint', 'dataset', 'split', 'dim', 'shard_count',
-              'split_size', 'preprocessing')
-      diff = {k: (existing.get(k), metadata.get(k)) for k in keys
-              if existing.get(k) != metadata.get(k)}
+      diff = differences(existing, metadata, RUN_FIELDS)
       if diff:
         raise StoreError(
-            f'{self.root} already holds a store of another run ({diff}); use another '
-            'directory or delete it.')
+            f'{self.root} already holds a store of another run, so it is neither resumed nor '
+            f'reused: {describe_differences(diff, "stored", "now")}. Write to another directory, '
+            'or delete that one to embed again.')
     elif shard_index == 0:
       _write_json_atomic(meta_path, metadata)
     self.path.mkdir(exist_ok=True)

@@ -267,3 +267,54 @@ def test_the_deprecated_reference_call_still_works_and_says_what_to_use(tmp_path
                                   tmp_path / 'store', batch_size=64, data_dir=data_dir,
                                   progress=False)
   assert RepresentationStore.open(path).num_rows == 128 and len(model_restores) == 1
+
+
+# ------------------------------------------------------------- stores that cannot mix
+
+
+def test_a_store_is_not_reused_for_another_image_size(tmp_path, data_dir, saved_model):
+  """Issue 17, finding 1: a store embedded at the model's size was reused (or resumed) by a
+  run asking for another --image-size, mixing 32-px and 64-px rows."""
+  from qscore_jax import load_encoder  # pylint: disable=import-outside-toplevel
+  from qscore_jax.embed import embed_encoder  # pylint: disable=import-outside-toplevel
+  encoder = load_encoder(saved_model)
+  store = tmp_path / 'store'
+  embed_encoder(encoder, 'synthetic_shapes/tiny', 'test', store, batch_size=64,
+                data_dir=data_dir, progress=False)
+  with pytest.raises(StoreError, match=r'image_size: stored None, now 64'):
+    embed_encoder(encoder, 'synthetic_shapes/tiny', 'test', store, batch_size=64,
+                  image_size=64, data_dir=data_dir, progress=False)
+  assert RepresentationStore.open(store).metadata['image_size'] is None
+
+
+def test_analyze_refuses_stores_of_two_models(tmp_path, data_dir, saved_model, capsys):
+  """Issue 17, finding 2: a train store of one model and an eval store of another (same
+  width) gave a report with exit status 0; with other widths, raw broadcasting text."""
+  from qscore_jax import cli, load_encoder  # pylint: disable=import-outside-toplevel
+  from qscore_jax.embed import embed_encoder  # pylint: disable=import-outside-toplevel
+  model = build_model('resnet18', width_multiplier=0.5)
+  other = save_model(tmp_path / 'other', random_variables(model, (1, 32, 32, 3), seed=7),
+                     arch='resnet18', arch_options={'width_multiplier': 0.5},
+                     preprocessing=get_preprocessing('cifar'))
+  narrow = save_model(tmp_path / 'narrow', random_variables(
+      build_model('resnet18', width_multiplier=0.25), (1, 32, 32, 3)), arch='resnet18',
+                      arch_options={'width_multiplier': 0.25},
+                      preprocessing=get_preprocessing('cifar'))
+  stores = {}
+  for name, path, split in (('train', saved_model, 'train'), ('other', other, 'test'),
+                            ('narrow', narrow, 'test')):
+    stores[name] = embed_encoder(load_encoder(path), 'synthetic_shapes/tiny', split,
+                                 tmp_path / f'store_{name}', batch_size=64, data_dir=data_dir,
+                                 progress=False)
+  for name in ('other', 'narrow'):
+    out = tmp_path / f'report_{name}'
+    assert cli.main(['analyze', '--train', str(stores['train']), '--eval', str(stores[name]),
+                     '--out', str(out), '--probe-epochs', '2', '--no-compression']) == 2
+    error = capsys.readouterr().err
+    assert 'different models' in error and 'model_fingerprint' in error, error
+    assert not (out / 'report.json').exists()
+  # Arrays carry no provenance, but their widths must still agree.
+  with pytest.raises(ValueError, match='d=256 features and the evaluated split d=128'):
+    analysis.analyze(analysis.Split.from_arrays(np.ones((8, 256)), np.zeros(8, int)),
+                     analysis.Split.from_arrays(np.ones((8, 128)), np.zeros(8, int)),
+                     tmp_path / 'arrays')
