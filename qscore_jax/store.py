@@ -50,12 +50,24 @@ RUN_FIELDS = MODEL_FIELDS + ('dataset', 'split', 'split_size', 'shard_count')
 def differences(first: Mapping[str, Any], second: Mapping[str, Any],
                 fields: tuple[str, ...] = RUN_FIELDS) -> dict[str, tuple[Any, Any]]:
   """``{field: (first's value, second's value)}`` for the ``fields`` where two store
-  metadata dicts differ (a field missing from one counts as None)."""
+  metadata dicts differ (a field missing from one counts as None).
+
+  Args:
+    first: one store's metadata (or the stored run's).
+    second: the other's (or the requested run's).
+    fields: the fields compared (default :data:`RUN_FIELDS`).
+  """
   return {k: (first.get(k), second.get(k)) for k in fields if first.get(k) != second.get(k)}
 
 
 def describe_differences(diff: Mapping[str, tuple[Any, Any]], first: str, second: str) -> str:
-  """One line per field of :func:`differences`, e.g. ``image_size: stored None, now 64``."""
+  """The fields of :func:`differences` in words, e.g. ``image_size: stored None, now 64``.
+
+  Args:
+    diff: :func:`differences`' result.
+    first: what to call the first values (``'stored'``, ``'reference'``).
+    second: what to call the second values.
+  """
   return '; '.join(f'{k}: {first} {a!r}, {second} {b!r}' for k, (a, b) in diff.items())
 
 
@@ -66,6 +78,9 @@ def check_same_model(reference: 'RepresentationStore', evaluated: 'Representatio
   reference split's features must be the evaluated split's. The datasets may differ (e.g.
   ImageNet train as the reference of Salient ImageNet).
 
+  Args:
+    reference: the store giving D and training the probe.
+    evaluated: the store that is scored.
   Raises:
     StoreError: naming the fields that differ (the weights' fingerprints among them).
   """
