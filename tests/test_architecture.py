@@ -22,7 +22,7 @@ LAYER_NAMES = {CORE: 'core (pure array functions)', IO: 'I/O (stores, weights, c
 LAYERS = {
     # Pure array functions: statistics, regularizer, losses, metrics, probe, heatmaps, the
     # Flax modules and their variables. No files, no datasets.
-    CORE: {'qscore_jax._version', 'qscore_jax._xla_cpu', 'qscore_jax.parallel',
+    CORE: {'qscore_jax._text', 'qscore_jax._version', 'qscore_jax._xla_cpu', 'qscore_jax.parallel',
            'qscore_jax.stats', 'qscore_jax.regularizer', 'qscore_jax.losses',
            'qscore_jax.metrics', 'qscore_jax.probe', 'qscore_jax.compression',
            'qscore_jax.saliency', 'qscore_jax.models.features', 'qscore_jax.models.inputs',

@@ -23,7 +23,6 @@ A loss is ``loss(outputs, ctx) -> (scalar, new_buffers, metrics)`` with ctx a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from qscore_jax import losses
+from qscore_jax._text import did_you_mean
 from qscore_jax.models.heads import HeadLayer, HeadSpec, l2_normalize
 
 HeadBuilder = Callable[[int, Mapping[str, Any]], HeadSpec]
@@ -421,9 +421,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 def get_method(name: str) -> Method:
   """The :class:`Method` called ``name``; a clear error listing the known ones otherwise."""
   if name not in METHODS:
-    close = difflib.get_close_matches(name, list(METHODS), n=3)
-    hint = f' Did you mean {", ".join(map(repr, close))}?' if close else ''
-    raise ValueError(f'unknown method {name!r}{hint}; known methods: '
+    raise ValueError(f'unknown method {name!r}{did_you_mean(name, METHODS)}; known methods: '
                      f'{", ".join(sorted(METHODS))}.')
   return METHODS[name]
 

@@ -138,12 +138,7 @@ def load_encoder(ref: str | os.PathLike, *, sharding: jax.sharding.Sharding | No
     FileNotFoundError: ``ref`` names no saved model (saying whether an id is
       known but not converted yet, or which file a directory lacks).
   """
-  try:
-    directory = weights.resolve_model_dir(ref)
-  except FileNotFoundError:
-    if not pathlib.Path(ref).expanduser().is_dir():
-      raise
-    directory = pathlib.Path(ref).expanduser().resolve()  # read_metadata says what is missing
+  directory = weights.model_directory(ref)
   metadata = weights.read_metadata(directory)
   module = weights.model_from_metadata(metadata, **overrides)
   variables = weights.load_variables(directory, module, sharding=sharding)

@@ -11,7 +11,6 @@ used, and where it comes from. :func:`get_model_spec` reads one entry.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import importlib.resources
 import tomllib
@@ -19,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 
+from qscore_jax._text import did_you_mean
 from qscore_jax.data.preprocessing import Preprocessing  # also registry.Preprocessing
 from qscore_jax.models.resnet import ResNet, STAGE_SIZES
 from qscore_jax.models.vit import VisionTransformer
@@ -43,17 +43,6 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     'vit_base': functools.partial(VisionTransformer, embed_dim=768, depth=12,
                                   num_heads=12),
 }
-
-
-def did_you_mean(name: str, choices) -> str:
-  """`` Did you mean 'a', 'b'?`` for the up to 3 closest ``choices``, or ``''``.
-
-  Args:
-    name: the unknown name.
-    choices: the known names (any iterable of strings).
-  """
-  close = difflib.get_close_matches(name, list(choices), n=3)
-  return f' Did you mean {", ".join(map(repr, close))}?' if close else ''
 
 
 def build_model(arch: str, **options: Any) -> nn.Module:

@@ -330,6 +330,21 @@ def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
                           'missing) nor a converted registry id (`qscore models` lists them).')
 
 
+def model_directory(ref: str | pathlib.Path) -> pathlib.Path:
+  """:func:`resolve_model_dir`, except that an existing directory that is not a model is
+  returned as it is, so that :func:`read_metadata` says which file it lacks.
+
+  Args:
+    ref: anything :func:`resolve_model_dir` accepts.
+  """
+  try:
+    return resolve_model_dir(ref)
+  except FileNotFoundError:
+    if not pathlib.Path(ref).expanduser().is_dir():
+      raise
+    return pathlib.Path(ref).expanduser().resolve()
+
+
 def load_model(directory: str | pathlib.Path, *,
                sharding: jax.sharding.Sharding | None = None,
                **overrides: Any) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
@@ -346,12 +361,7 @@ def load_model(directory: str | pathlib.Path, *,
     sharding: where to place every array (default: the first local device).
     **overrides: module attributes replacing the stored options.
   """
-  try:
-    directory = resolve_model_dir(directory)
-  except FileNotFoundError:
-    if not pathlib.Path(directory).expanduser().is_dir():
-      raise
-    # An existing directory that is not a model: read_metadata says what is missing.
+  directory = model_directory(directory)
   metadata = read_metadata(directory)
   model = model_from_metadata(metadata, **overrides)
   return model, load_variables(directory, model, sharding=sharding), metadata
