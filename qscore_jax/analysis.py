@@ -120,6 +120,7 @@ class _StoreMatrix:
   """Row-indexable view of a store larger than 2 GiB (for the probe)."""
 
   def __init__(self, store: RepresentationStore):
+    store.verify()  # once: the probe then reads random rows through memory maps
     self.parts = [np.load(s / 'representations.npy', mmap_mode='r')[:r]
                   for s, r in zip(store.shards, store.shard_rows())]
     self.offsets = np.cumsum([0] + [len(p) for p in self.parts])

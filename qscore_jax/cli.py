@@ -153,7 +153,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     # Imported here, not at the top: `qscore --help` stays fast.
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices('qscore embed: all shards written')
-  store = RepresentationStore.open(path, require_complete=False)
+  store = RepresentationStore.open(path)  # checks what it describes: sizes, labels, ids
   print(f'store        {path}: {store.num_rows} x {store.dim} representations of '
         f'{args.dataset}/{args.split} ({len(store.shards)} shard(s))')
   return 0

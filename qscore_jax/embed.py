@@ -110,28 +110,28 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
          'image_size': image_size, 'batch_size': batch_size, **dict(metadata or {})}
   run.setdefault('model', None)
   dim = model.num_features
-  writer = ShardWriter(store_dir, shard_index=process, shard_count=processes, rows=end - start,
-                       dim=dim, first_id=start, metadata=run)
-  done_batches = _agree_on_resume(writer.done // local if not writer.complete else
-                                  -(-writer.rows // local))
-  writer.done = min(writer.done, done_batches * local)
-  batches = eval_batches(dataset, split, batch_size=batch_size, preprocessing=preprocessing,
-                         image_size=image_size, data_dir=data_dir,
-                         skip_batches=done_batches)
-  step = make_embed_step(model, mesh)
-  # Host copies first: a value committed to one device cannot be moved across hosts.
-  variables = jax.device_put(jax.device_get(keep_state(variables)),
-                             NamedSharding(mesh, PartitionSpec()))
-  bar = tqdm(total=size, initial=min(size, done_batches * batch_size), unit='img',
-             disable=not progress or process != 0, desc=f'embed {dataset}/{split}',
-             smoothing=0.1)
-  for batch in batches:
-    images = parallel.global_batch({'image': batch['image']}, mesh)['image']
-    representations = parallel.local_rows(step(variables, images))
-    keep = batch['mask']
-    writer.append(representations[keep], batch['label'][keep], batch['id'][keep])
-    bar.update(int(keep.sum()) * processes)
-  bar.close()
+  with ShardWriter(store_dir, shard_index=process, shard_count=processes, rows=end - start,
+                   dim=dim, first_id=start, metadata=run) as writer:
+    done_batches = _agree_on_resume(writer.done // local if not writer.complete else
+                                    -(-writer.rows // local))
+    writer.rewind(min(writer.done, done_batches * local))
+    batches = eval_batches(dataset, split, batch_size=batch_size, preprocessing=preprocessing,
+                           image_size=image_size, data_dir=data_dir,
+                           skip_batches=done_batches)
+    step = make_embed_step(model, mesh)
+    # Host copies first: a value committed to one device cannot be moved across hosts.
+    variables = jax.device_put(jax.device_get(keep_state(variables)),
+                               NamedSharding(mesh, PartitionSpec()))
+    bar = tqdm(total=size, initial=min(size, done_batches * batch_size), unit='img',
+               disable=not progress or process != 0, desc=f'embed {dataset}/{split}',
+               smoothing=0.1)
+    for batch in batches:
+      images = parallel.global_batch({'image': batch['image']}, mesh)['image']
+      representations = parallel.local_rows(step(variables, images))
+      keep = batch['mask']
+      writer.append(representations[keep], batch['label'][keep], batch['id'][keep])
+      bar.update(int(keep.sum()) * processes)
+    bar.close()
   return writer.root
 
 

@@ -9,7 +9,10 @@ Layout::
         representations.npy              float32 (rows, d), a memory-mapped .npy
         labels.npy                       int32 (rows,)
         ids.npy                          int64 (rows,): index of each row in the split
+        checksums.jsonl                  one line per block of BLOCK_ROWS committed rows: the
+                                         CRC-32 of each column's bytes in that block
         progress.json                    {"rows": k}: rows 0..k-1 are final
+        lock                             held (flock) by the process writing the shard
 
 Process ``p`` owns shard ``p``, the contiguous id range it embeds (see
 :func:`qscore_jax.data.shard_bounds`), so the shards concatenated in order hold
@@ -18,21 +21,43 @@ preallocated; rows are written in place and ``progress.json`` is replaced
 atomically after each flush, so a killed run resumes exactly after the last
 committed row: no gap, no duplicate. Readers stream fixed-size chunks with
 plain file reads, so memory stays bounded whatever N.
+
+Integrity: a block's checksums are written (and synced) after its data and
+before the progress that commits it. Opening a store checks every file's size,
+parses every header and verifies the labels and ids (unique, the shard's id
+range) against their checksums; the representations are verified block by
+block as they are read, so a damaged block stops the pass that reaches it with
+the file and row range, before any result exists. :meth:`RepresentationStore.verify`
+checks everything in one pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
 import os
 import pathlib
+import socket
+import tempfile
+import warnings
+import zlib
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 METADATA_FILE = 'metadata.json'
 PROGRESS_FILE = 'progress.json'
-FORMAT_VERSION = 1
+CHECKSUM_FILE = 'checksums.jsonl'
+LOCK_FILE = 'lock'
+# Version 2 added the checksums and the lock; version 1 stores are read without checksums.
+FORMAT_VERSION = 2
+# Rows per checksummed block. The readers' chunk sizes are multiples of it, so verifying
+# costs no extra reads.
+BLOCK_ROWS = 1024
+COLUMNS = (('representations.npy', np.float32), ('labels.npy', np.int32), ('ids.npy', np.int64))
 
 
 class StoreError(ValueError):
@@ -105,20 +130,186 @@ def shard_name(index: int, count: int) -> str:
   return f'shard-{index:05d}-of-{count:05d}'
 
 
-def _write_json_atomic(path: pathlib.Path, data: Mapping[str, Any]) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(data, f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+_REEMBED = ('Embed the split again: the same `qscore embed` command with --overwrite, or with '
+            'another --out.')
+
+
+def _write_json_atomic(path: pathlib.Path, data: Mapping[str, Any], *, exclusive: bool = False
+                       ) -> bool:
+  """Writes ``data`` to ``path`` through a synced temporary file of its own (two processes
+  never share one), renamed over ``path``; with ``exclusive``, linked instead, so that only
+  the first of several writers creates it. Returns whether this call wrote ``path``."""
+  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+  try:
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+      json.dump(data, f, indent=2)
+      f.flush()
+      os.fsync(f.fileno())
+    if not exclusive:
+      os.replace(tmp, path)
+      return True
+    try:
+      os.link(tmp, path)
+      return True
+    except FileExistsError:
+      return False
+  finally:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+
+
+def _read_json(path: pathlib.Path, what: str, remedy: str) -> Any:
+  """``path``'s JSON, or a StoreError naming the file, what it is and ``remedy``."""
+  try:
+    return json.loads(path.read_text(encoding='utf-8'))
+  except FileNotFoundError:
+    raise StoreError(f'{path} ({what}) is missing. {remedy}') from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise StoreError(f'{path} ({what}) is damaged and cannot be read ({error}). {remedy}') from None
+
+
+def _read_progress(shard: pathlib.Path, allocated: int | None = None) -> int:
+  """The committed rows of a shard (0 when it has not started)."""
+  path = shard / PROGRESS_FILE
+  if not path.exists():
+    return 0
+  remedy = (f'The committed rows of this shard are unknown; delete {shard} and run the same '
+            '`qscore embed` command again to embed that shard afresh.')
+  progress = _read_json(path, 'the shard\'s committed row count', remedy)
+  rows = progress.get('rows') if isinstance(progress, dict) else None
+  if not isinstance(rows, int) or rows < 0 or (allocated is not None and rows > allocated):
+    raise StoreError(f'{path} is damaged: it says {progress!r}, not {{"rows": k}} with '
+                     f'0 <= k <= {allocated}. {remedy}')
+  return rows
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    return True
+  return True
+
+
+class _ShardLock:
+  """An exclusive lock on one shard, held while its writer lives.
+
+  ``flock`` on ``<shard>/lock`` (released by the kernel when the holder dies, however it
+  dies); the file names the holder (pid, host, start time) for the error a second writer
+  gets, and is emptied on a clean release, so a non-empty file found unlocked is the stale
+  lock of a killed writer, taken over with a warning. Where the file system has no
+  ``flock``, the holder's pid is checked instead (same host only).
+  """
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    self.file = open(path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
+    try:
+      self._acquire()
+    except BaseException:
+      self.file.close()
+      raise
+
+  def _holder(self) -> dict[str, Any] | None:
+    self.file.seek(0)
+    try:
+      holder = json.loads(self.file.read() or 'null')
+    except json.JSONDecodeError:
+      return {'pid': None, 'host': None, 'since': None}
+    return holder if isinstance(holder, dict) else None
+
+  def _in_use(self, holder: Mapping[str, Any]) -> StoreError:
+    return StoreError(
+        f'{self.path.parent} is in use by pid {holder.get("pid")} on {holder.get("host")} '
+        f'(since {holder.get("since")}): another `qscore embed` is writing this store. Wait '
+        'for it to finish, or stop it; two writers would interleave their rows. If that '
+        f'process is gone, delete {self.path}.')
+
+  def _acquire(self) -> None:
+    host = socket.gethostname()
+    try:
+      fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+      locked = True
+    except BlockingIOError:
+      raise self._in_use(self._holder() or {}) from None
+    except OSError as error:
+      if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise
+      locked = False
+    holder = self._holder()
+    if holder and holder.get('pid') != os.getpid():
+      alive = holder.get('host') != host or (isinstance(holder.get('pid'), int)
+                                              and _process_alive(holder['pid']))
+      if not locked and alive:  # no flock here: trust the pid
+        raise self._in_use(holder)
+      warnings.warn(f'{self.path.parent}: taking over the lock of pid {holder.get("pid")} on '
+                    f'{holder.get("host")}, which no longer runs (a killed writer); resuming '
+                    'after its last committed row.', stacklevel=3)
+    self.file.seek(0)
+    self.file.truncate()
+    json.dump({'pid': os.getpid(), 'host': host, 'since': datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec='seconds')}, self.file)
+    self.file.flush()
+
+  def release(self) -> None:
+    if self.file.closed:
+      return
+    self.file.seek(0)
+    self.file.truncate()  # an empty lock file: released cleanly, not stale
+    self.file.flush()
+    fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+    self.file.close()
+
+
+def _crc(array: np.ndarray, value: int = 0) -> int:
+  """CRC-32 of a C-contiguous array's bytes, continuing ``value``."""
+  return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast('B'), value)
+
+
+def _read_checksums(shard: pathlib.Path, blocks: int, *, strict: bool) -> list[dict[str, int]]:
+  """The first ``blocks`` checksum lines of a shard.
+
+  Lines past them (written before a crash, before their progress) are ignored; a missing or
+  unreadable line among the first ``blocks`` raises StoreError when ``strict``, and ends the
+  list otherwise (the writer then rewrites the file from there).
+  """
+  path = shard / CHECKSUM_FILE
+  lines = path.read_text(encoding='utf-8').splitlines() if path.exists() else []
+  found = []
+  for i, line in enumerate(lines[:blocks]):
+    try:
+      entry = json.loads(line)
+      ok = isinstance(entry, dict) and entry.get('block') == i and all(
+          isinstance(entry.get(name), int) for name, _ in COLUMNS)
+    except json.JSONDecodeError:
+      ok = False
+    if not ok:
+      if strict:
+        raise StoreError(f'{path} line {i + 1} (the checksums of rows {i * BLOCK_ROWS}-'
+                         f'{(i + 1) * BLOCK_ROWS - 1}) is damaged, so those rows cannot be '
+                         f'verified. {_REEMBED}')
+      break
+    found.append(entry)
+  if strict and len(found) < blocks:
+    raise StoreError(f'{path} holds the checksums of {len(found)} blocks of rows, but the shard '
+                     f'has {blocks} committed blocks: the file was truncated. {_REEMBED}')
+  return found
+
+
+def _blocks(rows: int, allocated: int) -> int:
+  """Checksummed blocks of a shard with ``rows`` committed of ``allocated``: the complete
+  blocks, plus the short last one once the shard is complete."""
+  return rows // BLOCK_ROWS + (1 if rows == allocated and rows % BLOCK_ROWS else 0)
 
 
 class ShardWriter:
   """Writes one process's rows into its preallocated shard, resumably.
 
-  Creating it preallocates (or checks) the shard's files and reads its progress;
-  ``done`` is then the number of rows already committed.
+  Creating it locks the shard (:class:`StoreError` if another writer holds it),
+  preallocates (or checks) the shard's files and reads its progress; ``done``
+  is then the number of rows already committed. Use it as a context manager, or
+  call :meth:`close`, to release the lock.
 
   Args:
     directory: the store directory (created).
@@ -128,8 +319,8 @@ class ShardWriter:
     dim: d, the representation size.
     first_id: id of the shard's first row.
     metadata: the store's metadata (model, dataset, split, split_size,
-      preprocessing, ...), written by shard 0 and compared with an existing
-      store's (``StoreError`` when it belongs to another run).
+      preprocessing, ...), written by the first writer and compared with an
+      existing store's (``StoreError`` when it belongs to another run).
   """
 
   def __init__(self, directory: str | pathlib.Path, *, shard_index: int, shard_count: int,
@@ -138,25 +329,36 @@ class ShardWriter:
     self.path = self.root / shard_name(shard_index, shard_count)
     self.rows, self.dim, self.first_id = rows, dim, first_id
     self.root.mkdir(parents=True, exist_ok=True)
-    meta_path = self.root / METADATA_FILE
-    metadata = json.loads(json.dumps({**metadata, 'format_version': FORMAT_VERSION, 'dim': dim,
-                                      'shard_count': shard_count}))  # as it reads back
-    if meta_path.exists():
-      existing = json.loads(meta_path.read_text())
-      diff = differences(existing, metadata, RUN_FIELDS)
-      if diff:
-        raise StoreError(
-            f'{self.root} already holds a store of another run, so it is neither resumed nor '
-            f'reused: {describe_differences(diff, "stored", "now")}. Write to another directory, '
-            'or delete that one to embed again.')
-    elif shard_index == 0:
-      _write_json_atomic(meta_path, metadata)
+    self._check_metadata(json.loads(json.dumps(
+        {**metadata, 'format_version': FORMAT_VERSION, 'dim': dim, 'shard_count': shard_count,
+         'checksum_block_rows': BLOCK_ROWS})))  # as it reads back
     self.path.mkdir(exist_ok=True)
-    self._columns = {name: self._allocate(name, dtype, shape) for name, dtype, shape in (
-        ('representations.npy', np.float32, (rows, dim)), ('labels.npy', np.int32, (rows,)),
-        ('ids.npy', np.int64, (rows,)))}
-    progress = self.path / PROGRESS_FILE
-    self.done = json.loads(progress.read_text())['rows'] if progress.exists() else 0
+    self._lock = _ShardLock(self.path / LOCK_FILE)
+    try:
+      self._columns = {name: self._allocate(name, dtype, shape) for (name, dtype), shape in zip(
+          COLUMNS, ((rows, dim), (rows,), (rows,)))}
+      self._restart(_read_progress(self.path, rows))
+    except BaseException:
+      self.close()
+      raise
+
+  def _check_metadata(self, metadata: dict[str, Any]) -> None:
+    meta_path = self.root / METADATA_FILE
+    if _write_json_atomic(meta_path, metadata, exclusive=True):
+      return
+    existing = _read_json(meta_path, 'the store\'s metadata', _REEMBED)
+    if not isinstance(existing, dict):
+      raise StoreError(f'{meta_path} is damaged: not a JSON object. {_REEMBED}')
+    if existing.get('format_version') != FORMAT_VERSION:
+      raise StoreError(f'{self.root} was written by another version of qscore_jax (store format '
+                       f'{existing.get("format_version")}, this one writes {FORMAT_VERSION}) '
+                       f'and is not resumed. {_REEMBED}')
+    diff = differences(existing, metadata, RUN_FIELDS + ('checksum_block_rows',))
+    if diff:
+      raise StoreError(
+          f'{self.root} already holds a store of another run, so it is neither resumed nor '
+          f'reused: {describe_differences(diff, "stored", "now")}. Write to another --out, '
+          'or pass --overwrite to replace that store.')
 
   def _allocate(self, name, dtype, shape) -> int:
     """Creates (sparse) or checks a preallocated .npy file; returns its data offset."""
@@ -166,12 +368,57 @@ class ShardWriter:
         np.lib.format.write_array_header_2_0(f, {'descr': np.lib.format.dtype_to_descr(
             np.dtype(dtype)), 'fortran_order': False, 'shape': shape})
         f.truncate(f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    with open(path, 'rb') as f:
-      offset, found_shape, found_dtype = _npy_layout(f)
+    offset, found_shape, found_dtype = _checked_layout(path)
     if found_shape != shape or found_dtype != np.dtype(dtype):
       raise StoreError(f'{path} has shape {found_shape} {found_dtype}, expected {shape} '
                        f'{np.dtype(dtype)}: the store belongs to another run.')
     return offset
+
+  def _restart(self, rows: int) -> None:
+    """Continues after committed row ``rows``: keeps the checksums of the blocks before it
+    (rewriting the file without any later line) and recomputes the running checksums of the
+    block it is in from the rows on disk."""
+    self.done = rows
+    kept = _read_checksums(self.path, _blocks(rows, self.rows), strict=True)
+    path = self.path / CHECKSUM_FILE
+    text = ''.join(json.dumps(entry) + '\n' for entry in kept)
+    if not path.exists() or path.read_text(encoding='utf-8') != text:
+      tmp = path.with_name(path.name + '.tmp')
+      tmp.write_text(text, encoding='utf-8')
+      os.replace(tmp, path)
+    self._checksum_file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    start = len(kept) * BLOCK_ROWS
+    self._running = {name: 0 for name, _ in COLUMNS}
+    if start < rows:
+      for name, dtype in COLUMNS:
+        column = np.load(self.path / name, mmap_mode='r')
+        self._running[name] = _crc(column[start:rows].astype(dtype, copy=False))
+
+  def rewind(self, rows: int) -> None:
+    """Treats only the first ``rows`` committed rows as done (the processes agreed on fewer).
+
+    Args:
+      rows: the rows kept, at most :attr:`done`.
+    """
+    if not 0 <= rows <= self.done:
+      raise ValueError(f'rewind({rows}): {self.done} rows are committed.')
+    if rows < self.done:
+      self._checksum_file.close()
+      _write_json_atomic(self.path / PROGRESS_FILE, {'rows': rows})
+      self._restart(rows)
+
+  def close(self) -> None:
+    """Releases the shard's lock (the writer can no longer append)."""
+    checksums = getattr(self, '_checksum_file', None)
+    if checksums is not None:
+      checksums.close()
+    self._lock.release()
+
+  def __enter__(self) -> 'ShardWriter':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   @property
   def complete(self) -> bool:
@@ -180,6 +427,9 @@ class ShardWriter:
 
   def append(self, representations: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
     """Writes the next rows (valid rows only, in id order) and commits them.
+
+    The data is synced first, then the checksums of the blocks it completes, then the
+    progress that commits it: a crash at any point resumes after the last committed row.
 
     Args:
       representations: (n, d), written as float32.
@@ -195,9 +445,8 @@ class ShardWriter:
                        f'{expected[:3]}...).')
     # Plain positioned writes, not memory maps: the written pages do not stay
     # in this process's resident memory, whatever the size of the store.
-    values = {'representations.npy': np.ascontiguousarray(representations, np.float32),
-              'labels.npy': np.ascontiguousarray(labels, np.int32),
-              'ids.npy': np.ascontiguousarray(ids, np.int64)}
+    values = {name: np.ascontiguousarray(array, dtype) for (name, dtype), array in zip(
+        COLUMNS, (representations, labels, ids))}
     for name, offset in self._columns.items():
       array = values[name]
       row_bytes = array.nbytes // max(n, 1)
@@ -206,42 +455,87 @@ class ShardWriter:
         f.write(memoryview(array).cast('B'))
         f.flush()
         os.fsync(f.fileno())
+    self._checksum(values)
     self.done += n
     _write_json_atomic(self.path / PROGRESS_FILE, {'rows': self.done})
+
+  def _checksum(self, values: Mapping[str, np.ndarray]) -> None:
+    """Extends the running checksums by the new rows; writes and syncs a line per block
+    they complete (the short last block when they complete the shard)."""
+    position, taken, lines = self.done, 0, []
+    n = len(values['ids.npy'])
+    while taken < n:
+      block = position // BLOCK_ROWS
+      block_end = min((block + 1) * BLOCK_ROWS, self.rows)
+      count = min(block_end - position, n - taken)
+      for name, array in values.items():
+        self._running[name] = _crc(array[taken:taken + count], self._running[name])
+      position, taken = position + count, taken + count
+      if position == block_end:
+        lines.append(json.dumps({'block': block, **self._running}) + '\n')
+        self._running = {name: 0 for name, _ in COLUMNS}
+    if lines:
+      self._checksum_file.write(''.join(lines))
+      self._checksum_file.flush()
+      os.fsync(self._checksum_file.fileno())
 
 
 @dataclasses.dataclass
 class RepresentationStore:
-  """Read access to a complete store (all shards), in id order.
+  """Read access to a store (all shards), in id order, verified as it is read.
 
   Attributes:
     path: the store directory.
     metadata: its ``metadata.json``.
     shards: the shard directories, in order.
+    verify_checksums: whether reads check the blocks' checksums (True; False only to
+      measure what verifying costs).
   """
   path: pathlib.Path
   metadata: dict[str, Any]
   shards: list[pathlib.Path]
+  verify_checksums: bool = True
+  _checksums: dict[int, list[dict[str, int]]] = dataclasses.field(
+      default_factory=dict, repr=False)
 
   @classmethod
-  def open(cls, path: str | pathlib.Path, *, require_complete: bool = True
-           ) -> 'RepresentationStore':
-    """Opens the store at ``path``.
+  def open(cls, path: str | pathlib.Path, *, require_complete: bool = True,
+           verify_checksums: bool = True) -> 'RepresentationStore':
+    """Opens the store at ``path`` and checks it.
+
+    A complete store's files are checked for their sizes and headers, its labels and ids
+    against their checksums, and its ids for being each row of the split exactly once;
+    the representations are verified as they are read (:meth:`read_rows`).
 
     Args:
       path: the store directory.
       require_complete: raise ``StoreError`` unless every shard is complete and
         the rows add up to the split size (default True).
+      verify_checksums: verify checksums (default True; False only to measure the cost).
+    Raises:
+      StoreError: naming the file (and rows) that is missing, incomplete or damaged.
     """
     path = pathlib.Path(path).expanduser().resolve()
     meta = path / METADATA_FILE
     if not meta.is_file():
       raise StoreError(f'{path} is not a representation store ({METADATA_FILE} missing); '
                        'stores are written by `qscore embed` / qscore_jax.embed_dataset.')
-    metadata = json.loads(meta.read_text())
+    metadata = _read_json(meta, 'the store\'s metadata', _REEMBED)
+    required = {'shard_count': int, 'dim': int, 'split_size': int}
+    if not isinstance(metadata, dict) or any(not isinstance(metadata.get(k), t)
+                                             for k, t in required.items()):
+      raise StoreError(f'{meta} is damaged: it lacks the integers {sorted(required)}. '
+                       f'{_REEMBED}')
+    version = metadata.get('format_version')
+    if version not in (1, FORMAT_VERSION):
+      raise StoreError(f'{path} has store format {version}; this qscore_jax reads formats 1 and '
+                       f'{FORMAT_VERSION}. Use the version that wrote it, or embed again.')
     count = metadata['shard_count']
     shards = [path / shard_name(i, count) for i in range(count)]
-    store = cls(path, metadata, shards)
+    store = cls(path, metadata, shards, verify_checksums=verify_checksums and version >= 2)
+    if version == 1:
+      warnings.warn(f'{path} was written before stores had checksums (format 1): it is read '
+                    'without verification. Embed it again to have it verified.', stacklevel=2)
     if require_complete:
       missing = [s.name for s in shards if not (s / PROGRESS_FILE).exists()]
       rows = store.shard_rows()
@@ -253,15 +547,32 @@ class RepresentationStore:
             + (f'; shards not started: {missing}' if missing else '')
             + (f'; shards unfinished: {unfinished}' if unfinished else '')
             + '. Run the same `qscore embed` command again to resume.')
+      store._check_complete(rows)  # pylint: disable=protected-access
     return store
+
+  def _check_complete(self, rows: list[int]) -> None:
+    """Sizes and headers of every file, then labels and ids (checksums, each id once)."""
+    for shard, count in zip(self.shards, rows):
+      for (name, dtype), shape in zip(COLUMNS, ((count, self.dim), (count,), (count,))):
+        _, found_shape, found_dtype = _checked_layout(shard / name)
+        if found_shape != shape or found_dtype != np.dtype(dtype):
+          raise StoreError(f'{shard / name} holds {found_shape} {found_dtype}, but the store '
+                           f'says {shape} {np.dtype(dtype)}: it was replaced. {_REEMBED}')
+    labels, ids = self.labels, self.ids  # verified against their checksums as they are read
+    if not np.array_equal(ids, np.arange(len(ids))):
+      values, first_rows, counts = np.unique(ids, return_index=True, return_counts=True)
+      repeated = values[counts > 1]
+      what = (f'ids {repeated[:5].tolist()} appear more than once (first at rows '
+              f'{first_rows[counts > 1][:5].tolist()})' if len(repeated) else
+              f'its ids are not the rows of the split in order (row {int(np.argmax(ids != np.arange(len(ids))))})')
+      raise StoreError(f'{self.path} is damaged: {what}; every image of the split must appear '
+                       f'exactly once. {_REEMBED}')
+    del labels
 
   def shard_rows(self) -> list[int]:
     """Committed rows of each shard (0 for a shard not started)."""
-    rows = []
-    for shard in self.shards:
-      progress = shard / PROGRESS_FILE
-      rows.append(json.loads(progress.read_text())['rows'] if progress.exists() else 0)
-    return rows
+    return [_read_progress(shard, allocated) if (allocated := _allocated(shard)) >= 0 else 0
+            for shard in self.shards]
 
   @property
   def num_rows(self) -> int:
@@ -273,53 +584,115 @@ class RepresentationStore:
     """d, the representation size."""
     return int(self.metadata['dim'])
 
+  def _shard_checksums(self, index: int, rows: int) -> list[dict[str, int]]:
+    if index not in self._checksums:
+      allocated = _allocated(self.shards[index])
+      self._checksums[index] = _read_checksums(self.shards[index], _blocks(rows, allocated),
+                                               strict=rows == allocated)
+    return self._checksums[index]
+
+  def _verify(self, index: int, name: str, first: int, values: np.ndarray) -> None:
+    """Checks shard ``index``'s rows ``[first, first + len(values))`` of column ``name``,
+    block by block (``first`` on a block boundary; a block without a checksum yet, in an
+    unfinished shard, is not checked)."""
+    if not self.verify_checksums:
+      return
+    rows = self.shard_rows()[index]
+    checksums = self._shard_checksums(index, rows)
+    for start in range(0, len(values), BLOCK_ROWS):
+      block = (first + start) // BLOCK_ROWS
+      if block >= len(checksums):
+        break
+      end = min(start + BLOCK_ROWS, len(values))
+      if _crc(values[start:end]) != checksums[block][name]:
+        offset = sum(self.shard_rows()[:index])
+        a, b = first + start, first + end - 1
+        raise StoreError(
+            f'{self.shards[index] / name} rows {a}-{b} (store rows {offset + a}-{offset + b}) do '
+            'not match their checksum: the file was changed or damaged after it was written, '
+            f'and no result is computed from it. {_REEMBED}')
+
   def _column(self, name: str) -> np.ndarray:
-    parts = [np.load(s / name, mmap_mode='r')[:r] for s, r in zip(self.shards, self.shard_rows())]
+    parts = []
+    for index, (shard, rows) in enumerate(zip(self.shards, self.shard_rows())):
+      part = np.array(np.load(shard / name, mmap_mode='r')[:rows])
+      self._verify(index, name, 0, part)
+      parts.append(part)
     return np.concatenate(parts) if parts else np.zeros(0)
 
   @property
   def labels(self) -> np.ndarray:
-    """(N,) int32 labels of the committed rows, in id order."""
+    """(N,) int32 labels of the committed rows, in id order (verified)."""
     return self._column('labels.npy')
 
   @property
   def ids(self) -> np.ndarray:
-    """(N,) int64 ids (index in the split) of the committed rows, in order."""
+    """(N,) int64 ids (index in the split) of the committed rows, in order (verified)."""
     return self._column('ids.npy')
 
   def read_rows(self, first: int, out: np.ndarray) -> int:
     """Reads representations ``[first, first + len(out))`` into ``out`` (k, d) float32.
 
     Plain positioned file reads (no memory maps), across shard boundaries; fewer
-    rows at the end of the store. Returns the number of rows read.
+    rows at the end of the store. Every block read is checked against its checksum;
+    a read that does not start and end on block boundaries (:data:`BLOCK_ROWS`)
+    reads the whole blocks into a buffer first. Returns the number of rows read.
 
     Args:
       first: index of the first row to read.
       out: (k, d) float32 buffer, filled from the top.
+    Raises:
+      StoreError: a truncated file, or rows that do not match their checksum.
     """
     if out.dtype != np.float32 or out.ndim != 2 or out.shape[1] != self.dim:
       raise ValueError(f'out must be float32 (k, {self.dim}), got {out.dtype} {out.shape}.')
     done, shard_start = 0, 0
-    for shard, rows in zip(self.shards, self.shard_rows()):
+    for index, (shard, rows) in enumerate(zip(self.shards, self.shard_rows())):
       if done == len(out):
         break
       local = first + done - shard_start
       if 0 <= local < rows:
         count = min(rows - local, len(out) - done)
         target = out[done:done + count]
-        with open(shard / 'representations.npy', 'rb', buffering=0) as f:
-          os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-          f.seek(_npy_data_offset(f) + local * self.dim * 4)
-          view, read = memoryview(target).cast('B'), 0
-          while read < target.nbytes:
-            n = f.readinto(view[read:])
-            if not n:
-              raise StoreError(f'{shard} is truncated: row {local + read // (self.dim * 4)} '
-                               'cannot be read.')
-            read += n
+        begin = local - local % BLOCK_ROWS if self.verify_checksums else local
+        end = min(-(-(local + count) // BLOCK_ROWS) * BLOCK_ROWS, rows) \
+            if self.verify_checksums else local + count
+        aligned = begin == local and end == local + count
+        buffer = target if aligned else np.empty((end - begin, self.dim), np.float32)
+        self._read_representations(shard, begin, buffer)
+        self._verify(index, 'representations.npy', begin, buffer)
+        if not aligned:
+          target[:] = buffer[local - begin:local - begin + count]
         done += count
       shard_start += rows
     return done
+
+  def _read_representations(self, shard: pathlib.Path, first: int, target: np.ndarray) -> None:
+    with open(shard / 'representations.npy', 'rb', buffering=0) as f:
+      os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+      f.seek(_npy_data_offset(f) + first * self.dim * 4)
+      view, read = memoryview(target).cast('B'), 0
+      while read < target.nbytes:
+        n = f.readinto(view[read:])
+        if not n:
+          raise StoreError(f'{shard / "representations.npy"} is truncated: row '
+                           f'{first + read // (self.dim * 4)} cannot be read. {_REEMBED}')
+        read += n
+
+  def verify(self, chunk_rows: int = 64 * BLOCK_ROWS) -> int:
+    """Reads every row once and checks it against its checksum (one pass over the store).
+
+    Args:
+      chunk_rows: rows read at a time (default 65536).
+    Returns:
+      The number of rows verified.
+    Raises:
+      StoreError: naming the first damaged file and row range.
+    """
+    self.labels, self.ids  # pylint: disable=pointless-statement  # verified as they are read
+    for _ in self.iter_chunks(chunk_rows):
+      pass
+    return self.num_rows
 
   def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
     """Yields ``(first_row, representations[first_row:first_row + k])`` in row order.
@@ -351,6 +724,24 @@ def _npy_layout(f) -> tuple[int, tuple[int, ...], np.dtype]:
   return f.tell(), shape, dtype
 
 
+def _checked_layout(path: pathlib.Path) -> tuple[int, tuple[int, ...], np.dtype]:
+  """:func:`_npy_layout` of a file, which must be as long as its header says."""
+  try:
+    with open(path, 'rb') as f:
+      offset, shape, dtype = _npy_layout(f)
+  except FileNotFoundError:
+    raise StoreError(f'{path} is missing. {_REEMBED}') from None
+  except (ValueError, OSError, SyntaxError) as error:
+    raise StoreError(f'{path} is damaged: its .npy header cannot be read ({error}). '
+                     f'{_REEMBED}') from None
+  expected = offset + int(np.prod(shape)) * dtype.itemsize
+  size = path.stat().st_size
+  if size < expected:
+    raise StoreError(f'{path} is truncated: {size} bytes, its header says {expected}. '
+                     f'{_REEMBED}')
+  return offset, shape, dtype
+
+
 def _npy_data_offset(f) -> int:
   """Byte offset of the data of an open .npy file (checks it is a float32 matrix)."""
   offset, shape, dtype = _npy_layout(f)
@@ -360,5 +751,7 @@ def _npy_data_offset(f) -> int:
 
 
 def _allocated(shard: pathlib.Path) -> int:
+  """Rows the shard's files hold (-1 for a shard not started; StoreError if one is damaged)."""
   ids = shard / 'ids.npy'
-  return int(np.load(ids, mmap_mode='r').shape[0]) if ids.exists() else -1
+  started = ids.exists() or (shard / PROGRESS_FILE).exists()
+  return int(_checked_layout(ids)[1][0]) if started else -1

@@ -318,3 +318,19 @@ def test_analyze_refuses_stores_of_two_models(tmp_path, data_dir, saved_model, c
     analysis.analyze(analysis.Split.from_arrays(np.ones((8, 256)), np.zeros(8, int)),
                      analysis.Split.from_arrays(np.ones((8, 128)), np.zeros(8, int)),
                      tmp_path / 'arrays')
+
+
+def test_embed_does_not_call_a_truncated_store_complete(tmp_path, data_dir, saved_model, capsys):
+  """Issue 17, finding 3: rerunning `qscore embed` on a store whose representations were
+  truncated described it as complete (exit status 0)."""
+  from qscore_jax import cli  # pylint: disable=import-outside-toplevel
+  store = tmp_path / 'store'
+  command = ['embed', str(saved_model), '--dataset', DATASET, '--split', 'test', '--out',
+             str(store), '--batch-size', '64', '--data-dir', data_dir, '--no-progress']
+  assert cli.main(command) == 0
+  assert '128 x 256 representations' in capsys.readouterr().out
+  reps = store / 'shard-00000-of-00001' / 'representations.npy'
+  os.truncate(reps, reps.stat().st_size // 2)
+  assert cli.main(command) == 2
+  captured = capsys.readouterr()
+  assert 'representations.npy is truncated' in captured.err and 'store ' not in captured.out
