@@ -75,18 +75,18 @@ def _peak_rss_gb() -> float:
 
 def make_store(directory: pathlib.Path, rows: int, dim: int, seed: int = 0) -> pathlib.Path:
   from qscore_jax.store import ShardWriter  # pylint: disable=import-outside-toplevel
-  writer = ShardWriter(directory, shard_index=0, shard_count=1, rows=rows, dim=dim, first_id=0,
-                       metadata={'model': 'benchmark', 'dataset': 'random', 'split': 'train',
-                                 'split_size': rows})
-  rng = np.random.default_rng(seed)
-  scale = rng.gamma(1.0, 1.0, dim).astype(np.float32)
-  block = 65536
-  for start in range(writer.done, rows, block):
-    n = min(block, rows - start)
-    values = rng.standard_normal((n, dim), dtype=np.float32) * scale
-    np.maximum(values, 0, out=values)
-    np.square(values, out=values)
-    writer.append(values, np.zeros(n, np.int32), np.arange(start, start + n))
+  with ShardWriter(directory, shard_index=0, shard_count=1, rows=rows, dim=dim, first_id=0,
+                   metadata={'model': 'benchmark', 'dataset': 'random', 'split': 'train',
+                             'split_size': rows}) as writer:
+    rng = np.random.default_rng(seed)
+    scale = rng.gamma(1.0, 1.0, dim).astype(np.float32)
+    block = 65536
+    for start in range(writer.done, rows, block):
+      n = min(block, rows - start)
+      values = rng.standard_normal((n, dim), dtype=np.float32) * scale
+      np.maximum(values, 0, out=values)
+      np.square(values, out=values)
+      writer.append(values, np.zeros(n, np.int32), np.arange(start, start + n))
   return directory
 
 
@@ -96,6 +96,8 @@ def main() -> None:
   parser.add_argument('--rows', type=int, default=1_000_000)
   parser.add_argument('--dim', type=int, default=2048)
   parser.add_argument('--chunk-rows', type=int, default=16384)
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='rounds of the cold passes, verified and not (medians reported)')
   parser.add_argument('--keep', action='store_true', help='keep the store afterwards')
   parser.add_argument('--out', help='write the results as JSON here')
   parser.add_argument('--write-only', action='store_true',
@@ -126,16 +128,31 @@ def main() -> None:
 
   disk = _read_bandwidth(data)
   bound_s = size_gb / disk
-  store = RepresentationStore.open(root)
+  start = time.perf_counter()
+  store = RepresentationStore.open(root)  # sizes, headers, labels and ids verified
+  open_s = time.perf_counter() - start
+  unverified = RepresentationStore.open(root, verify_checksums=False)
+  _evict(data)
+  start = time.perf_counter()
+  store.verify()
+  verify_s = time.perf_counter() - start
 
-  _evict(data)
-  start = time.perf_counter()
-  feature = streaming.feature_stats(store, chunk_rows=args.chunk_rows)
-  pass1 = time.perf_counter() - start
-  _evict(data)
-  start = time.perf_counter()
-  scores = streaming.sample_scores(store, feature, chunk_rows=args.chunk_rows)
-  pass2 = time.perf_counter() - start
+  # Each pass cold, with and without checksum verification, interleaved: the medians of
+  # `--rounds` rounds give the cost of verifying as a ratio measured side by side.
+  times = {(p, v): [] for p in (1, 2) for v in (True, False)}
+  for _ in range(args.rounds):
+    for verified in (True, False):
+      source = store if verified else unverified
+      _evict(data)
+      start = time.perf_counter()
+      feature = streaming.feature_stats(source, chunk_rows=args.chunk_rows)
+      times[1, verified].append(time.perf_counter() - start)
+      _evict(data)
+      start = time.perf_counter()
+      scores = streaming.sample_scores(source, feature, chunk_rows=args.chunk_rows)
+      times[2, verified].append(time.perf_counter() - start)
+  median = {key: float(np.median(value)) for key, value in times.items()}
+  pass1, pass2 = median[1, True], median[2, True]
   peak = _peak_rss_gb()
   # The same passes with the store in the page cache (a second read): what the
   # computation costs when the disk is out of the way.
@@ -154,6 +171,11 @@ def main() -> None:
       'pass1_gb_s': size_gb / pass1, 'pass2_gb_s': size_gb / pass2,
       'pass1_vs_bound': pass1 / bound_s, 'pass2_vs_bound': pass2 / bound_s,
       'pass1_warm_s': warm1, 'pass2_warm_s': warm2,
+      'open_s': open_s, 'verify_s': verify_s, 'verify_vs_bound': verify_s / bound_s,
+      'pass1_unverified_s': median[1, False], 'pass2_unverified_s': median[2, False],
+      'pass1_verify_cost': pass1 / median[1, False] - 1,
+      'pass2_verify_cost': pass2 / median[2, False] - 1,
+      'rounds': {f'pass{p}_{"verified" if v else "unverified"}': t for (p, v), t in times.items()},
       'peak_rss_gb': peak, 'rss_before_passes_gb': rss_before,
       'num_discriminative': feature.num_discriminative,
       'mean_qscore': float(scores['qscore'].mean()),
@@ -169,6 +191,12 @@ def main() -> None:
           f"{size_gb / seconds:.2f} GB/s, {seconds / bound_s:.2f}x the bound |")
   print(f"| same passes, store in the page cache | pass 1 {warm1:.1f} s "
         f"({args.rows / warm1:,.0f} rows/s), pass 2 {warm2:.1f} s ({args.rows / warm2:,.0f} rows/s) |")
+  print(f"| opening the store (sizes, headers; labels and ids verified) | {open_s:.2f} s |")
+  print(f"| `verify()`: every checksum, one cold pass | {verify_s:.1f} s, {verify_s / bound_s:.2f}x the bound |")
+  for p in (1, 2):
+    print(f"| pass {p} cold, checksums verified / not verified (medians of {args.rounds}) | "
+          f"{median[p, True]:.2f} s / {median[p, False]:.2f} s: "
+          f"{100 * (median[p, True] / median[p, False] - 1):+.1f}% |")
   print(f"| peak resident memory | {peak:.2f} GB ({100 * peak / size_gb:.1f}% of the store) |")
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
