@@ -38,7 +38,7 @@ from qscore_jax.data.datasets import dataset_info
 from qscore_jax.embed import embed_encoder
 from qscore_jax.models.encoder import as_encoder
 from qscore_jax.probe import ProbeConfig, evaluate_probe, train_linear_probe
-from qscore_jax.store import RepresentationStore, check_same_model
+from qscore_jax.store import RUN_FIELDS, RepresentationStore, check_same_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,8 @@ class Split:
     store = RepresentationStore.open(path)
     reps = store.representations() if store.num_rows * store.dim * 4 <= 2 ** 31 else \
         _StoreMatrix(store)
-    meta = {k: store.metadata.get(k) for k in ('model', 'dataset', 'split', 'split_size')}
+    # What made the rows, in the report: the weights' fingerprint, preprocessing, data version.
+    meta = {k: store.metadata.get(k) for k in RUN_FIELDS if k != 'shard_count'}
     return cls(reps, store.labels, store.ids, store, meta)
 
   @classmethod

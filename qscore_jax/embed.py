@@ -99,13 +99,14 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
     The absolute store path (every process returns once its shard is complete).
   """
   # Function-level: `import qscore_jax` imports this module and must not import TensorFlow.
-  from qscore_jax.data import eval_batches, shard_bounds, split_size  # pylint: disable=import-outside-toplevel
+  from qscore_jax.data import dataset_info, eval_batches, shard_bounds, split_size  # pylint: disable=import-outside-toplevel
   mesh = mesh or parallel.data_mesh()
   process, processes = jax.process_index(), jax.process_count()
   size = split_size(dataset, split, data_dir)
   start, end = shard_bounds(size, process, processes)
   local = parallel.check_batch_divisible(batch_size)
-  run = {'dataset': dataset, 'split': split, 'split_size': size,
+  run = {'dataset': dataset, 'dataset_version': dataset_info(dataset, data_dir).version,
+         'split': split, 'split_size': size,
          'preprocessing': preprocessing.to_json() if preprocessing is not None else None,
          'image_size': image_size, 'batch_size': batch_size, **dict(metadata or {})}
   run.setdefault('model', None)

@@ -69,7 +69,7 @@ class StoreError(ValueError):
 # preprocessing and image size that make the pixels).
 MODEL_FIELDS = ('model', 'model_fingerprint', 'arch', 'arch_options', 'preprocessing',
                 'image_size', 'dim')
-RUN_FIELDS = MODEL_FIELDS + ('dataset', 'split', 'split_size', 'shard_count')
+RUN_FIELDS = MODEL_FIELDS + ('dataset', 'dataset_version', 'split', 'split_size', 'shard_count')
 
 
 def differences(first: Mapping[str, Any], second: Mapping[str, Any],
@@ -141,6 +141,7 @@ def _write_json_atomic(path: pathlib.Path, data: Mapping[str, Any], *, exclusive
   the first of several writers creates it. Returns whether this call wrote ``path``."""
   fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
   try:
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared store from its readers
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
       json.dump(data, f, indent=2)
       f.flush()

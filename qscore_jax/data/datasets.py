@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import hashlib
 import os
 import pathlib
 from typing import Any
@@ -55,12 +56,16 @@ class DatasetInfo:
     features: the names of the features of an example (``image``, ``label``,
       masks, ...).
     image_shape: ``(H, W, C)``; H and W are None for images of varying size.
+    version: what identifies the data's content: the tfds version (``'1.0.0'``), or
+      for a folder a hash of its files' names, classes and sizes. Stores record it,
+      so a store of an earlier version of the data is not reused.
   """
   name: str
   class_names: tuple[str, ...]
   splits: dict[str, int]
   features: tuple[str, ...]
   image_shape: tuple[int | None, int | None, int]
+  version: str | None = None
 
   @property
   def num_classes(self) -> int:
@@ -126,14 +131,26 @@ def dataset_info(name: str, data_dir: str | None = None, *, prepare: bool = True
   if is_folder(name):
     folder = _scan_folder(name[len(FOLDER_PREFIX):])
     return DatasetInfo(name, folder.class_names, {s: len(v) for s, v in folder.splits.items()},
-                       ('image', 'label'), (None, None, 3))
+                       ('image', 'label'), (None, None, 3), _folder_version(folder))
   b = ensure_prepared(name, data_dir) if prepare else builder(name, data_dir)
   label = b.info.features['label'] if 'label' in b.info.features else None
   names = tuple(label.names) if label is not None else ()
   splits = {split: info.num_examples for split, info in b.info.splits.items()}
   image = b.info.features['image'] if 'image' in b.info.features else None
   shape = tuple(image.shape) if image is not None else (None, None, 3)
-  return DatasetInfo(name, names, splits, tuple(b.info.features.keys()), shape)
+  return DatasetInfo(name, names, splits, tuple(b.info.features.keys()), shape,
+                     str(b.info.version))
+
+
+def _folder_version(folder) -> str:
+  """``sha256:`` of every split's files (path relative to the root, label, size)."""
+  digest = hashlib.sha256()
+  for split, items in sorted(folder.splits.items()):
+    for path, label in items:
+      path = pathlib.Path(path)
+      digest.update(f'{split}\0{path.relative_to(folder.root)}\0{label}\0'
+                    f'{path.stat().st_size}\n'.encode())
+  return 'sha256:' + digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=16)
