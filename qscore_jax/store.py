@@ -10,7 +10,7 @@ Layout::
         labels.npy                       int32 (rows,)
         ids.npy                          int64 (rows,): index of each row in the split
         checksums.jsonl                  one line per block of BLOCK_ROWS committed rows: the
-                                         CRC-32 of each column's bytes in that block
+                                         XXH3-64 hash of each column's bytes in that block
         progress.json                    {"rows": k}: rows 0..k-1 are final
         lock                             held (flock) by the process writing the shard
 
@@ -43,10 +43,10 @@ import pathlib
 import socket
 import tempfile
 import warnings
-import zlib
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+import xxhash
 
 METADATA_FILE = 'metadata.json'
 PROGRESS_FILE = 'progress.json'
@@ -263,9 +263,18 @@ class _ShardLock:
     self.file.close()
 
 
-def _crc(array: np.ndarray, value: int = 0) -> int:
-  """CRC-32 of a C-contiguous array's bytes, continuing ``value``."""
-  return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast('B'), value)
+# XXH3-64: about 25 GB/s on one core here (CRC-32: 6), so verifying a chunk costs a
+# small fraction of reading it.
+CHECKSUM = 'xxh3_64'
+
+
+def _bytes(array: np.ndarray) -> memoryview:
+  return memoryview(np.ascontiguousarray(array)).cast('B')
+
+
+def _checksum_of(array: np.ndarray) -> int:
+  """The checksum (XXH3-64) of an array's bytes."""
+  return xxhash.xxh3_64_intdigest(_bytes(array))
 
 
 def _read_checksums(shard: pathlib.Path, blocks: int, *, strict: bool) -> list[dict[str, int]]:
@@ -332,7 +341,7 @@ class ShardWriter:
     self.root.mkdir(parents=True, exist_ok=True)
     self._check_metadata(json.loads(json.dumps(
         {**metadata, 'format_version': FORMAT_VERSION, 'dim': dim, 'shard_count': shard_count,
-         'checksum_block_rows': BLOCK_ROWS})))  # as it reads back
+         'checksum': CHECKSUM, 'checksum_block_rows': BLOCK_ROWS})))  # as it reads back
     self.path.mkdir(exist_ok=True)
     self._lock = _ShardLock(self.path / LOCK_FILE)
     try:
@@ -354,7 +363,7 @@ class ShardWriter:
       raise StoreError(f'{self.root} was written by another version of qscore_jax (store format '
                        f'{existing.get("format_version")}, this one writes {FORMAT_VERSION}) '
                        f'and is not resumed. {_REEMBED}')
-    diff = differences(existing, metadata, RUN_FIELDS + ('checksum_block_rows',))
+    diff = differences(existing, metadata, RUN_FIELDS + ('checksum', 'checksum_block_rows'))
     if diff:
       raise StoreError(
           f'{self.root} already holds a store of another run, so it is neither resumed nor '
@@ -389,11 +398,10 @@ class ShardWriter:
       os.replace(tmp, path)
     self._checksum_file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
     start = len(kept) * BLOCK_ROWS
-    self._running = {name: 0 for name, _ in COLUMNS}
+    self._running = {name: xxhash.xxh3_64() for name, _ in COLUMNS}
     if start < rows:
-      for name, dtype in COLUMNS:
-        column = np.load(self.path / name, mmap_mode='r')
-        self._running[name] = _crc(column[start:rows].astype(dtype, copy=False))
+      for name, _ in COLUMNS:
+        self._running[name].update(_bytes(np.load(self.path / name, mmap_mode='r')[start:rows]))
 
   def rewind(self, rows: int) -> None:
     """Treats only the first ``rows`` committed rows as done (the processes agreed on fewer).
@@ -470,11 +478,12 @@ class ShardWriter:
       block_end = min((block + 1) * BLOCK_ROWS, self.rows)
       count = min(block_end - position, n - taken)
       for name, array in values.items():
-        self._running[name] = _crc(array[taken:taken + count], self._running[name])
+        self._running[name].update(_bytes(array[taken:taken + count]))
       position, taken = position + count, taken + count
       if position == block_end:
-        lines.append(json.dumps({'block': block, **self._running}) + '\n')
-        self._running = {name: 0 for name, _ in COLUMNS}
+        lines.append(json.dumps({'block': block, **{name: h.intdigest() for name, h in
+                                                     self._running.items()}}) + '\n')
+        self._running = {name: xxhash.xxh3_64() for name, _ in COLUMNS}
     if lines:
       self._checksum_file.write(''.join(lines))
       self._checksum_file.flush()
@@ -496,8 +505,9 @@ class RepresentationStore:
   metadata: dict[str, Any]
   shards: list[pathlib.Path]
   verify_checksums: bool = True
-  _checksums: dict[int, list[dict[str, int]]] = dataclasses.field(
-      default_factory=dict, repr=False)
+
+  def __post_init__(self):
+    self._checksums: dict[int, list[dict[str, int]]] = {}  # per shard, read once
 
   @classmethod
   def open(cls, path: str | pathlib.Path, *, require_complete: bool = True,
@@ -531,6 +541,9 @@ class RepresentationStore:
     if version not in (1, FORMAT_VERSION):
       raise StoreError(f'{path} has store format {version}; this qscore_jax reads formats 1 and '
                        f'{FORMAT_VERSION}. Use the version that wrote it, or embed again.')
+    if version >= 2 and metadata.get('checksum') != CHECKSUM:
+      raise StoreError(f'{path} has checksums of kind {metadata.get("checksum")!r}; this '
+                       f'qscore_jax verifies {CHECKSUM!r}. Use the version that wrote it.')
     count = metadata['shard_count']
     shards = [path / shard_name(i, count) for i in range(count)]
     store = cls(path, metadata, shards, verify_checksums=verify_checksums and version >= 2)
@@ -605,7 +618,7 @@ class RepresentationStore:
       if block >= len(checksums):
         break
       end = min(start + BLOCK_ROWS, len(values))
-      if _crc(values[start:end]) != checksums[block][name]:
+      if _checksum_of(values[start:end]) != checksums[block][name]:
         offset = sum(self.shard_rows()[:index])
         a, b = first + start, first + end - 1
         raise StoreError(
