@@ -52,8 +52,6 @@ def test_valid_inputs_give_the_numbers_main_gave():
   np.testing.assert_allclose(q[:8], MAIN_Q_FIRST, rtol=1e-6)
   np.testing.assert_allclose(q.sum(), MAIN_Q_SUM, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(qscore_jax.qscore_v1(h)).sum(), MAIN_V1_SUM, rtol=1e-6)
-  # The same D given as its feature indices gives the same Q.
-  np.testing.assert_array_equal(np.asarray(qscore_jax.qscore(h, MAIN_D, 2.0)), q)
   feature = streaming.feature_stats(h, eps=2.0, chunk_rows=16)
   np.testing.assert_array_equal(feature.counts, MAIN_COUNTS)
   np.testing.assert_allclose(feature.band_counts, MAIN_BAND_COUNTS, rtol=1e-6)
@@ -79,6 +77,10 @@ def test_an_index_list_selects_those_features_only():
   mask[2] = True
   np.testing.assert_array_equal(np.asarray(qscore_jax.qscore(h, [2], 2.0)),
                                 np.asarray(qscore_jax.qscore(h, mask, 2.0)))
+  member = np.zeros(48, bool)
+  member[MAIN_D] = True
+  np.testing.assert_array_equal(np.asarray(qscore_jax.qscore(h, MAIN_D, 2.0)),
+                                np.asarray(qscore_jax.qscore(h, member, 2.0)))
   assert np.asarray(qscore_jax.feature_mask([2, 5], 48)).sum() == 2
   with pytest.raises(InputError, match=r'must lie in \[0, 48\), got 48'):
     qscore_jax.qscore(h, [2, 48])
@@ -336,3 +338,13 @@ def test_the_value_checks_are_opt_in_under_jit_with_checkify():
     jax.jit(step)(bad, padding)
   with pytest.raises(InputError, match=r'1 of 96 rows .* \(row 5\)'):
     qscore_jax.check_representations(bad)
+
+
+def test_cli_interpret_and_finetune_refuse_options_out_of_range_before_loading(tmp_path, capsys):
+  assert cli.main(['interpret', str(tmp_path / 'no-model'), '--out', str(tmp_path / 'out'),
+                   '--eps', '-1']) == 2
+  assert 'qscore interpret: error: eps must be a finite number > 0' in capsys.readouterr().err
+  assert cli.main(['finetune', '--set', 'num_steps=-5', '--workdir', str(tmp_path / 'run')]) == 2
+  assert ("qscore finetune: error: config field 'num_steps' must be an integer >= 1, got -5"
+          in capsys.readouterr().err)
+  assert not (tmp_path / 'run').exists()
