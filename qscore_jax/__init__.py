@@ -21,17 +21,19 @@ from qscore_jax.models import (
 # The statistics, for users' own jitted code.
 from qscore_jax.stats import (
     activation_counts, activation_frequency, band_limits, check_finite,
-    discriminative_features, highly_active, nonfinite_rows, qscore, qscore_v1,
-    sample_moments)
+    check_representations, discriminative_features, feature_mask, highly_active,
+    nonfinite_rows, qscore, qscore_v1, sample_moments)
+from qscore_jax.validation import InputError
 from qscore_jax.embed import embed_dataset, embed_images, make_embed_step
 # Importing the submodule qscore_jax.embed bound the name `embed` to that module; the
 # public `qscore_jax.embed` is the jitted forward pass.
 from qscore_jax.models import embed  # pylint: disable=reimported
 
 __all__ = [
-    'Encoder', '__version__', 'abstract_variables', 'activation_counts', 'activation_frequency',
-    'apply_with_features', 'band_limits', 'build_model', 'check_finite',
-    'discriminative_features', 'embed', 'embed_dataset', 'embed_images', 'get_model_spec',
+    'Encoder', 'InputError', '__version__', 'abstract_variables', 'activation_counts',
+    'activation_frequency', 'apply_with_features', 'band_limits', 'build_model', 'check_finite',
+    'check_representations', 'discriminative_features', 'embed', 'embed_dataset',
+    'embed_images', 'feature_mask', 'get_model_spec',
     'highly_active', 'init_variables', 'list_models', 'load_encoder', 'load_model', 'make_embed_step',
     'models', 'nonfinite_rows', 'qscore', 'qscore_v1', 'sample_moments', 'save_model',
 ]

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qscore_jax import compression, metrics, report, stats, streaming
+from qscore_jax import compression, metrics, report, stats, streaming, validation
 from qscore_jax.data.datasets import dataset_info
 from qscore_jax.embed import embed_encoder
 from qscore_jax.models.encoder import as_encoder
@@ -67,6 +67,13 @@ class AnalysisConfig:
   knn_k: int = 10
   spectrum_rows: int = 25600
   chunk_rows: int = streaming.DEFAULT_CHUNK_ROWS
+
+  def __post_init__(self):
+    validation.band(self.band)
+    validation.eps(self.eps)
+    validation.check_number(self.knn_k, 'knn_k', minimum=1, integer=True)
+    validation.check_number(self.spectrum_rows, 'spectrum_rows', minimum=1, integer=True)
+    validation.check_number(self.chunk_rows, 'chunk_rows', minimum=1, integer=True)
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from qscore_jax import validation
 from qscore_jax.probe import ProbeConfig, evaluate_probe, train_linear_probe
 from qscore_jax.stats import FeatureStats
 
@@ -53,6 +54,18 @@ class CompressionConfig:
   fractions_removed: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
   random_seeds: tuple[int, ...] = (0, 1, 2)
   probe: ProbeConfig = ProbeConfig(epochs=30)
+
+  def __post_init__(self):
+    if not len(self.fractions_removed):
+      raise validation.InputError('compression fractions_removed is empty: give at least one '
+                                  'fraction in [0, 1), e.g. (0.0, 0.5, 0.9).')
+    for fraction in self.fractions_removed:
+      validation.check_number(fraction, 'compression fractions_removed entry', minimum=0,
+                              below=1)
+    if not len(self.random_seeds):
+      raise validation.InputError('compression random_seeds is empty: give at least one seed '
+                                  '(qscore analyze --compression-seeds 1 or more), or skip the '
+                                  'curve (--no-compression).')
 
 
 def _accuracy(train_h, train_y, eval_h, eval_y, num_classes, columns, probe_config):

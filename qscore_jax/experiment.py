@@ -142,6 +142,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     ``{'config', 'runs', 'summary', 'seconds'}``; ``summary`` is :func:`summarize`
     of ``runs``.
   """
+  finetune.check_config(config)  # before anything is trained
   root = pathlib.Path(workdir).expanduser().resolve()
   root.mkdir(parents=True, exist_ok=True)
   if jax.config.jax_compilation_cache_dir is None:

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qscore_jax import validation
+
 FEATURE_NORMS = ('standardize', 'l2', 'none')
 
 
@@ -70,8 +72,15 @@ class ProbeConfig:
       raise ValueError(f'feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}.')
     if self.schedule not in ('step', 'cosine'):
       raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}.")
-    if self.epochs < 1 or self.batch_size < 1:
-      raise ValueError('epochs and batch_size must be at least 1.')
+    validation.check_number(self.epochs, 'probe epochs', minimum=1, integer=True)
+    validation.check_number(self.batch_size, 'probe batch_size', minimum=1, integer=True)
+    validation.check_number(self.learning_rate, 'probe learning_rate', above=0)
+    validation.check_number(self.momentum, 'probe momentum', minimum=0, below=1)
+    validation.check_number(self.weight_decay, 'probe weight_decay', minimum=0)
+    validation.check_number(self.decay, 'probe decay', above=0, maximum=1)
+    validation.check_number(self.label_smoothing, 'probe label_smoothing', minimum=0, below=1)
+    validation.check_number(self.steps_per_block, 'probe steps_per_block', minimum=1,
+                            integer=True)
 
   def scaled_milestones(self) -> tuple[int, ...]:
     """Milestones rescaled when fewer/more epochs than the 100 of the recipe are run."""

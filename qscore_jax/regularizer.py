@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from qscore_jax import stats
+from qscore_jax import stats, validation
 from qscore_jax.losses import gather
 
 KINDS = ('qscore', 'l1', 'none')
@@ -82,9 +82,14 @@ class RegularizerConfig:
                                  ('views', self.views, VIEWS),
                                  ('discriminative', self.discriminative, DISCRIMINATIVE)):
       if value not in allowed:
-        raise ValueError(f'regularizer {name} must be one of {allowed}, got {value!r}.')
-    if self.lambda1 < 0 or self.lambda2 < 0:
-      raise ValueError('regularizer lambdas must be >= 0.')
+        raise validation.InputError(f'regularizer {name} must be one of {allowed}, got '
+                                    f'{value!r}.')
+    for name in ('lambda1', 'lambda2'):
+      validation.check_number(getattr(self, name), f'regularizer {name}', minimum=0)
+    validation.check_number(self.refresh_every, 'regularizer refresh_every', minimum=0,
+                            integer=True, hint='0 never recomputes D.')
+    validation.eps(self.eps, 'regularizer eps')
+    validation.band(self.band, 'regularizer band')
 
   @property
   def active(self) -> bool:
@@ -105,6 +110,8 @@ def batch_discriminative(h: jax.Array, eps: float = stats.DEFAULT_EPS,
     h: representations of the batch (B, d).
     eps: highly-active threshold in per-sample stds (default 4).
     band: percentiles delimiting D (default 50, 95).
+  Returns:
+    bool (d,).
   """
   return stats.discriminative_features(stats.activation_counts(h, eps), band)
 
@@ -116,7 +123,7 @@ def qscore_terms(h: jax.Array, discriminative: jax.Array, *, eps: float = stats.
 
   Args:
     h: backbone representations of the (global) batch, (B, d).
-    discriminative: membership of D, bool (d,).
+    discriminative: membership of D, bool (d,) (checked as by :func:`qscore_jax.stats.qscore`).
     eps: highly-active threshold of Q in per-sample stds (default 4).
     normalization: ``'sum'`` or ``'mean'`` (divide the terms by B resp. d).
     stop_gradient: treat alpha and beta as constants (default True).
@@ -126,7 +133,7 @@ def qscore_terms(h: jax.Array, discriminative: jax.Array, *, eps: float = stats.
     ``qscore_mean``, ``qscore_min``, ``alpha``, ``beta``, and the counts of
     selected samples and features.
   """
-  h = jnp.asarray(h, jnp.float32)
+  h = validation.representations(h)
   q = stats.qscore(h, discriminative, eps)
   alpha = jnp.mean(q)
   columns = jnp.sum(jnp.abs(h), axis=0)
@@ -150,8 +157,11 @@ def l1_penalty(h: jax.Array, normalization: str = 'sum') -> jax.Array:
   Args:
     h: representations (B, d).
     normalization: ``'sum'`` (default) or ``'mean'``.
+  Returns:
+    float32 scalar.
   """
-  total = jnp.sum(jnp.abs(jnp.asarray(h, jnp.float32)))
+  h = validation.representations(h)
+  total = jnp.sum(jnp.abs(h))
   return total / h.size if normalization == 'mean' else total
 
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qscore_jax import parallel, stats
+from qscore_jax import parallel, stats, validation
 from qscore_jax.models.features import keep_state
 
 METHODS = ('gradcam', 'input_gradient')
@@ -85,6 +85,7 @@ class InterpretConfig:
       raise InterpretError(f'heatmap_threshold must be in (0, 1], got {self.heatmap_threshold}.')
     if not 0 < self.mask_threshold <= 1:
       raise InterpretError(f'mask_threshold must be in (0, 1], got {self.mask_threshold}.')
+    validation.eps(self.eps)
 
 
 def _is_token_model(model: nn.Module) -> bool:
@@ -126,12 +127,14 @@ def selection_of(h: jax.Array, discriminative: jax.Array,
 
   Args:
     h: representations (N, d).
-    discriminative: (d,) membership of D (cast to bool).
+    discriminative: (d,) bool membership of D (or, outside a trace, feature indices;
+      see :func:`qscore_jax.validation.feature_mask`).
     eps: the highly-active threshold of L_i in per-sample stds (default 4).
   Returns:
     float32 (N, d).
   """
-  return (stats.highly_active(h, eps) & discriminative.astype(bool)[None, :]).astype(jnp.float32)
+  members = validation.feature_mask(discriminative, jnp.shape(h)[-1])
+  return (stats.highly_active(h, eps) & members[None, :]).astype(jnp.float32)
 
 
 def _as_selection(selection, h):

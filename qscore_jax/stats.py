@@ -17,6 +17,15 @@ it is exact whatever the device layout; Q is a row-wise quantity. Rows that
 are constant (including all-zero rows) have sigma = 0, no highly active
 feature and Q = 0. Streaming over a store on disk uses the same functions
 chunk by chunk (:mod:`qscore_jax.analysis`).
+
+Inputs are checked by :mod:`qscore_jax.validation`. Always, also under
+``jax.jit``: h is (N, d) of a real dtype, D a bool mask (d,) (outside a trace
+also distinct integer indices, converted to the mask), ``valid`` bool (N,),
+counts (d,). On concrete arrays only (skipped for tracers): h has no NaN or
+inf and nothing beyond the float32 range (the error names the first rows), eps
+is finite and > 0, the band is 0 <= lo < hi <= 100, counts are finite and >= 0.
+Inside jitted code, :func:`check_representations` under
+``jax.experimental.checkify.checkify`` adds the value checks of h.
 """
 
 from __future__ import annotations
@@ -28,15 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qscore_jax import validation
+# Re-exported: the opt-in value check and the conversion of indices to D.
+from qscore_jax.validation import check_representations, feature_mask  # pylint: disable=unused-import
+
 DEFAULT_EPS = 4.0
 DEFAULT_BAND = (50.0, 95.0)
-
-
-def _as_float(h) -> jax.Array:
-  h = jnp.asarray(h)
-  if h.ndim != 2:
-    raise ValueError(f'representations must have shape (N, d), got {h.shape}.')
-  return h.astype(jnp.float32)
 
 
 def _varies(h: jax.Array) -> jax.Array:
@@ -48,11 +54,18 @@ def sample_moments(h: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-sample mean and population std over the d features.
 
   Args:
-    h: representations (N, d).
+    h: representations (N, d), any real dtype (computed in float32).
   Returns:
     ``(mu, sigma)``, each (N,) float32; sigma is exactly 0 for a constant row.
+  Raises:
+    InputError: h is not (N, d) real, or (concrete arrays) holds NaN, inf or values
+      beyond float32.
   """
-  h = jnp.asarray(h, jnp.float32)
+  return _moments(validation.representations(h))
+
+
+def _moments(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """:func:`sample_moments` of checked float32 representations."""
   mu = jnp.mean(h, axis=-1)
   # Two-pass variance (never negative). In float32 the mean of a constant row
   # can round away from its entries, leaving a spurious sigma of ~1e-8: such
@@ -74,9 +87,11 @@ def highly_active(h: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
       (default 4).
   Returns:
     bool (N, d), True where feature j is highly active in sample i.
+  Raises:
+    InputError: as :func:`sample_moments`, or eps not > 0 (concrete).
   """
-  h = jnp.asarray(h, jnp.float32)
-  return _active_given(h, *sample_moments(h), eps)
+  h = validation.representations(h)
+  return _active_given(h, *_moments(h), validation.eps(eps))
 
 
 def _active_given(h, mu, sigma, eps):
@@ -93,11 +108,15 @@ def activation_counts(h: jax.Array, eps: float = DEFAULT_EPS,
   Args:
     h: representations (N, d), any float dtype (computed in float32).
     eps: the highly-active threshold in per-sample stds (default 4).
-    valid: optional (N,) bool; rows where it is False (padding) are not counted.
+    valid: optional (N,) bool; rows where it is False (padding) are not counted
+      (nor checked for NaN/inf).
   Returns:
     int32 (d,).
+  Raises:
+    InputError: as :func:`highly_active`, or ``valid`` not bool (N,).
   """
-  active = highly_active(_as_float(h), eps)
+  h = validation.representations(h, valid=valid)
+  active = _active_given(h, *_moments(h), validation.eps(eps))
   if valid is not None:
     active = active & jnp.asarray(valid, bool)[:, None]
   return jnp.sum(active, axis=0, dtype=jnp.int32)
@@ -109,8 +128,12 @@ def activation_frequency(counts: jax.Array, num_rows) -> jax.Array:
   Args:
     counts: (d,) :func:`activation_counts` (int or float).
     num_rows: N, the number of rows counted (Python or array scalar).
+  Raises:
+    InputError: counts not (d,), or (concrete) negative counts or N.
   """
-  counts = jnp.asarray(counts, jnp.float32)
+  counts = validation.counts(counts)
+  if not validation.is_traced(num_rows):
+    validation.check_number(num_rows, 'num_rows', minimum=0)
   return jnp.where(num_rows > 0, counts / jnp.maximum(num_rows, 1), 0.0)
 
 
@@ -128,8 +151,15 @@ def band_limits(counts: jax.Array, band: tuple[float, float] = DEFAULT_BAND,
       or over all of them.
   Returns:
     ``(p_lo, p_hi)``, two float32 scalars.
+  Raises:
+    InputError: counts not (d,) (static); negative counts, or a band not
+      0 <= lo < hi <= 100 (concrete).
   """
-  counts = jnp.asarray(counts, jnp.float32)
+  return _band_limits(validation.counts(counts), validation.band(band), nonzero_only)
+
+
+def _band_limits(counts, band, nonzero_only):
+  """:func:`band_limits` of checked float32 counts and band."""
   pool = jnp.where(counts > 0, counts, jnp.nan) if nonzero_only else counts
   limits = jnp.nanpercentile(pool, jnp.asarray(band, jnp.float32))
   return limits[0], limits[1]
@@ -148,9 +178,11 @@ def discriminative_features(counts: jax.Array, band: tuple[float, float] = DEFAU
       choice) or over all of them.
   Returns:
     bool (d,). Empty (all False) when no feature is ever highly active.
+  Raises:
+    InputError: as :func:`band_limits`.
   """
-  counts = jnp.asarray(counts, jnp.float32)
-  lo, hi = band_limits(counts, band, nonzero_only)
+  counts = validation.counts(counts)
+  lo, hi = _band_limits(counts, validation.band(band), nonzero_only)
   members = (counts >= lo) & (counts <= hi)
   return members & (counts > 0) if nonzero_only else members
 
@@ -160,12 +192,19 @@ def qscore(h: jax.Array, discriminative: jax.Array, eps: float = DEFAULT_EPS) ->
 
   Args:
     h: representations (N, d), any float dtype (computed in float32).
-    discriminative: (d,) bool, the set D (:func:`discriminative_features`).
+    discriminative: the set D: bool (d,) (:func:`discriminative_features`), or
+      outside a trace distinct integer feature indices in [0, d) (see
+      :func:`qscore_jax.validation.feature_mask`).
     eps: the highly-active threshold defining L_i, in per-sample stds (default 4).
+  Returns:
+    (N,) float32.
+  Raises:
+    InputError: as :func:`highly_active`, or D not a mask of length d / valid indices.
   """
-  h = _as_float(h)
-  mu, sigma = sample_moments(h)
-  return _qscore_given(h, mu, _active_given(h, mu, sigma, eps), discriminative)
+  h = validation.representations(h)
+  discriminative = validation.feature_mask(discriminative, h.shape[1])
+  mu, sigma = _moments(h)
+  return _qscore_given(h, mu, _active_given(h, mu, sigma, validation.eps(eps)), discriminative)
 
 
 def _qscore_given(h, mu, active, discriminative):
@@ -183,9 +222,11 @@ def qscore_v1(h: jax.Array) -> jax.Array:
     h: representations (N, d), any float dtype (computed in float32).
   Returns:
     (N,) float32.
+  Raises:
+    InputError: as :func:`sample_moments`.
   """
-  h = _as_float(h)
-  mu, sigma = sample_moments(h)
+  h = validation.representations(h)
+  mu, sigma = _moments(h)
   return _qscore_v1_given(h, mu, sigma, jnp.sum(jnp.abs(h), axis=-1))
 
 
@@ -199,40 +240,34 @@ def _qscore_v1_given(h, mu, sigma, l1):
 def nonfinite_rows(h: jax.Array, valid: jax.Array | None = None) -> jax.Array:
   """Number of (valid) rows holding a NaN or an infinity (int32 scalar; jit-compatible).
 
+  Only the static checks run (it is meant for non-finite input).
+
   Args:
     h: representations (N, d).
     valid: optional (N,) bool; rows where it is False are not counted.
+  Returns:
+    int32 scalar.
   """
+  h, valid = validation.check_rows_static(h, valid)
   bad = ~jnp.all(jnp.isfinite(jnp.asarray(h)), axis=-1)
   if valid is not None:
-    bad = bad & jnp.asarray(valid, bool)
+    bad = bad & jnp.asarray(valid)
   return jnp.sum(bad, dtype=jnp.int32)
 
 
-def raise_if_nonfinite(bad: int, total: int, what: str = 'representations') -> None:
-  """Raises ``ValueError`` when ``bad`` of ``total`` rows hold NaN or inf.
-
-  Args:
-    bad: number of rows holding NaN or inf (e.g. :func:`nonfinite_rows`).
-    total: number of rows checked.
-    what: what the rows are, for the message (default ``'representations'``).
-  """
-  if bad:
-    raise ValueError(
-        f'{bad} of {total} rows of the {what} contain NaN or inf. The model produced '
-        'non-finite values (diverged weights, wrong preprocessing or a bfloat16 overflow); '
-        'Q-Score is undefined for them. Find them with ~np.isfinite(h).all(axis=1).')
-
-
 def check_finite(h, what: str = 'representations') -> None:
-  """Raises ``ValueError`` naming how many rows of ``h`` hold NaN or inf.
+  """Raises ``InputError`` naming how many rows of ``h`` hold NaN or inf, and the first ones.
+
+  :func:`check_representations` (which also works under checkify) with the
+  arguments of earlier versions.
 
   Args:
-    h: representations (N, d), array-like (read on the host with NumPy).
+    h: representations (N, d), array-like (concrete).
     what: what the rows are, for the message (default ``'representations'``).
+  Raises:
+    InputError: a row holds NaN, inf or a value beyond float32.
   """
-  h = np.asarray(h)
-  raise_if_nonfinite(int(np.sum(~np.all(np.isfinite(h), axis=-1))), len(h), what)
+  check_representations(h, what=what)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,12 @@ devices (rows split over the mesh). Memory stays at a few chunks whatever N;
 every chunk has the same shape (the last is padded and masked), so each kernel
 compiles once. Results do not depend on the chunk size or the device layout:
 counts are integers, and everything else is computed row by row.
+
+Options are checked before the pass (:mod:`qscore_jax.validation`: eps > 0,
+0 <= lo < hi <= 100, D of the representations' width). NaN and inf are counted
+by the kernel on the device as part of the pass; only a chunk that has some is
+looked at on the host, to name the first bad rows (and, for an in-memory float64
+array, to tell values beyond float32 from NaN/inf). No second pass.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qscore_jax import parallel, stats
+from qscore_jax import parallel, stats, validation
 from qscore_jax.stats import FeatureStats
 from qscore_jax.store import RepresentationStore
 
@@ -39,13 +45,16 @@ def _reader(source):
   if isinstance(source, RepresentationStore):
     return source.num_rows, source.read_rows
   array = source
-  if not hasattr(array, 'shape') or len(array.shape) != 2:
-    raise ValueError(f'representations must have shape (N, d), got '
-                     f'{getattr(array, "shape", type(array))}.')
+  if isinstance(array, (np.ndarray, jax.Array)):
+    validation.check_matrix(array)
+  elif not hasattr(array, 'shape') or len(array.shape) != 2:
+    raise validation.InputError(f'representations must have shape (N, d), got '
+                                f'{getattr(array, "shape", type(array))}.')
 
   def read(first, out):
-    part = np.asarray(array[first:first + len(out)], np.float32)
-    out[:len(part)] = part
+    part = np.asarray(array[first:first + len(out)])
+    with np.errstate(over='ignore', invalid='ignore'):  # beyond float32: inf, reported later
+      out[:len(part)] = part
     return len(part)
 
   return len(array), read
@@ -145,6 +154,13 @@ def _blockwise(mesh, fn, row_outputs: bool):
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=out))
 
 
+def _original_rows(source, first: int, count: int, buffer: np.ndarray) -> np.ndarray:
+  """The rows of a chunk before the float32 cast (a store's rows are float32 already)."""
+  if isinstance(source, RepresentationStore):
+    return buffer[:count]
+  return np.asarray(source[first:first + count])
+
+
 def _dim(source) -> int:
   return source.dim if isinstance(source, RepresentationStore) else int(source.shape[1])
 
@@ -163,9 +179,15 @@ def feature_stats(source, *, eps: float = stats.DEFAULT_EPS,
     eps, band, nonzero_only: the options of the method (see :mod:`qscore_jax.stats`).
     chunk_rows: rows per chunk (rounded to a multiple of devices x BLOCK_ROWS).
     mesh: device mesh for the rows of a chunk (default: all local devices).
+  Returns:
+    The :class:`FeatureStats` of the split.
   Raises:
-    ValueError: when representations hold NaN or inf (with the number of rows).
+    InputError: a bad option (before the pass), or representations holding NaN,
+      inf or values beyond float32 (with the number of rows and the first ones).
   """
+  eps = validation.eps(eps)
+  band = validation.band(band)
+  validation.check_number(chunk_rows, 'chunk_rows', above=0, integer=True)
   mesh = mesh or parallel.data_mesh(jax.local_devices())
   rows = _chunk_size(chunk_rows, mesh)
   sharding = _row_sharding(mesh)
@@ -173,18 +195,19 @@ def feature_stats(source, *, eps: float = stats.DEFAULT_EPS,
   kernel = _blockwise(mesh, lambda h, valid: (stats.activation_counts(h, eps, valid),
                                               stats.nonfinite_rows(h, valid)), row_outputs=False)
 
-  counts, bad, total = None, 0, 0
-  for _, count, buffer, release in _prefetched(source, rows, _dim(source)):
+  counts, bad, total = None, validation.BadRows(), 0
+  for first, count, buffer, release in _prefetched(source, rows, _dim(source)):
     c, b = kernel(jax.device_put(buffer, sharding),
                   jax.device_put(np.arange(rows) < count, sharding))
     c = np.asarray(c, np.int64)
+    if int(b):
+      bad.add(_original_rows(source, first, count, buffer), first)
     release()
     counts = c if counts is None else counts + c
-    bad += int(b)
     total += count
   if counts is None:
-    raise ValueError('no representations to compute statistics on (N = 0).')
-  stats.raise_if_nonfinite(bad, total)
+    raise validation.InputError('no representations to compute statistics on (N = 0).')
+  bad.raise_if_any(total)
   member = np.asarray(stats.discriminative_features(counts, band, nonzero_only))
   lo, hi = (float(x) for x in stats.band_limits(counts, band, nonzero_only))
   return FeatureStats(counts, total, member, (lo, hi), eps, tuple(band), nonzero_only)
@@ -197,7 +220,7 @@ SCORES = ('qscore', 'qscore_v1', 'num_active', 'num_active_discriminative', 'l2_
 def _row_scores(h, discriminative, eps):
   # Moments, active sets and norms once per row, shared by every score.
   # pylint: disable=protected-access
-  mu, sigma = stats.sample_moments(h)
+  mu, sigma = stats._moments(h)
   active = stats._active_given(h, mu, sigma, eps)
   l1 = jnp.sum(jnp.abs(h), axis=-1)
   l2 = jnp.sqrt(jnp.sum(jnp.square(h), axis=-1))
@@ -221,29 +244,34 @@ def sample_scores(source, feature: FeatureStats, *, chunk_rows: int = DEFAULT_CH
     chunk_rows: rows per chunk (rounded to a multiple of devices x BLOCK_ROWS).
     mesh: device mesh for the rows of a chunk (default: all local devices).
   Raises:
-    ValueError: when representations hold NaN or inf (with the number of rows).
+    InputError: D of another width than the representations (before the pass), or
+      representations holding NaN, inf or values beyond float32 (with the first rows).
   Returns:
     dict of (N,) arrays in row order: ``qscore``, ``qscore_v1``, ``num_active``
     (|L_i|), ``num_active_discriminative`` (|L_i ∩ D|), ``l2_norm``,
     ``hoyer_sparsity`` ((sqrt(d) - L1/L2) / (sqrt(d) - 1)), ``mean``, ``std``.
   """
+  discriminative = validation.feature_mask(feature.discriminative, _dim(source),
+                                          'the reference split\'s D (feature.discriminative)')
+  eps = validation.eps(feature.eps, 'feature.eps')
+  validation.check_number(chunk_rows, 'chunk_rows', above=0, integer=True)
   mesh = mesh or parallel.data_mesh(jax.local_devices())
   rows = _chunk_size(chunk_rows, mesh)
   sharding = _row_sharding(mesh)
-  discriminative = jnp.asarray(feature.discriminative, bool)
-  kernel = _blockwise(mesh, lambda h, valid: (_row_scores(h, discriminative, feature.eps),
+  kernel = _blockwise(mesh, lambda h, valid: (_row_scores(h, discriminative, eps),
                                               stats.nonfinite_rows(h, valid)), row_outputs=True)
   total = _num_rows(source)
   out = {name: np.zeros(total, np.float32 if name not in ('num_active', 'num_active_discriminative')
                         else np.int32) for name in SCORES}
-  bad = 0
+  bad = validation.BadRows()
   for first, count, buffer, release in _prefetched(source, rows, _dim(source)):
     result, b = kernel(jax.device_put(buffer, sharding),
                        jax.device_put(np.arange(rows) < count, sharding))
     result = jax.device_get(result)
+    if int(b):
+      bad.add(_original_rows(source, first, count, buffer), first)
     release()
-    bad += int(b)
     for name, values in result.items():
       out[name][first:first + count] = values[:count]
-  stats.raise_if_nonfinite(bad, total)
+  bad.raise_if_any(total)
   return out

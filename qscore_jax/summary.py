@@ -103,9 +103,14 @@ def representation_summary(h: np.ndarray, eps: float = stats.DEFAULT_EPS) -> dic
     statistics and the number of features ever highly active.
   """
   h = np.asarray(h)
-  mu, sigma = (np.asarray(a) for a in stats.sample_moments(h))
-  active = np.asarray(stats.highly_active(h, eps))
-  per_sample = active.sum(axis=1)
+  # A diverged model is still inspected: the per-sample statistics are over its finite
+  # rows (fraction_finite says how many entries are not).
+  rows = h[np.isfinite(h).all(axis=1)]
+  mu, sigma = (np.asarray(a) for a in stats.sample_moments(rows))
+  active = np.asarray(stats.highly_active(rows, eps))
+  if not len(rows):  # nothing finite: no per-sample statistics
+    mu = sigma = np.full(1, np.nan)
+  per_sample = active.sum(axis=1) if len(rows) else np.zeros(1, int)
   return {
       'num_samples': int(h.shape[0]), 'dim': int(h.shape[1]),
       'mean': float(h.mean()), 'std': float(h.std()),

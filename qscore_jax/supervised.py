@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qscore_jax import parallel
+from qscore_jax import parallel, validation
 from qscore_jax.data import augment, dataset_info, native_preprocessing, ssl_batches
 from qscore_jax.models import build_model, init_variables, save_model
 from qscore_jax.models.heads import HeadLayer, HeadSpec
@@ -60,6 +60,20 @@ class SupervisedConfig:
   crop_scale: tuple[float, float] = (0.5, 1.0)
   seed: int = 0
   data_dir: str | None = None
+
+  def __post_init__(self):
+    validation.check_number(self.steps, 'steps', minimum=1, integer=True)
+    validation.check_number(self.batch_size, 'batch_size', minimum=1, integer=True)
+    validation.check_number(self.learning_rate, 'learning_rate', above=0)
+    validation.check_number(self.momentum, 'momentum', minimum=0, below=1)
+    validation.check_number(self.weight_decay, 'weight_decay', minimum=0)
+    validation.check_number(self.warmup_steps, 'warmup_steps', minimum=0, integer=True)
+    if len(self.crop_scale) != 2 or not all(
+        isinstance(x, (int, float)) and 0 < x <= 1 for x in self.crop_scale) or \
+        self.crop_scale[0] > self.crop_scale[1]:
+      raise validation.InputError(f'crop_scale must be two area fractions with '
+                                  f'0 < lo <= hi <= 1, got {self.crop_scale}.')
+    validation.check_number(self.seed, 'seed', minimum=0, integer=True)
 
 
 def train_supervised(config: SupervisedConfig, out_dir: str | pathlib.Path, *,

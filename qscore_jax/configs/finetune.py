@@ -10,16 +10,20 @@ One config for every method; the argument after the colon overrides fields:
 
 Fields are documented inline below. ``None`` means "the method's official
 value" (heads, optimizer, learning rate = base_lr x batch / 256, warm-up).
-Unknown fields are errors. Expected figures for the shipped experiment configs
+Unknown fields are errors, and so are values out of range (:func:`check_config`,
+run after every override and when a run starts). Expected figures for the shipped experiment configs
 are in their own docstrings (``qscore_jax/configs/``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 
 import ml_collections
+
+from qscore_jax import regularizer, validation
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -153,7 +157,8 @@ def apply_overrides(config: ml_collections.ConfigDict, items) -> ml_collections.
     config: the locked ``ConfigDict``, changed in place (and returned).
     items: the ``key=value`` strings; empty items are skipped.
   Raises:
-    ValueError: for an unknown field (with the closest names) or a malformed item.
+    ValueError: for an unknown field (with the closest names), a malformed item, or
+      a value out of its range (:func:`check_config`).
   """
   for item in items:
     item = item.strip()
@@ -186,6 +191,96 @@ def apply_overrides(config: ml_collections.ConfigDict, items) -> ml_collections.
         _set(config, parts, parsed)
       except TypeError as error:
         raise ValueError(f'config field {key!r} cannot take {value!r}: {error}') from None
+  return check_config(config)
+
+
+# The range of each numeric field of the finetune and experiment configs (dotted path ->
+# keyword arguments of validation.check_number). None is allowed only where the field's
+# default is None ("the method's official value"); num_steps, seeds, band and the
+# regularizer's own fields are checked below.
+_POSITIVE_INT = {'minimum': 1, 'integer': True}
+_COUNT = {'minimum': 0, 'integer': True}
+_RANGES = {
+    'batch_size': _POSITIVE_INT, 'num_epochs': {'above': 0}, 'seed': _COUNT,
+    'checkpoint_every_steps': _POSITIVE_INT, 'keep_checkpoints': _POSITIVE_INT,
+    'log_every_steps': _POSITIVE_INT, 'width_multiplier': {'above': 0},
+    'pretrain_steps': _POSITIVE_INT, 'finetune_steps': _POSITIVE_INT,
+    'learning_rate': {'above': 0}, 'finetune_lr_fraction': {'above': 0},
+    'regularizer.reference_examples': _POSITIVE_INT,
+    'optimizer.momentum': {'minimum': 0, 'below': 1},
+    'optimizer.warmup_epochs': {'minimum': 0},
+}
+_OPTIONAL_RANGES = {
+    'image_size': _POSITIVE_INT, 'min_crop_scale': {'above': 0, 'maximum': 1},
+    'heads.projector_hidden': _POSITIVE_INT, 'heads.projector_out': _POSITIVE_INT,
+    'heads.predictor_hidden': _POSITIVE_INT, 'heads.prototypes': _POSITIVE_INT,
+    'loss.temperature': {'above': 0}, 'loss.student_temperature': {'above': 0},
+    'loss.teacher_temperature': {'above': 0},
+    'loss.warmup_teacher_temperature': {'above': 0},
+    'loss.sim_coeff': {'minimum': 0}, 'loss.std_coeff': {'minimum': 0},
+    'loss.cov_coeff': {'minimum': 0}, 'loss.lambd': {'minimum': 0},
+    'loss.queue_size': _COUNT, 'loss.queue_length': _COUNT, 'loss.epsilon': {'above': 0},
+    'loss.sinkhorn_iterations': _POSITIVE_INT, 'loss.freeze_prototypes_steps': _COUNT,
+    'loss.warmup_teacher_steps': _COUNT, 'loss.freeze_last_layer_steps': _COUNT,
+    'loss.center_momentum': {'minimum': 0, 'maximum': 1},
+    'ema_base': {'minimum': 0, 'maximum': 1},
+    'optimizer.learning_rate': {'above': 0}, 'optimizer.base_learning_rate': {'above': 0},
+    'optimizer.weight_decay': {'minimum': 0},
+}
+
+
+def _lookup(config, path: str):
+  """``(True, value)`` of a dotted field, or ``(False, None)`` when the config lacks it."""
+  node = config
+  for part in path.split('.'):
+    if not hasattr(node, 'keys') or part not in node.keys():
+      return False, None
+    node = node[part]
+  return True, node
+
+
+def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks the range of every numeric field a finetune or experiment config has.
+
+  The one place these ranges live: :func:`apply_overrides` (``--set``, ``--config
+  name:k=v``) and the drivers (``finetune.loop.run``, ``experiment.run_experiment``)
+  call it. The regularizer's fields are checked by
+  :class:`~qscore_jax.regularizer.RegularizerConfig` itself.
+
+  Args:
+    config: a finetune or experiment ``ConfigDict`` (fields it lacks are skipped).
+  Returns:
+    ``config`` (unchanged).
+  Raises:
+    InputError: (a ValueError) naming the field, its value and the allowed range.
+  """
+  for ranges, optional in ((_RANGES, False), (_OPTIONAL_RANGES, True)):
+    for path, limits in ranges.items():
+      present, value = _lookup(config, path)
+      if present and not (optional and value is None):
+        validation.check_number(value, f'config field {path!r}', **limits)
+  present, steps = _lookup(config, 'num_steps')
+  if present and steps != -1:
+    validation.check_number(steps, "config field 'num_steps'", minimum=1, integer=True,
+                            hint='Give -1 to train for num_epochs instead.')
+  present, seeds = _lookup(config, 'seeds')
+  if present:
+    if not seeds:
+      raise validation.InputError("config field 'seeds' is empty: give at least one seed, "
+                                  'e.g. seeds=0:1:2.')
+    for seed in seeds:
+      validation.check_number(seed, "config field 'seeds' entry", minimum=0, integer=True)
+  present, removed = _lookup(config, 'compression_removed')
+  if present:
+    for fraction in removed:
+      validation.check_number(fraction, "config field 'compression_removed' entry",
+                              minimum=0, below=1)
+  present, options = _lookup(config, 'regularizer')
+  if present:
+    fields = {f.name for f in dataclasses.fields(regularizer.RegularizerConfig)}
+    given = {k: (tuple(v) if k == 'band' else v) for k, v in dict(options).items()
+             if k in fields}
+    regularizer.RegularizerConfig(**given)
   return config
 
 

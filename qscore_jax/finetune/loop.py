@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qscore_jax import parallel, regularizer, stats
+from qscore_jax.configs.finetune import check_config
 from qscore_jax.data import augment, dataset_info, eval_batches, native_preprocessing, ssl_batches
 from qscore_jax.data.preprocessing import Preprocessing
 from qscore_jax.embed import make_embed_step
@@ -358,6 +359,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   """
   workdir = pathlib.Path(workdir).expanduser().resolve()
   get_method(config.method)  # fail fast on an unknown method
+  check_config(config)  # and on a field out of range
   _check_workdir(workdir, config, init)
   built = setup(config, init)
   trainer = built.trainer
