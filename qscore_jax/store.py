@@ -30,6 +30,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from qscore_jax import outputs
+
 METADATA_FILE = 'metadata.json'
 PROGRESS_FILE = 'progress.json'
 FORMAT_VERSION = 1
@@ -150,6 +152,7 @@ class ShardWriter:
             f'reused: {describe_differences(diff, "stored", "now")}. Write to another directory, '
             'or delete that one to embed again.')
     elif shard_index == 0:
+      outputs.write_marker(self.root, 'store')  # before any file: readers see the tool's store
       _write_json_atomic(meta_path, metadata)
     self.path.mkdir(exist_ok=True)
     self._columns = {name: self._allocate(name, dtype, shape) for name, dtype, shape in (
