@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qscore_jax import compression, metrics, report, stats, streaming, validation
+from qscore_jax import compression, metrics, outputs, report, stats, streaming, validation
 from qscore_jax.data.datasets import dataset_info
 from qscore_jax.embed import embed_encoder
 from qscore_jax.models.encoder import as_encoder
@@ -161,7 +161,8 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
   Args:
     train: the reference split: gives A_j and D and trains the linear probe.
     evaluation: the split that is scored and classified.
-    out_dir: output directory (created).
+    out_dir: output directory (created, or an analysis qscore_jax wrote there, rewritten
+      in place; anything else is refused: :mod:`qscore_jax.outputs`).
     num_classes: number of classes (default: the largest label of both
       splits + 1).
     class_names: names for the per-class table and plot (default: the indices).
@@ -169,10 +170,12 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
     plots: also draw the PNG plots (default True).
   Returns:
     The report dict (also in ``<out_dir>/report.json``).
+  Raises:
+    qscore_jax.outputs.OutputError: ``out_dir`` holds files that are not an analysis.
   """
   _check_pair(train, evaluation)
   out = pathlib.Path(out_dir).expanduser().resolve()
-  out.mkdir(parents=True, exist_ok=True)
+  outputs.prepare_output(out, 'analysis')
   timings: dict[str, float] = {}
   clock = time.perf_counter()
 
@@ -386,22 +389,39 @@ def _class_names(dataset: str | None, data_dir: str | None) -> Sequence[str] | N
 
 def analyze_stores(reference_store: str | pathlib.Path, evaluated_store: str | pathlib.Path,
                    out_dir: str | pathlib.Path, *, config: AnalysisConfig = AnalysisConfig(),
-                   data_dir: str | None = None, plots: bool = True) -> AnalysisResult:
+                   data_dir: str | None = None, plots: bool = True,
+                   overwrite: bool = False) -> AnalysisResult:
   """:func:`analyze` of two stores (``qscore analyze``); class names from the evaluated dataset.
+
+  The report is written beside ``out_dir`` and renamed into place when complete
+  (:func:`qscore_jax.outputs.staged_output`), so ``out_dir`` holds a whole earlier analysis
+  or a whole new one, never a mix.
 
   Args:
     reference_store: store of the reference split (D, the probe).
     evaluated_store: store of the evaluated split.
-    out_dir: output directory of ``report.json``, ``scores.npz`` and the plots.
+    out_dir: output directory of ``report.json``, ``scores.npz`` and the plots: new, or
+      empty.
     config: every option (:class:`AnalysisConfig`).
     data_dir: tfds data directory, for the class names.
     plots: also draw the PNG plots.
+    overwrite: replace an analysis qscore_jax wrote in ``out_dir``.
+  Raises:
+    qscore_jax.outputs.OutputError: ``out_dir`` holds an analysis and not ``overwrite``, or
+      anything else (nothing is deleted).
   """
+  out = pathlib.Path(out_dir).expanduser().resolve()
+  outputs.check_output(out, 'analysis', overwrite=overwrite, existing='refuse',
+                       contents_ok=False)  # before reading the stores; staged_output rechecks
   train = Split.from_store(reference_store)
   evaluation = Split.from_store(evaluated_store)
-  out = pathlib.Path(out_dir).expanduser().resolve()
-  analyze(train, evaluation, out, config=config, plots=plots,
-          class_names=_class_names(evaluation.description.get('dataset'), data_dir))
+  for store in (train.source.path, evaluation.source.path):
+    if overwrite and store.is_relative_to(out):
+      raise ValueError(f'the store {store} is inside {out}, which --overwrite would replace; '
+                       'choose another --out.')
+  with outputs.staged_output(out, 'analysis', overwrite=overwrite) as staging:
+    analyze(train, evaluation, staging, config=config, plots=plots,
+            class_names=_class_names(evaluation.description.get('dataset'), data_dir))
   return _read_result(out, stores={'reference': train.source.path,
                                    'evaluated': evaluation.source.path}, data_dir=data_dir)
 
@@ -435,9 +455,13 @@ def analyze_encoder(encoder, dataset: str, out_dir: str | pathlib.Path, *, split
     progress: progress bars while embedding.
     store_dirs: ``{'reference': dir, 'evaluated': dir}`` (default
       ``<out>/store_reference``, ``<out>/store_evaluated``).
-    analysis_dir: where the report goes (default ``<out>/analysis``).
+    analysis_dir: where the report goes (default ``<out>/analysis``): new, or an analysis
+      qscore_jax wrote (anything else is refused before embedding).
   Returns:
     The :class:`AnalysisResult`.
+  Raises:
+    qscore_jax.outputs.OutputError: the analysis directory or a store directory holds
+      something qscore_jax did not write there.
   """
   out = pathlib.Path(out_dir).expanduser().resolve()
   reference = (reference_dataset or dataset, reference_split)
@@ -446,6 +470,7 @@ def analyze_encoder(encoder, dataset: str, out_dir: str | pathlib.Path, *, split
       store_dirs or {'reference': out / 'store_reference',
                      'evaluated': out / 'store_evaluated'}).items()}
   directory = pathlib.Path(analysis_dir).expanduser().resolve() if analysis_dir else out / 'analysis'
+  outputs.prepare_output(directory, 'analysis')  # before the embedding
   stores = {name: embed_encoder(encoder, ds, sp, store_dirs[name], batch_size=batch_size,
                                 data_dir=data_dir, progress=progress)
             for name, (ds, sp) in (('reference', reference), ('evaluated', evaluated))}

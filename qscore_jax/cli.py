@@ -145,7 +145,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
   path = embed_encoder(
       models.load_encoder(args.model), args.dataset, args.split, args.out,
       batch_size=args.batch_size, image_size=args.image_size, data_dir=args.data_dir,
-      progress=not args.no_progress)
+      progress=not args.no_progress, overwrite=args.overwrite)
   # Imported here, not at the top: `qscore --help` stays fast.
   import jax  # pylint: disable=import-outside-toplevel
   from qscore_jax.store import RepresentationStore  # pylint: disable=import-outside-toplevel
@@ -175,7 +175,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                                    nonzero_only=not args.all_features, probe=probe,
                                    compression=comp, knn_k=args.knn_k)
   result = analysis.analyze_stores(args.train, args.eval, args.out, config=config,
-                                   data_dir=args.data_dir).report
+                                   data_dir=args.data_dir, overwrite=args.overwrite).report
   print('\n'.join(analysis.summary_lines(result)))
   print(f'report       {args.out}/report.json (+ scores.npz, {len(result.get("figures", {}))} plots)')
   return 0
@@ -283,6 +283,10 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
       stage=args.stage, method=args.method, eps=args.eps, heatmap_threshold=args.heatmap_threshold,
       threshold_mode=args.threshold_mode, mask_threshold=args.mask_threshold)
   out = pathlib.Path(args.out)
+  if len(args.models) == 2:  # out holds the two runs and comparison.json
+    # Imported here, not at the top: `qscore --help` stays fast.
+    from qscore_jax import outputs  # pylint: disable=import-outside-toplevel
+    outputs.prepare_output(out, 'interpretation')
   results = []
   for index, ref in enumerate(args.models):
     target = out if len(args.models) == 1 else out / f'{index}-{pathlib.Path(ref).name}'
@@ -405,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument('--out', help='output directory (default checkpoints/<model-id>, '
                        'plus -<submodel> for a non-default --submodel; without a registry id '
                        'checkpoints/<method>-<file name>)')
-  convert.add_argument('--overwrite', action='store_true', help='replace an existing output')
+  convert.add_argument('--overwrite', action='store_true',
+                       help='replace the model in --out (only one qscore_jax wrote), once the '
+                            'new one is complete')
   convert.add_argument('--no-progress', action='store_true', help='no download progress bar')
   convert.set_defaults(func=_cmd_convert)
 
@@ -453,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
   embed.add_argument('--data-dir', help='tfds data directory (default '
                      '$QSCORE_JAX_DATA_DIR or ~/tensorflow_datasets)')
   embed.add_argument('--no-progress', action='store_true', help='no progress bar')
+  embed.add_argument('--overwrite', action='store_true',
+                     help='delete the store in --out (only one qscore_jax wrote) and embed '
+                          'afresh, instead of resuming or reusing it')
   embed.set_defaults(func=_cmd_embed)
 
   analyze = commands.add_parser(
@@ -464,7 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
                   'report.json, scores.npz and PNG plots.')
   analyze.add_argument('--train', required=True, help='store of the reference (training) split')
   analyze.add_argument('--eval', required=True, help='store of the evaluation split')
-  analyze.add_argument('--out', required=True, help='output directory')
+  analyze.add_argument('--out', required=True, help='output directory (new or empty)')
+  analyze.add_argument('--overwrite', action='store_true',
+                       help='replace the analysis in --out (only one qscore_jax wrote), once '
+                            'the new one is complete')
   analyze.add_argument('--eps', type=float, default=4.0, help='L_i threshold in stds (default 4)')
   analyze.add_argument('--band', type=float, nargs=2, default=[50.0, 95.0],
                        metavar=('LO', 'HI'), help='percentiles of A_j for D (default 50 95)')
@@ -519,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
   supervised.add_argument('--out', required=True,
                           help='directory of the saved model (classifier saved as a head)')
   supervised.add_argument('--overwrite', action='store_true',
-                          help='replace an existing model in --out')
+                          help='replace the model in --out (only one qscore_jax wrote), once '
+                               'the new one is complete')
   supervised.set_defaults(func=_cmd_train_supervised)
 
   finetune = commands.add_parser(

@@ -30,7 +30,7 @@ import pathlib
 import time
 from typing import Any, Callable, Mapping
 
-from qscore_jax import analysis, compression, interpret
+from qscore_jax import analysis, compression, interpret, outputs
 from qscore_jax.models.encoder import Encoder, as_encoder
 from qscore_jax.probe import ProbeConfig
 
@@ -80,6 +80,7 @@ def run_demo(out_dir: str | pathlib.Path = 'qscore_demo', *,
       'compression curve, heatmaps')
   config = interpret.check_inputs(encoder, dataset, interpret.InterpretConfig(stage=stage, eps=eps),
                                   data_dir=data_dir)
+  outputs.prepare_output(out, 'interpretation')  # refused before the embedding, not after
   curve = compression.CompressionConfig(
       fractions_removed=(0.0, 0.25, 0.5, 0.75, 0.9), random_seeds=(0, 1, 2),
       probe=ProbeConfig(epochs=30))

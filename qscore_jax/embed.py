@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from qscore_jax import parallel
+from qscore_jax import outputs, parallel
 from qscore_jax.models.encoder import Encoder, as_encoder
 from qscore_jax.models.features import keep_state
 from qscore_jax.store import RepresentationStore, ShardWriter
@@ -79,7 +79,7 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
                   store_dir: str | pathlib.Path, *, batch_size: int = 256,
                   preprocessing=None, image_size: int | None = None,
                   data_dir: str | None = None, metadata: Mapping[str, Any] | None = None,
-                  mesh=None, progress: bool = True) -> pathlib.Path:
+                  mesh=None, progress: bool = True, overwrite: bool = False) -> pathlib.Path:
   """Embeds a split into a representation store (resuming an interrupted run).
 
   Args:
@@ -94,14 +94,31 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
     metadata: extra facts recorded in the store (model id, ...).
     mesh: device mesh (default: every device of every process on ``'data'``).
     progress: show a progress bar on process 0.
+    overwrite: delete the store already in ``store_dir`` (one qscore_jax wrote: it carries
+      the marker of :mod:`qscore_jax.outputs`) and embed afresh, instead of resuming or
+      reusing it.
 
   Returns:
     The absolute store path (every process returns once its shard is complete).
+
+  Raises:
+    qscore_jax.outputs.OutputError: ``store_dir`` holds anything but a store qscore_jax
+      wrote (nothing is deleted or written).
   """
   # Function-level: `import qscore_jax` imports this module and must not import TensorFlow.
   from qscore_jax.data import dataset_info, eval_batches, shard_bounds, split_size  # pylint: disable=import-outside-toplevel
   mesh = mesh or parallel.data_mesh()
   process, processes = jax.process_index(), jax.process_count()
+  state = outputs.check_output(store_dir, 'store', overwrite=overwrite)
+  if processes > 1:  # every process has checked before any deletes or writes
+    multihost_utils.sync_global_devices('qscore embed: store directory checked')
+  if process == 0:
+    if state == 'existing' and overwrite:
+      outputs.remove_output(store_dir, 'store')
+    elif state == 'existing':
+      outputs.write_marker(store_dir, 'store')  # a store of an older version gets its marker
+  if processes > 1 and overwrite:
+    multihost_utils.sync_global_devices('qscore embed: old store removed')
   size = split_size(dataset, split, data_dir)
   start, end = shard_bounds(size, process, processes)
   local = parallel.check_batch_divisible(batch_size)
@@ -150,7 +167,7 @@ def embed_encoder(encoder: Encoder, dataset: str, split: str, store_dir: str | p
     split: the split to embed.
     store_dir: the store directory.
     **kwargs: the keyword arguments of :func:`embed_dataset` (``batch_size``,
-      ``image_size``, ``data_dir``, ``mesh``, ``progress``, ...);
+      ``image_size``, ``data_dir``, ``mesh``, ``progress``, ``overwrite``, ...);
       ``preprocessing`` defaults to the encoder's, ``metadata`` is merged
       over its description.
   Returns:

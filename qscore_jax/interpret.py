@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from qscore_jax import analysis, parallel, report
+from qscore_jax import analysis, outputs, parallel, report
 from qscore_jax.data import eval_batches
 from qscore_jax.data.datasets import dataset_info, read_split
 from qscore_jax.data.preprocess import eval_transform, mask_transform
@@ -150,7 +150,8 @@ def interpret(result: analysis.AnalysisResult, out_dir: str | pathlib.Path, *,
   Args:
     result: :func:`qscore_jax.analysis.analyze_encoder`'s result on a dataset
       with core/spurious masks.
-    out_dir: output directory.
+    out_dir: output directory: new, or an interpretation qscore_jax wrote (rewritten in
+      place), or one holding only qscore_jax's outputs (e.g. the analysis' stores).
     config: heatmap method, stage, thresholds; its ``eps`` must be the analysis'.
     batch_size: global batch of the heatmap pass.
     feature: the feature of the "most activating images" figure.
@@ -159,6 +160,8 @@ def interpret(result: analysis.AnalysisResult, out_dir: str | pathlib.Path, *,
 
   Returns:
     The ``interpret.json`` content.
+  Raises:
+    qscore_jax.outputs.OutputError: ``out_dir`` holds files qscore_jax did not write.
   """
   encoder = result.encoder
   if encoder is None:
@@ -173,7 +176,9 @@ def interpret(result: analysis.AnalysisResult, out_dir: str | pathlib.Path, *,
   model, variables, preprocessing = encoder.module, encoder.variables, encoder.preprocessing
   image_size = _image_size(encoder, dataset, data_dir)
   out = pathlib.Path(out_dir).expanduser().resolve()
-  out.mkdir(parents=True, exist_ok=True)
+  outputs.prepare_output(out, 'interpretation')
+  if jax.process_index() == 0:  # a run killed midway leaves no interpret.json beside new files
+    (out / 'interpret.json').unlink(missing_ok=True)
   scores = result.scores
   discriminative = result.discriminative
   reference = '/'.join(result.reference)
@@ -260,7 +265,8 @@ def interpret_model(encoder: Encoder, dataset: str, out_dir: str | pathlib.Path,
     encoder: the :class:`~qscore_jax.models.encoder.Encoder` (a model reference is
       loaded once, with a deprecation warning).
     dataset: the dataset to explain; it must have core/spurious masks.
-    out_dir: output directory.
+    out_dir: output directory: new, or an interpretation qscore_jax wrote (its stores and
+      analysis reused when they match).
     split: split of ``dataset`` to explain.
     reference_dataset: dataset of the reference split (D, the probe); default ``dataset``.
     reference_split: its split.
@@ -278,9 +284,12 @@ def interpret_model(encoder: Encoder, dataset: str, out_dir: str | pathlib.Path,
 
   Returns:
     The ``interpret.json`` content.
+  Raises:
+    qscore_jax.outputs.OutputError: ``out_dir`` holds files qscore_jax did not write.
   """
   encoder = as_encoder(encoder, caller='interpret_model')
   config = check_inputs(encoder, dataset, config, feature=feature, data_dir=data_dir)
+  outputs.prepare_output(out_dir, 'interpretation')  # before the embedding
   result = analysis.analyze_encoder(
       encoder, dataset, out_dir, split=split, reference_dataset=reference_dataset,
       reference_split=reference_split,

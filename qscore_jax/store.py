@@ -48,6 +48,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import xxhash
 
+from qscore_jax import outputs
+
 METADATA_FILE = 'metadata.json'
 PROGRESS_FILE = 'progress.json'
 CHECKSUM_FILE = 'checksums.jsonl'
@@ -354,6 +356,8 @@ class ShardWriter:
 
   def _check_metadata(self, metadata: dict[str, Any]) -> None:
     meta_path = self.root / METADATA_FILE
+    if not meta_path.exists():
+      outputs.write_marker(self.root, 'store')  # before any file: readers see the tool's store
     if _write_json_atomic(meta_path, metadata, exclusive=True):
       return
     existing = _read_json(meta_path, 'the store\'s metadata', _REEMBED)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qscore_jax import parallel, validation
+from qscore_jax import outputs, parallel, validation
 from qscore_jax.data import augment, dataset_info, native_preprocessing, ssl_batches
 from qscore_jax.models import build_model, init_variables, save_model
 from qscore_jax.models.heads import HeadLayer, HeadSpec
@@ -86,8 +86,14 @@ def train_supervised(config: SupervisedConfig, out_dir: str | pathlib.Path, *,
       saved as the head ``classifier``).
     log_every: print and record loss and batch accuracy every this many steps
       (default 50).
-    overwrite: replace an existing model in ``out_dir`` (default False).
+    overwrite: replace an existing model in ``out_dir`` (default False; only a model
+      qscore_jax wrote is replaced, once the new one is complete).
+  Raises:
+    qscore_jax.outputs.OutputError: before training, when ``out_dir`` holds a model and not
+      ``overwrite``, or anything that is not a model qscore_jax wrote.
   """
+  outputs.check_output(out_dir, 'model', overwrite=overwrite, existing='refuse',
+                       contents_ok=False)  # before training; save_model checks again
   info = dataset_info(config.dataset, config.data_dir)
   preprocessing = native_preprocessing(info)
   size = preprocessing.image_size

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qscore_jax import outputs
 from qscore_jax.convert import download as download_lib
 from qscore_jax.convert import layout, readers, rules
 from qscore_jax.convert.rules import ConversionError
@@ -519,11 +520,17 @@ def convert_checkpoint(model_id: str | None = None, *, file: str | os.PathLike |
       one the authors evaluate.
     out_dir: where to save; default ``checkpoints/<model-id>``.
     save: write the orbax checkpoint and metadata.
-    overwrite: replace an existing converted model.
+    overwrite: replace an existing converted model (only a model qscore_jax wrote, once
+      the new one is complete).
     progress: show download progress.
 
   Returns:
     The :class:`ConvertedModel`.
+
+  Raises:
+    qscore_jax.outputs.OutputError: the output directory holds a model and not
+      ``overwrite``, or anything that is not a model qscore_jax wrote (nothing is deleted;
+      a given ``out_dir`` is checked before any download or conversion).
   """
   if model_id is not None and file is None and _is_local_checkpoint(model_id):
     file, model_id = model_id, None  # `qscore convert path/to/file.pth.tar`: a path is a path
@@ -536,6 +543,9 @@ def convert_checkpoint(model_id: str | None = None, *, file: str | os.PathLike |
     raise ConversionError(f'{spec.id} cannot be converted yet: {spec.reason}')
   if spec is None and file is None:
     raise ConversionError('give a registry id (qscore models lists them), a --file, or both.')
+  if save and out_dir is not None:  # before a download or a conversion; save_model rechecks
+    outputs.check_output(out_dir, 'model', overwrite=overwrite, existing='refuse',
+                         contents_ok=False)
   method = method or (spec.method if spec else None)
   if file is not None:
     source = pathlib.Path(file).expanduser()

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from qscore_jax import parallel, regularizer, stats
+from qscore_jax import outputs, parallel, regularizer, stats
 from qscore_jax.configs.finetune import check_config
 from qscore_jax.data import augment, dataset_info, eval_batches, native_preprocessing, ssl_batches
 from qscore_jax.data.preprocessing import Preprocessing
@@ -243,6 +243,8 @@ def reference_discriminative(model, variables, dataset: str, split: str, *, prep
 
 def _check_workdir(workdir: pathlib.Path, config, init: str) -> None:
   """Writes run.json, or checks that the workdir was started by the same run."""
+  # Never train into (and let orbax prune checkpoints of) a directory this tool did not make.
+  outputs.prepare_output(workdir, 'finetune', option='--workdir', write=jax.process_index() == 0)
   run_file = workdir / 'run.json'
   current = {'config': {k: v for k, v in _plain(config).items() if k not in RESUMABLE_FIELDS},
              'init': init}
@@ -356,6 +358,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   Raises:
     TrainingError: a NaN/inf loss (the step is named; earlier checkpoints are kept),
       or a workdir of another run.
+    qscore_jax.outputs.OutputError: ``workdir`` holds files qscore_jax did not write.
   """
   workdir = pathlib.Path(workdir).expanduser().resolve()
   get_method(config.method)  # fail fast on an unknown method

@@ -11,7 +11,9 @@ A saved model is a directory::
 The metadata is enough to rebuild the Flax modules, so :func:`load_model`
 returns a model ready to apply. Round trips are bit-exact. A save is written
 to a temporary sibling directory and renamed into place only when complete,
-so a failure never leaves a half-written model behind.
+so a failure never leaves a half-written model behind; it also carries the
+marker ``.qscore-output.json``, and only a directory with that marker (or a
+model of an older version) is ever replaced (:mod:`qscore_jax.outputs`).
 """
 
 from __future__ import annotations
@@ -20,14 +22,13 @@ import datetime
 import importlib.resources
 import json
 import pathlib
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
+from qscore_jax import outputs
 from qscore_jax._version import __version__
 from qscore_jax.data.preprocessing import Preprocessing
 from qscore_jax.models.heads import HeadSpec, MLPHead
@@ -83,10 +84,15 @@ def save_model(directory: str | pathlib.Path, variables: Mapping[str, Any],
     provenance: JSON-serialisable facts about the source (URL, sha256, which
       sub-model was taken, ...).
     overwrite: replace an existing saved model (only once the new one is
-      completely written).
+      completely written). Only a directory qscore_jax wrote as a model is ever
+      replaced (:mod:`qscore_jax.outputs`).
 
   Returns:
     The absolute directory path.
+
+  Raises:
+    qscore_jax.outputs.OutputError: ``directory`` holds a model and not ``overwrite``, or
+      anything that is not a model qscore_jax wrote (nothing is deleted).
   """
   directory = pathlib.Path(directory).expanduser().resolve()
   variables = _check_variables(variables)
@@ -98,11 +104,8 @@ def save_model(directory: str | pathlib.Path, variables: Mapping[str, Any],
   options = dict(spec.arch_options if spec else {}) | dict(arch_options or {})
   build_model(arch, **options)  # fails early on options the arch lacks
   preprocessing = preprocessing or (spec.preprocessing if spec else None)
-  if directory.exists() and not directory.is_dir():
-    raise FileExistsError(f'{directory} exists and is not a directory.')
-  if directory.exists() and any(directory.iterdir()) and not overwrite:
-    raise FileExistsError(f'{directory} already holds files; pass overwrite=True '
-                          '(--overwrite) to replace them, or choose another directory.')
+  outputs.check_output(directory, 'model', overwrite=overwrite, existing='refuse',
+                       contents_ok=False)  # before the work: staged_output checks again
 
   metadata = {
       'format_version': FORMAT_VERSION,
@@ -118,20 +121,11 @@ def save_model(directory: str | pathlib.Path, variables: Mapping[str, Any],
   }
   text = json.dumps(metadata, indent=2) + '\n'  # fails here, before writing, if not serialisable
 
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}.partial-',
-                                          dir=directory.parent))
-  try:
+  with outputs.staged_output(directory, 'model', overwrite=overwrite) as staging:
     _save_tree(staging / VARIABLES_DIR, variables)
     if heads:
       _save_tree(staging / HEADS_DIR, {name: head_vars for name, (_, head_vars) in heads.items()})
     (staging / METADATA_FILE).write_text(text)
-    if directory.exists():
-      shutil.rmtree(directory)
-    staging.rename(directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return directory
 
 
