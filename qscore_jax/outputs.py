@@ -36,8 +36,8 @@ that defines the kind parses with its fields (a saved model: ``metadata.json`` w
 two-model ``comparison.json``) beside ``ious.npz`` and its figures; a fine-tuning workdir:
 ``run.json`` of exactly ``config`` and ``init``). Subdirectories that are themselves outputs
 of the tool (a compare folder's stores, an interpretation's analysis, an experiment run's
-``eval/``) are allowed inside the last four. One extra file makes the directory foreign. A directory recognised this way gets its
-marker when it is reused.
+``eval/``) are allowed inside the last four. One extra file makes the directory foreign. A
+directory recognised this way gets its marker when it is reused.
 """
 
 from __future__ import annotations
@@ -256,7 +256,8 @@ def _files(directory: pathlib.Path) -> tuple[list[str], int]:
     for name in names:
       count += 1
       if len(shown) < _SHOWN:
-        shown.append(str((pathlib.Path(root) / name).relative_to(directory)) + ('/' if not name else ''))
+        relative = (pathlib.Path(root) / name).relative_to(directory)
+        shown.append(f'{relative}/' if not name else str(relative))
       if count > _COUNTED:
         return shown, count
   return shown, count
