@@ -94,6 +94,38 @@ def _json(path: pathlib.Path) -> Any:
     return None
 
 
+def write_json_atomic(path: pathlib.Path, data: Any, *, exclusive: bool = False) -> bool:
+  """Writes ``data`` as JSON to ``path`` through a synced temporary file of its own (two
+  processes never share one), renamed over ``path``; with ``exclusive``, linked instead,
+  so that only the first of several writers creates it.
+
+  Args:
+    path: the file.
+    data: what to write (JSON-serialisable).
+    exclusive: create ``path`` only if it does not exist yet.
+  Returns:
+    Whether this call wrote ``path``.
+  """
+  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+  try:
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared output from its readers
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+      json.dump(data, f, indent=2)
+      f.write('\n')
+      f.flush()
+      os.fsync(f.fileno())
+    if not exclusive:
+      os.replace(tmp, path)
+      return True
+    try:
+      os.link(tmp, path)
+      return True
+    except FileExistsError:
+      return False
+  finally:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+
+
 def _is_bookkeeping(name: str) -> bool:
   return name == MARKER_FILE or name.startswith(MARKER_FILE + '.tmp-')
 
@@ -128,10 +160,8 @@ def write_marker(directory: str | os.PathLike, kind: str) -> None:
                         f'not {KINDS[kind]}; choose another output directory.')
     return
   directory.mkdir(parents=True, exist_ok=True)
-  tmp = directory / f'{MARKER_FILE}.tmp-{socket.gethostname()}-{os.getpid()}'
-  tmp.write_text(json.dumps({'kind': kind, 'qscore_jax_version': __version__,
-                             'created': _now()}, indent=2) + '\n')
-  os.replace(tmp, directory / MARKER_FILE)
+  write_json_atomic(directory / MARKER_FILE, {'kind': kind, 'qscore_jax_version': __version__,
+                                              'created': _now()})
 
 
 # ------------------------------------------------------------- outputs of older versions
@@ -362,8 +392,20 @@ def _process_start(pid: int) -> int | None:
     return None
 
 
-def _alive(owner: dict[str, Any]) -> bool | None:
-  """Whether a staging directory's writer still runs: None when that cannot be told here."""
+def writer_identity() -> dict[str, Any]:
+  """Who this process is, for a later process to tell whether it still runs
+  (:func:`writer_alive`): pid, host, boot id, the process's start time, and when."""
+  return {'pid': os.getpid(), 'host': socket.gethostname(), 'boot_id': _boot_id(),
+          'start_time': _process_start(os.getpid()), 'since': _now()}
+
+
+def writer_alive(owner: dict[str, Any]) -> bool | None:
+  """Whether the process a :func:`writer_identity` describes still runs: None when that
+  cannot be told here (another host).
+
+  Args:
+    owner: a :func:`writer_identity` (``pid`` and ``host`` at least).
+  """
   if owner.get('host') != socket.gethostname():
     return None
   if owner.get('boot_id') and _boot_id() and owner['boot_id'] != _boot_id():
@@ -415,7 +457,7 @@ def clean_stale_staging(parent: str | os.PathLike) -> list[pathlib.Path]:
             'qscore_jax or being created); delete it by hand if no qscore command is writing '
             f'into {parent}.')
       continue
-    if _alive(owner) is not False:
+    if writer_alive(owner) is not False:
       continue  # a live writer's, or another host's
     target = parent / pathlib.Path(owner['target']).name
     replaced = staging / _REPLACED
@@ -438,10 +480,7 @@ def _new_staging(directory: pathlib.Path) -> pathlib.Path:
   clean_stale_staging(directory.parent)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}{STAGING_INFIX}',
                                           dir=directory.parent))
-  owner = {'pid': os.getpid(), 'host': socket.gethostname(), 'boot_id': _boot_id(),
-           'start_time': _process_start(os.getpid()), 'target': directory.name,
-           'created': _now()}
-  (staging / STAGING_FILE).write_text(json.dumps(owner, indent=2) + '\n')
+  write_json_atomic(staging / STAGING_FILE, {**writer_identity(), 'target': directory.name})
   return staging
 
 

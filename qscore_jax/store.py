@@ -34,14 +34,11 @@ checks everything in one pass.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import errno
 import fcntl
 import json
 import os
 import pathlib
-import socket
-import tempfile
 import warnings
 from typing import Any, Iterator, Mapping
 
@@ -136,30 +133,6 @@ _REEMBED = ('Embed the split again: the same `qscore embed` command with --overw
             'another --out.')
 
 
-def _write_json_atomic(path: pathlib.Path, data: Mapping[str, Any], *, exclusive: bool = False
-                       ) -> bool:
-  """Writes ``data`` to ``path`` through a synced temporary file of its own (two processes
-  never share one), renamed over ``path``; with ``exclusive``, linked instead, so that only
-  the first of several writers creates it. Returns whether this call wrote ``path``."""
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-  try:
-    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared store from its readers
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      json.dump(data, f, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    if not exclusive:
-      os.replace(tmp, path)
-      return True
-    try:
-      os.link(tmp, path)
-      return True
-    except FileExistsError:
-      return False
-  finally:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-
-
 def _read_json(path: pathlib.Path, what: str, remedy: str) -> Any:
   """``path``'s JSON, or a StoreError naming the file, what it is and ``remedy``."""
   try:
@@ -183,16 +156,6 @@ def _read_progress(shard: pathlib.Path, allocated: int | None = None) -> int:
     raise StoreError(f'{path} is damaged: it says {progress!r}, not {{"rows": k}} with '
                      f'0 <= k <= {allocated}. {remedy}')
   return rows
-
-
-def _process_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, owned by someone else
-    return True
-  return True
 
 
 class _ShardLock:
@@ -230,7 +193,6 @@ class _ShardLock:
         f'process is gone, delete {self.path}.')
 
   def _acquire(self) -> None:
-    host = socket.gethostname()
     try:
       fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
       locked = True
@@ -242,17 +204,16 @@ class _ShardLock:
       locked = False
     holder = self._holder()
     if holder and holder.get('pid') != os.getpid():
-      alive = holder.get('host') != host or (isinstance(holder.get('pid'), int)
-                                              and _process_alive(holder['pid']))
-      if not locked and alive:  # no flock here: trust the pid
+      # Without flock here, trust the holder's identity (another host's counts as running).
+      alive = outputs.writer_alive(holder) if isinstance(holder.get('pid'), int) else None
+      if not locked and alive is not False:
         raise self._in_use(holder)
       warnings.warn(f'{self.path.parent}: taking over the lock of pid {holder.get("pid")} on '
                     f'{holder.get("host")}, which no longer runs (a killed writer); resuming '
                     'after its last committed row.', stacklevel=3)
     self.file.seek(0)
     self.file.truncate()
-    json.dump({'pid': os.getpid(), 'host': host, 'since': datetime.datetime.now(
-        datetime.timezone.utc).isoformat(timespec='seconds')}, self.file)
+    json.dump(outputs.writer_identity(), self.file)
     self.file.flush()
 
   def release(self) -> None:
@@ -358,7 +319,7 @@ class ShardWriter:
     meta_path = self.root / METADATA_FILE
     if not meta_path.exists():
       outputs.write_marker(self.root, 'store')  # before any file: readers see the tool's store
-    if _write_json_atomic(meta_path, metadata, exclusive=True):
+    if outputs.write_json_atomic(meta_path, metadata, exclusive=True):
       return
     existing = _read_json(meta_path, 'the store\'s metadata', _REEMBED)
     if not isinstance(existing, dict):
@@ -417,7 +378,7 @@ class ShardWriter:
       raise ValueError(f'rewind({rows}): {self.done} rows are committed.')
     if rows < self.done:
       self._checksum_file.close()
-      _write_json_atomic(self.path / PROGRESS_FILE, {'rows': rows})
+      outputs.write_json_atomic(self.path / PROGRESS_FILE, {'rows': rows})
       self._restart(rows)
 
   def close(self) -> None:
@@ -470,7 +431,7 @@ class ShardWriter:
         os.fsync(f.fileno())
     self._checksum(values)
     self.done += n
-    _write_json_atomic(self.path / PROGRESS_FILE, {'rows': self.done})
+    outputs.write_json_atomic(self.path / PROGRESS_FILE, {'rows': self.done})
 
   def _checksum(self, values: Mapping[str, np.ndarray]) -> None:
     """Extends the running checksums by the new rows; writes and syncs a line per block
@@ -609,13 +570,12 @@ class RepresentationStore:
                                                strict=rows == allocated)
     return self._checksums[index]
 
-  def _verify(self, index: int, name: str, first: int, values: np.ndarray) -> None:
-    """Checks shard ``index``'s rows ``[first, first + len(values))`` of column ``name``,
-    block by block (``first`` on a block boundary; a block without a checksum yet, in an
-    unfinished shard, is not checked)."""
+  def _verify(self, index: int, rows: int, name: str, first: int, values: np.ndarray) -> None:
+    """Checks shard ``index``'s (``rows`` committed) rows ``[first, first + len(values))`` of
+    column ``name``, block by block (``first`` on a block boundary; a block without a
+    checksum yet, in an unfinished shard, is not checked)."""
     if not self.verify_checksums:
       return
-    rows = self.shard_rows()[index]
     checksums = self._shard_checksums(index, rows)
     for start in range(0, len(values), BLOCK_ROWS):
       block = (first + start) // BLOCK_ROWS
@@ -634,7 +594,7 @@ class RepresentationStore:
     parts = []
     for index, (shard, rows) in enumerate(zip(self.shards, self.shard_rows())):
       part = np.array(np.load(shard / name, mmap_mode='r')[:rows])
-      self._verify(index, name, 0, part)
+      self._verify(index, rows, name, 0, part)
       parts.append(part)
     return np.concatenate(parts) if parts else np.zeros(0)
 
@@ -678,7 +638,7 @@ class RepresentationStore:
         aligned = begin == local and end == local + count
         buffer = target if aligned else np.empty((end - begin, self.dim), np.float32)
         self._read_representations(shard, begin, buffer)
-        self._verify(index, 'representations.npy', begin, buffer)
+        self._verify(index, rows, 'representations.npy', begin, buffer)
         if not aligned:
           target[:] = buffer[local - begin:local - begin + count]
         done += count
@@ -721,8 +681,9 @@ class RepresentationStore:
     Args:
       chunk_rows: rows per chunk, k (default 65536; the last chunk may be shorter).
     """
-    for first in range(0, self.num_rows, chunk_rows):
-      chunk = np.empty((min(chunk_rows, self.num_rows - first), self.dim), np.float32)
+    total = self.num_rows
+    for first in range(0, total, chunk_rows):
+      chunk = np.empty((min(chunk_rows, total - first), self.dim), np.float32)
       self.read_rows(first, chunk)
       yield first, chunk
 

@@ -131,7 +131,8 @@ def dataset_info(name: str, data_dir: str | None = None, *, prepare: bool = True
   if is_folder(name):
     folder = _scan_folder(name[len(FOLDER_PREFIX):])
     return DatasetInfo(name, folder.class_names, {s: len(v) for s, v in folder.splits.items()},
-                       ('image', 'label'), (None, None, 3), _folder_version(folder))
+                       ('image', 'label'), (None, None, 3),
+                       _folder_version(name[len(FOLDER_PREFIX):]))
   b = ensure_prepared(name, data_dir) if prepare else builder(name, data_dir)
   label = b.info.features['label'] if 'label' in b.info.features else None
   names = tuple(label.names) if label is not None else ()
@@ -142,8 +143,11 @@ def dataset_info(name: str, data_dir: str | None = None, *, prepare: bool = True
                      str(b.info.version))
 
 
-def _folder_version(folder) -> str:
-  """``sha256:`` of every split's files (path relative to the root, label, size)."""
+@functools.lru_cache(maxsize=16)
+def _folder_version(path: str) -> str:
+  """``sha256:`` of every split's files (path relative to the root, label, size); once per
+  folder and process, like the scan it hashes."""
+  folder = _scan_folder(path)
   digest = hashlib.sha256()
   for split, items in sorted(folder.splits.items()):
     for path, label in items:
