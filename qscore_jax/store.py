@@ -34,8 +34,6 @@ checks everything in one pass.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import json
 import os
 import pathlib
@@ -158,74 +156,6 @@ def _read_progress(shard: pathlib.Path, allocated: int | None = None) -> int:
   return rows
 
 
-class _ShardLock:
-  """An exclusive lock on one shard, held while its writer lives.
-
-  ``flock`` on ``<shard>/lock`` (released by the kernel when the holder dies, however it
-  dies); the file names the holder (pid, host, start time) for the error a second writer
-  gets, and is emptied on a clean release, so a non-empty file found unlocked is the stale
-  lock of a killed writer, taken over with a warning. Where the file system has no
-  ``flock``, the holder's pid is checked instead (same host only).
-  """
-
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-    self.file = open(path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
-    try:
-      self._acquire()
-    except BaseException:
-      self.file.close()
-      raise
-
-  def _holder(self) -> dict[str, Any] | None:
-    self.file.seek(0)
-    try:
-      holder = json.loads(self.file.read() or 'null')
-    except json.JSONDecodeError:
-      return {'pid': None, 'host': None, 'since': None}
-    return holder if isinstance(holder, dict) else None
-
-  def _in_use(self, holder: Mapping[str, Any]) -> StoreError:
-    return StoreError(
-        f'{self.path.parent} is in use by pid {holder.get("pid")} on {holder.get("host")} '
-        f'(since {holder.get("since")}): another `qscore embed` is writing this store. Wait '
-        'for it to finish, or stop it; two writers would interleave their rows. If that '
-        f'process is gone, delete {self.path}.')
-
-  def _acquire(self) -> None:
-    try:
-      fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-      locked = True
-    except BlockingIOError:
-      raise self._in_use(self._holder() or {}) from None
-    except OSError as error:
-      if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-        raise
-      locked = False
-    holder = self._holder()
-    if holder and holder.get('pid') != os.getpid():
-      # Without flock here, trust the holder's identity (another host's counts as running).
-      alive = outputs.writer_alive(holder) if isinstance(holder.get('pid'), int) else None
-      if not locked and alive is not False:
-        raise self._in_use(holder)
-      warnings.warn(f'{self.path.parent}: taking over the lock of pid {holder.get("pid")} on '
-                    f'{holder.get("host")}, which no longer runs (a killed writer); resuming '
-                    'after its last committed row.', stacklevel=3)
-    self.file.seek(0)
-    self.file.truncate()
-    json.dump(outputs.writer_identity(), self.file)
-    self.file.flush()
-
-  def release(self) -> None:
-    if self.file.closed:
-      return
-    self.file.seek(0)
-    self.file.truncate()  # an empty lock file: released cleanly, not stale
-    self.file.flush()
-    fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
-    self.file.close()
-
-
 # XXH3-64: about 25 GB/s on one core here (CRC-32: 6), so verifying a chunk costs a
 # small fraction of reading it.
 CHECKSUM = 'xxh3_64'
@@ -306,7 +236,11 @@ class ShardWriter:
         {**metadata, 'format_version': FORMAT_VERSION, 'dim': dim, 'shard_count': shard_count,
          'checksum': CHECKSUM, 'checksum_block_rows': BLOCK_ROWS})))  # as it reads back
     self.path.mkdir(exist_ok=True)
-    self._lock = _ShardLock(self.path / LOCK_FILE)
+    self._lock = outputs.WriterLock(
+        self.path / LOCK_FILE, error=StoreError,
+        in_use='another `qscore embed` is writing this store. Wait for it to finish, or stop '
+        'it; two writers would interleave their rows.',
+        taken_over='resuming after its last committed row.')
     try:
       self._columns = {name: self._allocate(name, dtype, shape) for (name, dtype), shape in zip(
           COLUMNS, ((rows, dim), (rows,), (rows,)))}
@@ -644,6 +578,27 @@ class RepresentationStore:
         done += count
       shard_start += rows
     return done
+
+  def prefetch(self, first: int, count: int) -> None:
+    """Asks the kernel to start reading representations ``[first, first + count)`` now.
+
+    A sequential reader calls it for its next chunk before it reads (and verifies) the
+    current one, so the disk keeps reading while the checksums are computed.
+    Returns at once; rows past the end are ignored.
+
+    Args:
+      first: index of the first row.
+      count: rows.
+    """
+    shard_start = 0
+    for shard, rows in zip(self.shards, self.shard_rows()):
+      begin, end = max(first - shard_start, 0), min(first + count - shard_start, rows)
+      if begin < end:
+        with open(shard / 'representations.npy', 'rb', buffering=0) as f:
+          offset = _npy_data_offset(f)
+          os.posix_fadvise(f.fileno(), offset + begin * self.dim * 4,
+                           (end - begin) * self.dim * 4, os.POSIX_FADV_WILLNEED)
+      shard_start += rows
 
   def _read_representations(self, shard: pathlib.Path, first: int, target: np.ndarray) -> None:
     with open(shard / 'representations.npy', 'rb', buffering=0) as f:

@@ -84,6 +84,8 @@ def _prefetched(source, rows: int, dim: int, depth: int = 2
   buffers may be aliased by device arrays (CPU), hence the explicit release.
   """
   total, read = _reader(source)
+  # A store reads its next chunk ahead while this one is read and checked (checksums).
+  prefetch = source.prefetch if isinstance(source, RepresentationStore) else None
   free: queue.Queue = queue.Queue()
   for _ in range(depth + 1):
     free.put(_aligned_empty((rows, dim)))
@@ -97,6 +99,8 @@ def _prefetched(source, rows: int, dim: int, depth: int = 2
         buffer = free.get()
         if stop.is_set():
           return
+        if prefetch and first + rows < total:
+          prefetch(first + rows, rows)
         count = read(first, buffer)
         buffer[count:] = 0
         ready.put((first, count, buffer))
