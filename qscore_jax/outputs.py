@@ -45,6 +45,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
+import fcntl
 import json
 import os
 import pathlib
@@ -53,6 +55,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import warnings
 from typing import Any, Iterator
 
 from qscore_jax._version import __version__
@@ -423,6 +426,83 @@ def writer_alive(owner: dict[str, Any]) -> bool | None:
   return True
 
 
+
+class WriterLock:
+  """An exclusive lock on an output, held while its writer lives.
+
+  ``flock`` on the lock file (released by the kernel when the holder dies, however it
+  dies); the file names the holder (:func:`writer_identity`) for the error a second
+  writer gets, and is emptied on a clean release, so a non-empty file found unlocked is
+  the stale lock of a killed writer, taken over with a warning. Where the file system has
+  no ``flock``, the holder's pid is checked instead (same host only).
+
+  Args:
+    path: the lock file (created if missing; its directory must exist).
+    error: the exception raised when another writer holds it.
+    in_use: what the error says after "in use by pid N on HOST (since T):".
+    taken_over: what the warning says after a stale lock is taken over.
+  """
+
+  def __init__(self, path: pathlib.Path, *, error: type[Exception] = OutputError,
+               in_use: str = 'another qscore_jax process is writing it.',
+               taken_over: str = ''):
+    self.path = pathlib.Path(path)
+    self._error, self._in_use_text, self._taken_over = error, in_use, taken_over
+    self.file = open(self.path, 'a+', encoding='utf-8')  # pylint: disable=consider-using-with
+    try:
+      self._acquire()
+    except BaseException:
+      self.file.close()
+      raise
+
+  def _holder(self) -> dict[str, Any] | None:
+    self.file.seek(0)
+    try:
+      holder = json.loads(self.file.read() or 'null')
+    except json.JSONDecodeError:
+      return {'pid': None, 'host': None, 'since': None}
+    return holder if isinstance(holder, dict) else None
+
+  def _in_use(self, holder: dict[str, Any]) -> Exception:
+    return self._error(
+        f'{self.path.parent} is in use by pid {holder.get("pid")} on {holder.get("host")} '
+        f'(since {holder.get("since")}): {self._in_use_text} If that process is gone, '
+        f'delete {self.path}.')
+
+  def _acquire(self) -> None:
+    try:
+      fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+      locked = True
+    except BlockingIOError:
+      raise self._in_use(self._holder() or {}) from None
+    except OSError as error:
+      if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise
+      locked = False
+    holder = self._holder()
+    if holder and holder.get('pid') != os.getpid():
+      # Without flock here, trust the holder's identity (another host's counts as running).
+      alive = writer_alive(holder) if isinstance(holder.get('pid'), int) else None
+      if not locked and alive is not False:
+        raise self._in_use(holder)
+      warnings.warn(f'{self.path.parent}: taking over the lock of pid {holder.get("pid")} on '
+                    f'{holder.get("host")}, which no longer runs (a killed writer); '
+                    f'{self._taken_over}'.rstrip('; '), stacklevel=3)
+    self.file.seek(0)
+    self.file.truncate()
+    json.dump(writer_identity(), self.file)
+    self.file.flush()
+
+  def release(self) -> None:
+    """Empties the lock file (a clean release, not stale) and unlocks it."""
+    if self.file.closed:
+      return
+    self.file.seek(0)
+    self.file.truncate()
+    self.file.flush()
+    fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+    self.file.close()
+
 def _owner(staging: pathlib.Path) -> dict[str, Any] | None:
   owner = _json(staging / STAGING_FILE)
   if (isinstance(owner, dict) and isinstance(owner.get('pid'), int) and owner['pid'] > 0
@@ -550,5 +630,6 @@ def remove_output(directory: str | os.PathLike, kind: str, *, option: str = '--o
     shutil.rmtree(staging, ignore_errors=True)
 
 
-__all__ = ['KINDS', 'MARKER_FILE', 'OutputError', 'check_output', 'clean_stale_staging',
-           'prepare_output', 'read_marker', 'remove_output', 'staged_output', 'write_marker']
+__all__ = ['KINDS', 'MARKER_FILE', 'OutputError', 'WriterLock', 'check_output',
+           'clean_stale_staging', 'prepare_output', 'read_marker', 'remove_output',
+           'staged_output', 'write_marker']

@@ -40,7 +40,7 @@ LAYERS = {
          'qscore_jax.data.datasets', 'qscore_jax.data.digits', 'qscore_jax.data.errors',
          'qscore_jax.data.folder', 'qscore_jax.data.imagenet100', 'qscore_jax.data.pipeline',
          'qscore_jax.data.preprocess', 'qscore_jax.data.preprocessing',
-         'qscore_jax.data.salient', 'qscore_jax.data.synthetic'},
+         'qscore_jax.data.salient', 'qscore_jax.data.synthetic', 'qscore_jax.finetune.workdir'},
     # What runs the method end to end, and the configs that describe runs.
     DRIVER: {'qscore_jax.embed', 'qscore_jax.analysis', 'qscore_jax.interpret',
              'qscore_jax.demo', 'qscore_jax.experiment', 'qscore_jax.summary',

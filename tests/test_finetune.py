@@ -419,13 +419,19 @@ def test_kill_9_midway_then_resume_is_bit_identical(tmp_path, data_dir, method):
 
 def test_workdir_of_another_config_is_refused(tmp_path, data_dir):
   config = _config(data_dir, 'method=simclr,num_steps=1')
-  loop._check_workdir(tmp_path, config, 'random')  # pylint: disable=protected-access
+  provenance = {'init': 'random', 'init_fingerprint': None, 'checkpoint_digest': 'xxh3_128',
+                'dataset_version': loop.dataset_info(config.dataset, config.data_dir).version}
+  loop._check_workdir(tmp_path, config, provenance)  # pylint: disable=protected-access
   other = _config(data_dir, 'method=simclr,num_steps=1,regularizer.lambda1=0.5')
   with pytest.raises(loop.TrainingError, match=r'regularizer.lambda1: 0.0001 in the workdir, '
                                                r'0.5 now'):
     loop.run(other, tmp_path)
-  with pytest.raises(loop.TrainingError, match='init'):
-    loop.run(config, tmp_path, init='some-other-model')
+  with pytest.raises(loop.TrainingError, match=r"init: 'random' in the workdir, 'other' now"):
+    loop._check_workdir(tmp_path, config,  # pylint: disable=protected-access
+                        {**provenance, 'init': 'other', 'init_fingerprint': 'sha256:0'})
+  with pytest.raises(loop.TrainingError, match=r"dataset_version: .* in the workdir, '2.0' now"):
+    loop._check_workdir(tmp_path, config,  # pylint: disable=protected-access
+                        {**provenance, 'dataset_version': '2.0'})
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):

@@ -1,19 +1,23 @@
 """The training loop: config -> trainer -> steps, checkpoints, logs, resume.
 
-:func:`run` is ``qscore finetune``. A workdir holds::
+:func:`run` is ``qscore finetune``. A workdir holds (:mod:`~qscore_jax.finetune.workdir`
+owns these files)::
 
-    run.json             the config and init it was started with (a resumed run must match)
+    run.json             the config, init (and its weights' fingerprint) and dataset version
+                         it was started with: a resumed run must match them
     checkpoints/<step>/  orbax CheckpointManager: the whole TrainState, the last k kept
     best/<step>/         the checkpoint with the lowest ``best_metric`` so far
+    damaged/             checkpoints that could not be restored, set aside on resume
     metrics.jsonl        one JSON line per logged step (every loss term, Q, lr, img/s)
     tensorboard/         the same scalars for TensorBoard
     model/               the final backbone + heads (save_model): `qscore embed`/`compare` it
 
 Killed at any point and run again with the same command, training resumes from
-the last checkpoint: the state (parameters, optimizer, EMA target, D, step),
+the newest intact checkpoint: the state (parameters, optimizer, EMA target, D, step),
 the data order and augmentations (a pure function of seed and step) and the
 schedule continue exactly, so the parameters after the last step are
-bit-identical to an uninterrupted run's (tested).
+bit-identical to an uninterrupted run's (tested), and the logs are cut back to the
+restored step, so each step is logged once.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
@@ -39,18 +42,15 @@ from qscore_jax.configs.finetune import check_config
 from qscore_jax.data import augment, dataset_info, eval_batches, native_preprocessing, ssl_batches
 from qscore_jax.data.preprocessing import Preprocessing
 from qscore_jax.embed import make_embed_step
-from qscore_jax.finetune import core
+from qscore_jax.finetune import core, workdir as files
 from qscore_jax.finetune.methods import get_method
-from qscore_jax.models import (VisionTransformer, build_model, init_variables, load_encoder,
-                               load_heads, save_model)
+from qscore_jax.finetune.workdir import TrainingError
+from qscore_jax.models import (Encoder, VisionTransformer, build_model, init_variables,
+                               load_encoder, load_heads, save_model)
 
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ('progress', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                     'export_model')
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (diverged, or a workdir of another run)."""
 
 
 @dataclasses.dataclass
@@ -66,6 +66,7 @@ class Setup:
     arch_options: its options.
     steps_per_epoch: global batches per epoch of the training split.
     init: the ``init`` the run was started from.
+    init_fingerprint: the content fingerprint of the init weights (None from scratch).
   """
   trainer: core.Trainer
   state: core.TrainState
@@ -75,20 +76,22 @@ class Setup:
   arch_options: dict[str, Any]
   steps_per_epoch: int
   init: str
+  init_fingerprint: str | None = None
 
 
 def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
-def _init_model(config, init: str, key):
-  """(model, backbone variables, heads {name: variables}, metadata) of the initialisation."""
+def _init_model(config, init: str, key, encoder: Encoder | None = None):
+  """(model, backbone variables, heads {name: variables}, metadata, weights' fingerprint)
+  of the initialisation (``encoder``: ``init`` already loaded)."""
   if init == 'random':
     arch = config.arch or 'resnet18'
     options = dict(config.arch_options)
     model = build_model(arch, **options)
-    return model, None, {}, {'arch': arch, 'arch_options': options}
-  encoder = load_encoder(init)
+    return model, None, {}, {'arch': arch, 'arch_options': options}, None
+  encoder = encoder or load_encoder(init)
   path, model, variables, meta = (encoder.directory, encoder.module, encoder.variables,
                                   encoder.metadata)
   if config.arch and config.arch != meta['arch']:
@@ -102,7 +105,8 @@ def _init_model(config, init: str, key):
     raise ValueError(f'--init {init} was built with other architecture options '
                      f'(init vs config: {clash}); drop them from the config.')
   heads = {name: variables_ for name, (_, variables_) in load_heads(path).items()}
-  return model, jax.device_get(variables), jax.device_get(heads), meta
+  return (model, jax.device_get(variables), jax.device_get(heads), meta,
+          encoder.fingerprint)
 
 
 def _head_options(config, model) -> dict[str, Any]:
@@ -132,7 +136,8 @@ def _recipe(config: ml_collections.ConfigDict, name: str, image_size: int):
   return augment.recipe(name, image_size=image_size, min_crop_scale=config.min_crop_scale)
 
 
-def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
+def setup(config: ml_collections.ConfigDict, init: str = 'random', *,
+          encoder: Encoder | None = None) -> Setup:
   """Builds the trainer and the initial state (D included) from a config.
 
   Args:
@@ -140,11 +145,12 @@ def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
     init: ``'random'`` (from scratch, default) or anything
       :func:`~qscore_jax.models.encoder.load_encoder` accepts (a saved model
       directory, a finetune workdir, a converted registry id, a shipped model id).
+    encoder: ``init`` already loaded (so that it is restored once).
   """
   method = get_method(config.method)
   parallel.check_batch_divisible(config.batch_size)
   key = jax.random.key(config.seed)
-  model, backbone_vars, init_heads, meta = _init_model(config, init, key)
+  model, backbone_vars, init_heads, meta, fingerprint = _init_model(config, init, key, encoder)
   info = dataset_info(config.dataset, config.data_dir)
   preprocessing = (Preprocessing.from_json(meta['preprocessing']) if meta.get('preprocessing')
                    else native_preprocessing(info))
@@ -195,7 +201,7 @@ def setup(config: ml_collections.ConfigDict, init: str = 'random') -> Setup:
   state = core.create_state(trainer, backbone_vars, head_vars, discriminative,
                             key=jax.random.fold_in(key, 2))
   return Setup(trainer, state, preprocessing, image_size, meta['arch'],
-               dict(meta.get('arch_options') or {}), steps_per_epoch, init)
+               dict(meta.get('arch_options') or {}), steps_per_epoch, init, fingerprint)
 
 
 def reference_discriminative(model, variables, dataset: str, split: str, *, preprocessing,
@@ -241,102 +247,17 @@ def reference_discriminative(model, variables, dataset: str, split: str, *, prep
 
 # --- the workdir ---------------------------------------------------------------------------
 
-def _check_workdir(workdir: pathlib.Path, config, init: str) -> None:
-  """Writes run.json, or checks that the workdir was started by the same run."""
+def _check_workdir(workdir: pathlib.Path, config, provenance: dict[str, Any]) -> list[str]:
+  """Checks (or records) in ``run.json`` that the workdir belongs to this run.
+
+  ``provenance``: ``{'init', 'init_fingerprint', 'dataset_version', 'checkpoint_digest'}``
+  of the run. Returns the fields an older qscore_jax did not record
+  (:func:`~qscore_jax.finetune.workdir.check_run`)."""
   # Never train into (and let orbax prune checkpoints of) a directory this tool did not make.
   outputs.prepare_output(workdir, 'finetune', option='--workdir', write=jax.process_index() == 0)
-  run_file = workdir / 'run.json'
-  current = {'config': {k: v for k, v in _plain(config).items() if k not in RESUMABLE_FIELDS},
-             'init': init}
-  if run_file.exists():
-    previous = json.loads(run_file.read_text())
-    if previous != current:
-      diff = _differences(previous, current)
-      raise TrainingError(
-          f'{workdir} holds a run of another config or init ({"; ".join(diff[:8])}). '
-          'Use a new --workdir, or the same config and --init to resume.')
-    return
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_suffix('.tmp')
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    tmp.replace(run_file)
-
-
-def _differences(a, b, prefix=''):
-  if isinstance(a, dict) and isinstance(b, dict):
-    out = []
-    for key in sorted(set(a) | set(b)):
-      out += _differences(a.get(key), b.get(key), f'{prefix}{key}.')
-    return out
-  return [] if a == b else [f'{prefix[:-1]}: {a!r} in the workdir, {b!r} now']
-
-
-def _managers(workdir: pathlib.Path, config):
-  """The periodic (last k) and best checkpoint managers.
-
-  Both remove the unfinished ``*.orbax-checkpoint-tmp`` directories a killed run leaves.
-  """
-  periodic = ocp.CheckpointManager(
-      workdir / 'checkpoints',
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           cleanup_tmp_directories=True))
-  best = ocp.CheckpointManager(
-      workdir / 'best',
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True, best_fn=lambda m: m[config.best_metric], best_mode='min',
-          keep_checkpoints_without_metrics=False, cleanup_tmp_directories=True))
-  return periodic, best
-
-
-def _save(manager, state, step: int, metrics=None) -> None:
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-               metrics=metrics)
-
-
-def _restore(manager, target, step: int):
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  return manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))['state']
-
-
-def _last_logged(workdir: pathlib.Path, step: int) -> dict[str, float]:
-  """The metrics logged at ``step`` in ``workdir/metrics.jsonl`` (``{}`` when none)."""
-  path = workdir / 'metrics.jsonl'
-  if not path.is_file():
-    return {}
-  last: dict[str, float] = {}
-  for line in path.read_text().splitlines():
-    record = json.loads(line)
-    if record.get('step') == step:
-      last = {k: v for k, v in record.items() if k != 'step'}
-  return last
-
-
-class _Logger:
-  """metrics.jsonl and TensorBoard scalars, written by process 0."""
-
-  def __init__(self, workdir: pathlib.Path):
-    self.enabled = jax.process_index() == 0
-    if self.enabled:
-      # Imports TensorFlow: here, after qscore_jax.data has imported it quietly, off accelerators.
-      from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
-      self.jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')  # pylint: disable=consider-using-with
-      self.tensorboard = tensorboard.SummaryWriter(str(workdir / 'tensorboard'))
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-    self.jsonl.flush()
-    for name, value in scalars.items():
-      self.tensorboard.scalar(name, value, step)
-    self.tensorboard.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      self.jsonl.close()
-      self.tensorboard.close()
+  return files.check_run(workdir, {
+      'config': {k: v for k, v in _plain(config).items() if k not in RESUMABLE_FIELDS},
+      **provenance})
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -357,23 +278,46 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     ``{'step', 'metrics' (last logged), 'model' (exported directory or None)}``.
   Raises:
     TrainingError: a NaN/inf loss (the step is named; earlier checkpoints are kept),
-      or a workdir of another run.
+      a workdir of another run (config, init weights or dataset version), or
+      checkpoints none of which can be restored (a damaged newest one is set aside
+      with a warning and the newest intact one is used).
     qscore_jax.outputs.OutputError: ``workdir`` holds files qscore_jax did not write.
   """
   workdir = pathlib.Path(workdir).expanduser().resolve()
   get_method(config.method)  # fail fast on an unknown method
   check_config(config)  # and on a field out of range
-  _check_workdir(workdir, config, init)
-  built = setup(config, init)
+  encoder = None if init == 'random' else load_encoder(init)
+  provenance = {'init': init, 'init_fingerprint': encoder.fingerprint if encoder else None,
+                'dataset_version': dataset_info(config.dataset, config.data_dir).version,
+                'checkpoint_digest': 'xxh3_128'}
+  older = _check_workdir(workdir, config, provenance)
+  held = files.lock(workdir)
+  try:
+    return _train(config, workdir, setup(config, init, encoder=encoder), stop_after,
+                  require_integrity='checkpoint_digest' not in older)
+  finally:
+    if held:
+      held.release()
+
+
+def _train(config, workdir: pathlib.Path, built: Setup, stop_after: int | None, *,
+           require_integrity: bool) -> dict[str, Any]:
+  """:func:`run` in a checked, locked workdir."""
   trainer = built.trainer
   mesh = parallel.data_mesh()
   replicated = NamedSharding(mesh, PartitionSpec())
   state = jax.device_put(built.state, replicated)
-  periodic, best = _managers(workdir, config)
-  latest = periodic.latest_step()
-  if latest is not None:
-    state = _restore(periodic, state, latest)
+  periodic, best = files.managers(workdir, keep=config.keep_checkpoints,
+                                  best_metric=config.best_metric)
+  try:
+    state, _ = files.restore_newest_intact(workdir, state, periodic, best,
+                                           require_integrity=require_integrity)
+  except BaseException:
+    periodic.close()
+    best.close()
+    raise
   start = int(state.step)
+  files.truncate_logs(workdir, start)  # the steps after the checkpoint are logged again
   total = trainer.total_steps
   end = min(total, stop_after) if stop_after is not None else total
   batches = ssl_batches(config.dataset, config.split,
@@ -382,12 +326,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                         preprocessing=built.preprocessing, image_size=built.image_size,
                         data_dir=config.data_dir, start_step=start)
   step_fn = trainer.jit_step(mesh)
-  logger = _Logger(workdir)
+  logger = files.Logger(workdir)
   bar = tqdm(total=total, initial=start, unit='step', desc=f'{config.method}',
              disable=not config.progress or jax.process_index() != 0)
   window: list[dict[str, float]] = []
   since_checkpoint: list[float] = []
-  last = _last_logged(workdir, start)  # what a run resumed at its end returns
+  last = files.last_logged(workdir, start)  # what a run resumed at its end returns
   clock, images = time.perf_counter(), 0
   try:
     iterator = iter(batches)
@@ -421,8 +365,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         state = state.replace(discriminative=jax.device_put(
             _current_discriminative(built, state, config), replicated))
       if done % config.checkpoint_every_steps == 0 or done == end:
-        _save(periodic, state, done)
-        _save(best, state, done, {config.best_metric: float(np.mean(since_checkpoint))})
+        files.save(periodic, state, done)
+        files.save(best, state, done, {config.best_metric: float(np.mean(since_checkpoint))})
         since_checkpoint = []
   finally:
     bar.close()
@@ -469,7 +413,8 @@ def export_model(built: Setup, state: core.TrainState, directory: pathlib.Path,
       directory, {'params': params['backbone'], 'batch_stats': batch_stats['backbone']},
       arch=built.arch, arch_options=built.arch_options, method=config.method,
       preprocessing=built.preprocessing, heads=heads,
-      provenance={'trained_by': 'qscore finetune', 'init': built.init, 'steps': int(state.step),
+      provenance={'trained_by': 'qscore finetune', 'init': built.init,
+                  'init_fingerprint': built.init_fingerprint, 'steps': int(state.step),
                   'config': _plain(config)},
       overwrite=True)
 
