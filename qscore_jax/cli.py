@@ -13,6 +13,7 @@ import importlib.util
 import json
 import pathlib
 import sys
+import warnings
 from typing import Sequence
 
 
@@ -696,6 +697,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     (its message goes to stderr).
   """
   args = build_parser().parse_args(argv)
+  plain = warnings.formatwarning
+  # The tool's own warnings (a damaged checkpoint set aside, a stale lock taken over) read
+  # as messages, not as a source line of the package.
+  warnings.formatwarning = lambda message, category, *rest, **kw: (
+      f'qscore {args.command}: warning: {message}\n' if issubclass(category, UserWarning)
+      and not issubclass(category, DeprecationWarning) else plain(message, category, *rest, **kw))
   try:
     _initialize_distributed(args)
     return args.func(args)
@@ -703,6 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     message = error.args[0] if isinstance(error, KeyError) and error.args else error
     print(f'qscore {args.command}: error: {message}', file=sys.stderr)
     return 2
+  finally:
+    warnings.formatwarning = plain
 
 
 if __name__ == '__main__':

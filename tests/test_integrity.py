@@ -5,6 +5,10 @@ clear error naming the file (and rows), or a correct result: never a wrong numbe
 Each damage is applied to a fresh, complete two-shard store written through
 :class:`~qscore_jax.store.ShardWriter` (3 checksummed blocks per shard), then the store is
 opened and both streaming passes are run over it, as ``qscore analyze`` does.
+
+The checkpoint half of the torture test (truncation, flipped bytes, deleted files and
+items, garbage metadata, every checkpoint damaged, a second run in the same workdir) is
+``tests/test_finetune_resume.py``, next to the fine-tuning loop it protects.
 """
 
 import json

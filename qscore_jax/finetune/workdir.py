@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -264,7 +265,14 @@ def _silence_restore_debris() -> None:
 
   hook.qscore_restore_debris = True
   sys.unraisablehook = hook
-  gc.collect()  # the failed restore's coroutines, now, under the hook
+  # asyncio logs the failed restore's other reads as "Task exception was never retrieved".
+  logging.getLogger('asyncio').addFilter(_not_restore_task)
+  gc.collect()  # the failed restore's coroutines and tasks, now, under the hook and filter
+
+
+def _not_restore_task(record: logging.LogRecord) -> bool:
+  message = record.getMessage()
+  return not (message.startswith('Task exception was never retrieved') and 'orbax' in message)
 
 
 def _sync(name: str) -> None:
