@@ -97,7 +97,8 @@ def main() -> None:
   parser.add_argument('--dim', type=int, default=2048)
   parser.add_argument('--chunk-rows', type=int, default=16384)
   parser.add_argument('--rounds', type=int, default=5,
-                      help='rounds of the passes, verified and not, cold and warm (medians reported)')
+                      help='rounds of the passes, verified and not, cold and warm '
+                      '(medians reported)')
   parser.add_argument('--keep', action='store_true', help='keep the store afterwards')
   parser.add_argument('--out', help='write the results as JSON here')
   parser.add_argument('--write-only', action='store_true',
@@ -140,34 +141,31 @@ def main() -> None:
   # Each pass cold, with and without checksum verification, interleaved: the medians of
   # `--rounds` rounds give the cost of verifying as a ratio measured side by side.
   # The order alternates from round to round, so that neither variant always runs first.
-  times = {(p, v): [] for p in (1, 2) for v in (True, False)}
-  for round_ in range(args.rounds):
-    for verified in ((True, False) if round_ % 2 == 0 else (False, True)):
-      source = store if verified else unverified
-      _evict(data)
-      start = time.perf_counter()
-      feature = streaming.feature_stats(source, chunk_rows=args.chunk_rows)
-      times[1, verified].append(time.perf_counter() - start)
-      _evict(data)
-      start = time.perf_counter()
-      scores = streaming.sample_scores(source, feature, chunk_rows=args.chunk_rows)
-      times[2, verified].append(time.perf_counter() - start)
+  def timed_rounds(cold: bool):
+    times = {(p, v): [] for p in (1, 2) for v in (True, False)}
+    for round_ in range(args.rounds):
+      for verified in ((True, False) if round_ % 2 == 0 else (False, True)):
+        source = store if verified else unverified
+        if cold:
+          _evict(data)
+        start = time.perf_counter()
+        feature = streaming.feature_stats(source, chunk_rows=args.chunk_rows)
+        times[1, verified].append(time.perf_counter() - start)
+        if cold:
+          _evict(data)
+        start = time.perf_counter()
+        scores = streaming.sample_scores(source, feature, chunk_rows=args.chunk_rows)
+        times[2, verified].append(time.perf_counter() - start)
+    return times, feature, scores
+
+  times, feature, scores = timed_rounds(cold=True)
   median = {key: float(np.median(value)) for key, value in times.items()}
   pass1, pass2 = median[1, True], median[2, True]
   peak = _peak_rss_gb()
   # The same passes with the store in the page cache (a second read): what the
   # computation, and the checksums' hashing, cost when the disk is out of the way.
   _warm(data)
-  warm_times = {(p, v): [] for p in (1, 2) for v in (True, False)}
-  for round_ in range(args.rounds):
-    for verified in ((True, False) if round_ % 2 == 0 else (False, True)):
-      source = store if verified else unverified
-      start = time.perf_counter()
-      streaming.feature_stats(source, chunk_rows=args.chunk_rows)
-      warm_times[1, verified].append(time.perf_counter() - start)
-      start = time.perf_counter()
-      streaming.sample_scores(source, feature, chunk_rows=args.chunk_rows)
-      warm_times[2, verified].append(time.perf_counter() - start)
+  warm_times, _, _ = timed_rounds(cold=False)
   warm_median = {key: float(np.median(value)) for key, value in warm_times.items()}
   warm1, warm2 = warm_median[1, True], warm_median[2, True]
   result = {

@@ -59,3 +59,11 @@ def run_on_simulated_devices(script: str, devices: int = 4) -> None:
                           text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith('ok')
+
+
+# A fine-tuning config small enough for a test on a CPU (the tiny synthetic-shapes split,
+# a ResNet-18 at 1/16 width, small heads, a log line every step).
+TINY_FINETUNE = ('dataset=synthetic_shapes/tiny,batch_size=16,arch_options.width_multiplier=0.0625,'
+                 'heads.projector_hidden=32,heads.projector_out=16,heads.predictor_hidden=8,'
+                 'regularizer.reference_examples=64,optimizer.learning_rate=0.05,progress=false,'
+                 'log_every_steps=1')

@@ -12,15 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import finish_json, free_port
+from helpers import TINY_FINETUNE, finish_json, free_port
 from qscore_jax.configs.finetune import get_config
 from qscore_jax.finetune import loop
 
 DATASET = 'synthetic_shapes/tiny'
-TINY = ('dataset=synthetic_shapes/tiny,batch_size=16,arch_options.width_multiplier=0.0625,'
-        'heads.projector_hidden=32,heads.projector_out=16,heads.predictor_hidden=8,'
-        'regularizer.reference_examples=64,optimizer.learning_rate=0.05,progress=false,'
-        'log_every_steps=1')
+TINY = TINY_FINETUNE
 
 
 @pytest.fixture(scope='module')

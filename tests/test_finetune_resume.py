@@ -17,18 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import TINY_FINETUNE
 from qscore_jax.configs.finetune import get_config
 from qscore_jax.finetune import loop, workdir as files
 
-TINY = ('dataset=synthetic_shapes/tiny,batch_size=16,arch_options.width_multiplier=0.0625,'
-        'heads.projector_hidden=32,heads.projector_out=16,heads.predictor_hidden=8,'
-        'regularizer.reference_examples=64,optimizer.learning_rate=0.05,progress=false,'
-        'log_every_steps=1')
-
-
-@pytest.fixture(scope='module')
-def data_dir(tiny_data_dir):
-  return tiny_data_dir
+TINY = TINY_FINETUNE
 
 
 def _state(step: int):
@@ -226,8 +219,9 @@ def _digest(checkpoint: pathlib.Path) -> str:
   return json.loads((checkpoint / files.INTEGRITY_ITEM / 'metadata').read_text())['state_digest']
 
 
-def test_the_loop_falls_back_to_an_intact_checkpoint_and_logs_every_step_once(tmp_path, data_dir):
-  config = get_config(f'{TINY},data_dir={data_dir},method=simclr,num_steps=8,'
+def test_the_loop_falls_back_to_an_intact_checkpoint_and_logs_every_step_once(tmp_path,
+                                                                              tiny_data_dir):
+  config = get_config(f'{TINY},data_dir={tiny_data_dir},method=simclr,num_steps=8,'
                       'checkpoint_every_steps=2,keep_checkpoints=4')
   run_dir = tmp_path / 'run'
   loop.run(config, run_dir, stop_after=4)  # "killed" after step 4
@@ -250,14 +244,15 @@ def test_the_loop_falls_back_to_an_intact_checkpoint_and_logs_every_step_once(tm
   assert events['loss'] == list(range(1, 9)) == events['qscore_mean']
 
 
-def test_a_replaced_init_model_is_refused_on_resume(tmp_path, data_dir):
+def test_a_replaced_init_model_is_refused_on_resume(tmp_path, tiny_data_dir):
   from helpers import random_variables  # pylint: disable=import-outside-toplevel  # test-only
-  from qscore_jax.models import build_model, load_encoder, save_model  # pylint: disable=import-outside-toplevel
+  # test-only imports
+  from qscore_jax.models import build_model, load_encoder, save_model  # pylint: disable=C0415
   model = build_model('resnet18', width_multiplier=0.0625)
   init = tmp_path / 'init'
   save_model(init, random_variables(model, (1, 32, 32, 3), seed=0), arch='resnet18',
              arch_options={'width_multiplier': 0.0625}, method='simclr')
-  config = get_config(f'{TINY},data_dir={data_dir},method=simclr,num_steps=4')
+  config = get_config(f'{TINY},data_dir={tiny_data_dir},method=simclr,num_steps=4')
   first = load_encoder(init).fingerprint
   _start_workdir(tmp_path / 'run', config, init=str(init), fingerprint=first)
   # A new model saved at the same path (a new fine-tune into the same place).
@@ -268,8 +263,9 @@ def test_a_replaced_init_model_is_refused_on_resume(tmp_path, data_dir):
     loop.run(config, tmp_path / 'run', init=str(init))
 
 
-def test_a_workdir_in_use_is_refused_and_a_killed_holders_lock_taken_over(tmp_path, data_dir):
-  config = get_config(f'{TINY},data_dir={data_dir},method=simclr,num_steps=2')
+def test_a_workdir_in_use_is_refused_and_a_killed_holders_lock_taken_over(tmp_path,
+                                                                           tiny_data_dir):
+  config = get_config(f'{TINY},data_dir={tiny_data_dir},method=simclr,num_steps=2')
   run_dir = tmp_path / 'run'
   _start_workdir(run_dir, config)
   holder = subprocess.Popen(  # another process holding the workdir's lock, as a run does
