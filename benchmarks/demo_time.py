@@ -38,7 +38,7 @@ def one_round(work: pathlib.Path) -> dict:
   analysis = json.loads((work / 'demo' / 'analysis' / 'report.json').read_text())
   return {'seconds': round(seconds, 1),
           'top1': analysis['probe']['top1'],
-          'auprc_q': analysis['misclassification']['qscore']['auprc_mirrored'],
+          'auprc_q': analysis['misclassification']['qscore']['auprc_error_positive'],
           'num_discriminative': analysis['feature_stats']['num_discriminative'],
           'figures': len(re.findall(r'!\[', report))}
 

@@ -9,11 +9,13 @@ split — stores written by :func:`qscore_jax.embed.embed_dataset`, or arrays �
    baselines (L2 norm, Hoyer sparsity);
 3. trains the linear probe on the reference split and evaluates it (top-1,
    top-5, per-sample correctness and max softmax), adds k-NN agreement;
-4. measures how well each score predicts correct classification (AUPRC,
-   AUROC, mirrored AUPRC, chance levels), and the dataset-level RankMe and
-   alpha-ReQ;
+4. measures how well each score tells the probe's correct samples from its
+   errors — AUPRC with correct = positive and with error = positive, AUROC, their
+   chance levels and 95% bootstrap intervals (:mod:`qscore_jax.metrics`) — and
+   the dataset-level RankMe and alpha-ReQ;
 5. draws the compression curve (kept by discriminativeness vs random);
-6. writes ``report.json``, the per-sample scores (``scores.npz``) and the plots.
+6. judges the paper's claims on these numbers (:mod:`qscore_jax.findings`);
+7. writes ``report.json``, the per-sample scores (``scores.npz``) and the plots.
 
 :func:`analyze_encoder` is the pipeline every driver runs (``demo``,
 ``interpret``, ``compare``, ``experiment``): it embeds the reference and the
@@ -33,7 +35,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qscore_jax import compression, metrics, outputs, report, stats, streaming, validation
+from qscore_jax import (compression, findings, metrics, outputs, report, stats, streaming,
+                        validation)
 from qscore_jax.data.datasets import dataset_info
 from qscore_jax.embed import embed_encoder
 from qscore_jax.models.encoder import as_encoder
@@ -58,6 +61,8 @@ class AnalysisConfig:
     spectrum_rows: at most this many evaluation rows enter RankMe and alpha-ReQ
       (default 25600).
     chunk_rows: rows per chunk when streaming the statistics over a store.
+    bootstrap_resamples: resamples of the AUPRC/AUROC intervals (default 1000; 0:
+      no intervals, and the claims cannot be judged).
   """
   eps: float = stats.DEFAULT_EPS
   band: tuple[float, float] = stats.DEFAULT_BAND
@@ -67,6 +72,7 @@ class AnalysisConfig:
   knn_k: int = 10
   spectrum_rows: int = 25600
   chunk_rows: int = streaming.DEFAULT_CHUNK_ROWS
+  bootstrap_resamples: int = metrics.DEFAULT_RESAMPLES
 
   def __post_init__(self):
     validation.band(self.band)
@@ -74,6 +80,8 @@ class AnalysisConfig:
     validation.check_number(self.knn_k, 'knn_k', minimum=1, integer=True)
     validation.check_number(self.spectrum_rows, 'spectrum_rows', minimum=1, integer=True)
     validation.check_number(self.chunk_rows, 'chunk_rows', minimum=1, integer=True)
+    validation.check_number(self.bootstrap_resamples, 'bootstrap_resamples', minimum=0,
+                            integer=True)
 
 
 @dataclasses.dataclass
@@ -205,7 +213,7 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
             'hoyer_sparsity': sample['hoyer_sparsity']}
   if knn is not None:
     scores['knn_agreement'] = knn
-  table = metrics.score_table(scores, correct)
+  table = metrics.score_table(scores, correct, resamples=config.bootstrap_resamples)
   spectrum_source = eval_h if eval_h is not None else np.asarray(
       evaluation.representations[np.arange(min(len(evaluation.labels), config.spectrum_rows))])
   dataset_level = {'rankme': metrics.rankme(spectrum_source, max_rows=config.spectrum_rows),
@@ -226,12 +234,15 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
                 'mean_qscore': float(sample['qscore'][labels == c].mean())}
                for c in np.unique(labels)]
   report_dict = {
+      'report_version': REPORT_VERSION,
       'train': train.description, 'evaluation': evaluation.description,
       'num_classes': num_classes, 'dim': int(len(feature.counts)),
       'options': {'eps': config.eps, 'band': list(config.band),
                   'nonzero_only': config.nonzero_only,
-                  'probe': dataclasses.asdict(config.probe), 'knn_k': config.knn_k,
-                  'compression': (dataclasses.asdict(config.compression)
+                  'probe': _probe_options(config.probe), 'knn_k': config.knn_k,
+                  'bootstrap_resamples': config.bootstrap_resamples,
+                  'compression': ({**dataclasses.asdict(config.compression),
+                                   'probe': _probe_options(config.compression.probe)}
                                   if config.compression else None)},
       'feature_stats': feature.to_json(),
       'probe': {'top1': result['top1'], 'top5': result['top5'], 'train_top1': train_accuracy,
@@ -274,6 +285,7 @@ def analyze(train: Split, evaluation: Split, out_dir: str | pathlib.Path, *,
     if curve:
       figures['compression'] = report.plot_compression(curve, out / 'compression.png')
     report_dict['figures'] = {k: v.name for k, v in figures.items()}
+  report_dict['findings'] = findings.analysis_findings(report_dict)
   report.write_json(report_dict, out / 'report.json')
   return report_dict
 
@@ -290,40 +302,77 @@ def _check_pair(train: Split, evaluation: Split) -> None:
                      'the same model.')
 
 
-def summary_lines(report_dict: dict[str, Any]) -> list[str]:
-  """A short human-readable summary of a report.
+def _probe_options(probe: ProbeConfig) -> dict[str, Any]:
+  """The probe's options as run: the step schedule's milestones rescaled to its epochs."""
+  return {**dataclasses.asdict(probe), 'milestones': list(probe.scaled_milestones()),
+          'milestones_for_100_epochs': list(probe.milestones)}
+
+
+def _with_interval(row: Mapping[str, Any], key: str) -> str:
+  interval = row.get(f'{key}_interval')
+  text = f'{row[key]:.3f}'
+  return text + (f' [{interval[0]:.3f}, {interval[1]:.3f}]' if interval else '')
+
+
+def misclassification_lines(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """The misclassification table as text: both AUPRC views side by side, AUROC, chance.
+
+  Args:
+    table: ``report['misclassification']``.
+  Returns:
+    The lines (a header naming the two views and their chance levels, one row per score).
+  """
+  q = table['qscore']
+  cells = [(name, _with_interval(row, 'auprc_correct_positive'),
+            _with_interval(row, 'auprc_error_positive'), _with_interval(row, 'auroc'))
+           for name, row in table.items()]
+  width = max(len(c[1]) for c in cells) + 2
+  lines = [f"{'score':<17}{'AUPRC correct=positive':<{width + 2}}"
+           f"{'AUPRC error=positive':<{width + 2}}AUROC",
+           f"{'  chance':<17}{q['chance_auprc_correct_positive']:<{width + 2}.3f}"
+           f"{q['chance_auprc_error_positive']:<{width + 2}.3f}0.500"]
+  for name, correct, error, auroc in cells:
+    lines.append(f'  {name:<15}{correct:<{width + 2}}{error:<{width + 2}}{auroc}')
+  return lines
+
+
+def summary_lines(report_dict: dict[str, Any], with_findings: bool = True) -> list[str]:
+  """A short human-readable summary of a report: what it shows first, then the numbers.
 
   Args:
     report_dict: the dict returned by :func:`analyze` (or read from
       ``report.json``).
+    with_findings: begin with the judged claims (:mod:`qscore_jax.findings`).
   Returns:
     The lines, without newlines.
   """
-  m = report_dict['misclassification']
   fs = report_dict['feature_stats']
-  lines = [
+  lines = findings.finding_lines(report_dict.get('findings') or []) if with_findings else []
+  lines += [
       f"linear probe   top-1 {100 * report_dict['probe']['top1']:.2f}%  top-5 "
       f"{100 * report_dict['probe']['top5']:.2f}%  (train {100 * report_dict['probe']['train_top1']:.2f}%)",
       f"features       d={fs['dim']}, |D|={fs['num_discriminative']}, never active "
       f"{fs['never_active']}, band A in [{fs['band_frequencies'][0]:.4f}, {fs['band_frequencies'][1]:.4f}]",
-      'score          AUPRC   AUROC   AUPRC(mirrored)   chance ' +
-      f"{m['qscore']['chance_auprc']:.3f} / {m['qscore']['chance_auprc_mirrored']:.3f}"]
-  for name, row in m.items():
-    lines.append(f'  {name:<14} {row["auprc"]:.3f}   {row["auroc"]:.3f}   {row["auprc_mirrored"]:.3f}')
+      "finding the probe's errors by each score (95% bootstrap intervals):"]
+  lines += misclassification_lines(report_dict['misclassification'])
   dl = report_dict['dataset_level']
   lines.append(f"dataset        RankMe {dl['rankme']:.1f}   alpha-ReQ {dl['alpha_req']:.3f}")
   if report_dict.get('compression'):
-    row = next((r for r in report_dict['compression'] if abs(r['removed'] - 0.4) < 1e-9), None)
+    table = report_dict['compression']
+    row = max((r for r in table if 0 < r['removed'] <= findings.COMPRESSION_UP_TO + 1e-9),
+              key=lambda r: r['removed'], default=None)
     if row:
-      lines.append(f"compression    40% removed: ranked {100 * row['ranked']:.2f}%, random "
-                   f"{100 * row['random_mean']:.2f} ± {100 * row['random_std']:.2f}% "
-                   f"(all features {100 * report_dict['compression'][0]['ranked']:.2f}%)")
+      lines.append(f"compression    {100 * row['removed']:.0f}% removed: ranked "
+                   f"{100 * row['ranked']:.2f}%, random {100 * row['random_mean']:.2f} ± "
+                   f"{100 * row['random_std']:.2f}% (all features {100 * table[0]['ranked']:.2f}%)")
   return lines
 
 
 # --------------------------------------------------------------------------- the pipeline
 
 SETTINGS_FILE = 'analysis_settings.json'
+# The layout of report.json; an analysis of another layout is rerun, never read back.
+REPORT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +528,8 @@ def analyze_encoder(encoder, dataset: str, out_dir: str | pathlib.Path, *, split
   # Reused only if made from the same weights, splits and options.
   settings = json.loads(json.dumps({
       'model_fingerprint': encoder.fingerprint, 'reference': list(reference),
-      'evaluated': list(evaluated), 'config': dataclasses.asdict(config), 'plots': plots}))
+      'evaluated': list(evaluated), 'config': dataclasses.asdict(config), 'plots': plots,
+      'report_version': REPORT_VERSION}))
   settings_path = directory / SETTINGS_FILE
   if (settings_path.is_file() and (directory / 'report.json').is_file()
       and (directory / 'scores.npz').is_file()
@@ -557,9 +607,15 @@ def comparison_lines(reports: Sequence[dict[str, Any]]) -> list[str]:
   rows = [('model', lambda r: pathlib.Path(r['model_ref']).name),
           ('linear top-1 %', lambda r: f"{100 * r['probe']['top1']:.2f}"),
           ('linear top-5 %', lambda r: f"{100 * r['probe']['top5']:.2f}"),
-          ('AUPRC of Q', lambda r: f"{r['misclassification']['qscore']['auprc']:.3f}"),
+          ('AUPRC of Q, correct=positive',
+           lambda r: f"{r['misclassification']['qscore']['auprc_correct_positive']:.3f}"),
+          ('  chance', lambda r:
+           f"{r['misclassification']['qscore']['chance_auprc_correct_positive']:.3f}"),
+          ('AUPRC of Q, error=positive',
+           lambda r: f"{r['misclassification']['qscore']['auprc_error_positive']:.3f}"),
+          ('  chance', lambda r:
+           f"{r['misclassification']['qscore']['chance_auprc_error_positive']:.3f}"),
           ('AUROC of Q', lambda r: f"{r['misclassification']['qscore']['auroc']:.3f}"),
-          ('AUPRC chance', lambda r: f"{r['misclassification']['qscore']['chance_auprc']:.3f}"),
           ('mean Q', lambda r: f"{r['qscore_summary']['mean']:.4f}"),
           ('|D| / d', lambda r: f"{r['feature_stats']['num_discriminative']} / {r['dim']}"),
           ('RankMe', lambda r: f"{r['dataset_level']['rankme']:.1f}")]

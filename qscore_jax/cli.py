@@ -174,7 +174,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                         seed=args.seed))
   config = analysis.AnalysisConfig(eps=args.eps, band=tuple(args.band),
                                    nonzero_only=not args.all_features, probe=probe,
-                                   compression=comp, knn_k=args.knn_k)
+                                   compression=comp, knn_k=args.knn_k,
+                                   bootstrap_resamples=args.bootstrap_resamples)
   result = analysis.analyze_stores(args.train, args.eval, args.out, config=config,
                                    data_dir=args.data_dir, overwrite=args.overwrite).report
   print('\n'.join(analysis.summary_lines(result)))
@@ -347,8 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
       'demo', help='the whole method on built-in data in a few minutes; writes a report',
       description='Loads the small SimCLR encoder shipped with the package, embeds the built-in '
                   'synthetic shapes, finds the discriminative features, scores Q, trains the '
-                  'linear probe, reports AUPRC and the compression curve, draws heatmaps, and '
-                  'writes OUT/report.md (Markdown with PNG plots), whose path it prints.')
+                  'linear probe, reports AUPRC (correct = positive and error = positive) and the '
+                  'compression curve, draws heatmaps, judges each claim of the paper on these '
+                  'numbers (supported / not supported / inconclusive, with 95% intervals), and '
+                  'writes OUT/report.md (Markdown with PNG plots) and OUT/report.json; prints '
+                  'the verdicts and the path.')
   demo.add_argument('--out', default='qscore_demo',
                     help='output directory (default ./qscore_demo; a rerun reuses its stores)')
   demo.add_argument('--model', default='demo-simclr-r18w025',
@@ -469,9 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
       'analyze', help='discriminative features, Q-Score, probe, AUPRC, compression, plots',
       description='Analyse a representation space from two stores (reference/train split and '
                   'evaluation split): A_j and D on the reference split, Q-Score and baselines on '
-                  'the evaluation split, linear probe, AUPRC/AUROC of Q as a predictor of '
-                  'correct classification, RankMe and alpha-ReQ, compression curve. Writes '
-                  'report.json, scores.npz and PNG plots.')
+                  'the evaluation split, linear probe, how well Q tells the probe\'s correct '
+                  'samples from its errors (AUPRC with correct = positive, the paper\'s view, '
+                  'and with error = positive, ranked by -Q; AUROC; chance levels; 95% bootstrap '
+                  'intervals), RankMe and alpha-ReQ, compression curve, and the paper\'s claims '
+                  'judged on these numbers. Writes report.json, scores.npz and PNG plots.')
   analyze.add_argument('--train', required=True, help='store of the reference (training) split')
   analyze.add_argument('--eval', required=True, help='store of the evaluation split')
   analyze.add_argument('--out', required=True, help='output directory (new or empty)')
@@ -495,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the reference split's mean and std)")
   analyze.add_argument('--knn-k', type=int, default=10,
                        help='neighbours of the k-NN agreement baseline (default 10)')
+  analyze.add_argument('--bootstrap-resamples', type=int, default=1000,
+                       help='resamples of the 95%% intervals of AUPRC/AUROC (default 1000; 0: '
+                            'none, and every claim comes out inconclusive)')
   analyze.add_argument('--no-compression', action='store_true', help='skip the compression curve')
   analyze.add_argument('--compression-seeds', type=int, default=3,
                        help='random feature subsets per point of the compression curve, seeds '
@@ -578,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
       'compare', help='embed and probe several models on the same data, side by side',
       description='Embed the train and eval splits with each model (saved model directory, '
                   'finetune workdir, converted or shipped id), train the linear probe and print '
-                  'linear accuracy and the AUPRC of Q side by side.')
+                  'linear accuracy and the AUPRC of Q (correct = positive and error = positive) '
+                  'side by side.')
   compare.add_argument('models', nargs='+',
                        help='the models (usually two or more): saved model directory, finetune '
                             'workdir, converted registry id or shipped model id')

@@ -68,9 +68,19 @@ class CompressionConfig:
                                   'curve (--no-compression).')
 
 
-def _accuracy(train_h, train_y, eval_h, eval_y, num_classes, columns, probe_config):
+def _evaluate(train_h, train_y, eval_h, eval_y, num_classes, columns, probe_config):
   probe = train_linear_probe(np.asarray(train_h[:, columns]), train_y, num_classes, probe_config)
-  return evaluate_probe(probe, np.asarray(eval_h[:, columns]), eval_y)['top1']
+  return evaluate_probe(probe, np.asarray(eval_h[:, columns]), eval_y)
+
+
+def _accuracy(*args):
+  return _evaluate(*args)['top1']
+
+
+def _paired_se(before: np.ndarray, after: np.ndarray) -> float:
+  """Standard error of the mean of ``before - after`` (per-sample correctness, 0/1)."""
+  delta = before.astype(np.float64) - after.astype(np.float64)
+  return float(np.std(delta, ddof=1) / np.sqrt(len(delta))) if len(delta) > 1 else float('nan')
 
 
 def compression_curve(train_h: np.ndarray, train_y: np.ndarray, eval_h: np.ndarray,
@@ -90,16 +100,23 @@ def compression_curve(train_h: np.ndarray, train_y: np.ndarray, eval_h: np.ndarr
     config: fractions, seeds and probe (:class:`CompressionConfig`).
   Returns:
     ``{'fractions_removed', 'kept', 'ranked', 'random_mean', 'random_std', 'random',
-    'discriminative_only': {'kept', 'accuracy'}}`` (accuracies as fractions).
+    'ranked_loss_se', 'discriminative_only': {'kept', 'accuracy'}}`` (accuracies as
+    fractions). ``ranked_loss_se`` is the standard error of the ranked probe's loss
+    against the first point with nothing removed, paired over the evaluated samples
+    (None without such a point); ``random_std`` the population std over the seeds.
   """
   d = train_h.shape[1]
   order = discriminativeness_ranking(feature)
   rows: dict[str, list] = {'fractions_removed': [], 'kept': [], 'ranked': [], 'random_mean': [],
-                           'random_std': [], 'random': []}
+                           'random_std': [], 'random': [], 'ranked_loss_se': []}
+  full = None  # per-sample correctness with every feature kept
   for fraction in config.fractions_removed:
     kept = max(1, int(round((1 - fraction) * d)))
-    ranked = _accuracy(train_h, train_y, eval_h, eval_y, num_classes, np.sort(order[:kept]),
+    result = _evaluate(train_h, train_y, eval_h, eval_y, num_classes, np.sort(order[:kept]),
                        config.probe)
+    ranked = result['top1']
+    if fraction == 0 and full is None:
+      full = result['correct']
     randoms = [_accuracy(train_h, train_y, eval_h, eval_y, num_classes,
                          np.sort(np.random.default_rng(seed).choice(d, kept, replace=False)),
                          config.probe)
@@ -107,6 +124,7 @@ def compression_curve(train_h: np.ndarray, train_y: np.ndarray, eval_h: np.ndarr
     rows['fractions_removed'].append(float(fraction))
     rows['kept'].append(kept)
     rows['ranked'].append(ranked)
+    rows['ranked_loss_se'].append(None if full is None else _paired_se(full, result['correct']))
     rows['random'].append(randoms)
     rows['random_mean'].append(float(np.mean(randoms)))
     rows['random_std'].append(float(np.std(randoms)))
@@ -125,11 +143,13 @@ def as_table(curve: dict[str, Any]) -> list[dict[str, Any]]:
     curve: the dict returned by :func:`compression_curve`.
   Returns:
     One dict per point: ``removed``, ``kept``, ``ranked``, ``random_mean``,
-    ``random_std``.
+    ``random_std``, ``ranked_loss_se``.
   """
-  return [{'removed': f, 'kept': k, 'ranked': r, 'random_mean': m, 'random_std': s}
-          for f, k, r, m, s in zip(curve['fractions_removed'], curve['kept'], curve['ranked'],
-                                   curve['random_mean'], curve['random_std'])]
+  losses = curve.get('ranked_loss_se') or [None] * len(curve['kept'])
+  return [{'removed': f, 'kept': k, 'ranked': r, 'random_mean': m, 'random_std': s,
+           'ranked_loss_se': e}
+          for f, k, r, m, s, e in zip(curve['fractions_removed'], curve['kept'], curve['ranked'],
+                                      curve['random_mean'], curve['random_std'], losses)]
 
 
 __all__ = ['CompressionConfig', 'as_table', 'compression_curve', 'discriminativeness_ranking']

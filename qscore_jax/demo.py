@@ -14,8 +14,11 @@ r"""``qscore demo``: the whole paper on the built-in synthetic shapes, in minute
    in Q's order vs at random).
 4. Draws Grad-CAM heatmaps of each sample's discriminative features and their
    IoU with the object (core) and background (spurious) masks.
-5. Writes ``<out>/report.md``: every figure above with its numbers, and the
-   commands that reproduce each part.
+5. Judges the paper's three claims on these numbers (:mod:`qscore_jax.findings`:
+   supported, not supported or inconclusive, with 95% intervals) and writes
+   ``<out>/report.md`` — the verdicts first, then every figure with its numbers
+   and the commands that reproduce each part — and ``<out>/report.json`` (the
+   verdicts and where the full analysis and interpretation are).
 
 Everything goes through the same functions as ``qscore embed / analyze /
 interpret``: the analysis pipeline (:func:`qscore_jax.analysis.analyze_encoder`)
@@ -30,7 +33,7 @@ import pathlib
 import time
 from typing import Any, Callable, Mapping
 
-from qscore_jax import analysis, compression, interpret, outputs
+from qscore_jax import _version, analysis, compression, findings, interpret, outputs, report
 from qscore_jax.models.encoder import Encoder, as_encoder
 from qscore_jax.probe import ProbeConfig
 
@@ -81,8 +84,10 @@ def run_demo(out_dir: str | pathlib.Path = 'qscore_demo', *,
   config = interpret.check_inputs(encoder, dataset, interpret.InterpretConfig(stage=stage, eps=eps),
                                   data_dir=data_dir)
   outputs.prepare_output(out, 'interpretation')  # refused before the embedding, not after
+  for name in ('report.md', 'report.json'):  # a run stopped midway leaves no stale report
+    (out / name).unlink(missing_ok=True)
   curve = compression.CompressionConfig(
-      fractions_removed=(0.0, 0.25, 0.5, 0.75, 0.9), random_seeds=(0, 1, 2),
+      fractions_removed=(0.0, 0.25, 0.4, 0.5, 0.75, 0.9), random_seeds=(0, 1, 2),
       probe=ProbeConfig(epochs=30))
   result = analysis.analyze_encoder(
       encoder, dataset, out, split='test', reference_split='train',
@@ -95,13 +100,40 @@ def run_demo(out_dir: str | pathlib.Path = 'qscore_demo', *,
   seconds = time.perf_counter() - start
   text = report_markdown(analysis_report, interpretation, encoder.metadata, model=label,
                          dataset=dataset, seconds=seconds, data_dir=data_dir)
+  found = all_findings(analysis_report, interpretation)
+  report.write_json({
+      'report_version': analysis.REPORT_VERSION, 'made_by': 'qscore demo',
+      'qscore_jax_version': _version.__version__, 'model': label,
+      'model_fingerprint': encoder.fingerprint, 'dataset': dataset, 'seconds': round(seconds, 1),
+      'findings': found,
+      'misclassification': {k: v for k, v in analysis_report['misclassification'].items()
+                            if k in ('qscore', 'max_softmax')},
+      'analysis': 'analysis/report.json', 'interpretation': 'interpret.json'},
+      out / 'report.json')
   path = out / 'report.md'
-  path.write_text(text)
-  for line in analysis.summary_lines(analysis_report) + interpret.summary_lines(interpretation)[1:]:
+  path.write_text(text)  # last: a report.md is there only when everything it cites is
+  for line in (findings.finding_lines(found)
+               + analysis.summary_lines(analysis_report, with_findings=False)
+               + interpret.summary_lines(interpretation, with_findings=False)[1:]):
     log(line)
   log(f'took         {seconds:.0f} s')
   log(f'report       {path}')
   return path
+
+
+def all_findings(analysis_report: Mapping[str, Any],
+                 interpretation: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """The three judged claims of a demo run, figure paths relative to its output directory.
+
+  Args:
+    analysis_report: the analysis' ``report.json`` content (claims 1 and 2).
+    interpretation: the ``interpret.json`` content (claim 3).
+  Returns:
+    The finding dicts (:mod:`qscore_jax.findings`).
+  """
+  found = [{**f, 'figure': f'analysis/{f["figure"]}' if f.get('figure') else None}
+           for f in analysis_report.get('findings') or []]
+  return found + list(interpretation.get('findings') or [])
 
 
 def _pct(value: float | None) -> str:
@@ -112,11 +144,19 @@ def _num(value: float | None, digits: int = 3) -> str:
   return 'n/a' if value is None else f'{value:.{digits}f}'
 
 
+def _interval(values) -> str:
+  return f' [{values[0]:.3f}, {values[1]:.3f}]' if values else ''
+
+
 def _iou_cell(row: Mapping[str, Any], name: str) -> str:
   stat, base = row.get(name), row.get(f'{name}_baseline')
   if not stat or stat['mean'] is None:
     return 'n/a'
-  return f"{stat['mean']:.3f} ({_num(base['mean'] if base else None)})"
+  return f"{stat['mean']:.3f}{_interval(stat.get('interval'))} ({_num(base['mean'] if base else None)})"
+
+
+def _area_cell(row: Mapping[str, Any], key: str) -> str:
+  return f"{_num(row[key])}{_interval(row.get(f'{key}_interval'))}"
 
 
 def _figure(title: str, path: str) -> str:
@@ -160,6 +200,14 @@ def report_markdown(analysis_report: Mapping[str, Any], interpretation: Mapping[
       f"{analysis_report['train'].get('split_size') or '?'} reference (train) and "
       f"{analysis_report['evaluation'].get('split_size') or '?'} evaluated (test) images, "
       f"{analysis_report['num_classes']} classes. Made by `qscore demo` in {seconds:.0f} s.", '',
+      '## What this shows', '',
+      'Each claim of the paper, judged on this run\'s numbers by the rules in '
+      '`qscore_jax/findings.py`: *supported* when the 95% interval of the effect excludes no '
+      'effect and the effect reaches the smallest size that matters, *not supported* when the '
+      'interval excludes an effect of that size, *inconclusive* otherwise or with fewer than '
+      f'{findings.MIN_COUNT} samples in a group. Intervals are in brackets.', '']
+  lines += findings.finding_lines(all_findings(analysis_report, interpretation), markdown=True)
+  lines += [
       '## 1. Discriminative features', '',
       f"Feature j is *highly active* on sample i (j in L_i) when h_ij > mu_i + {options['eps']:g} "
       'sigma_i, with mu_i and sigma_i the mean and std of that sample\'s own representation. '
@@ -187,16 +235,34 @@ def report_markdown(analysis_report: Mapping[str, Any], interpretation: Mapping[
       f"(train {_pct(probe['train_top1'])}). Mean Q: {_num(qs['mean'])} overall, "
       f"{_num(qs['mean_correct'])} on correctly and {_num(qs['mean_misclassified'])} on "
       'wrongly classified samples.', '',
-      'Finding the probe\'s mistakes by ranking samples by each score (low first): AUPRC, with '
-      f"chance = the error rate, {_num(mis['qscore']['chance_auprc_mirrored'])}.", '',
-      '| score | AUPRC (low score = error) | AUROC |', '|---|---|---|']
+      'How well each score tells the probe\'s correct samples from its errors, in the two '
+      'views of one ranking: *correct = positive* (the paper\'s: correct samples are the '
+      'positives, ranked by the score; chance AUPRC = the accuracy) and *error = positive* '
+      '(finding mistakes: errors are the positives, ranked by minus the score, low first; '
+      'chance AUPRC = the error rate). AUROC is the same in both views. 95% bootstrap '
+      'intervals over the test samples in brackets; max_softmax uses the probe (and so the '
+      'labels), the others are label-free.', '',
+      '| score | AUPRC, correct = positive | AUPRC, error = positive | AUROC |',
+      '|---|---|---|---|',
+      f"| *chance* | {_num(mis['qscore']['chance_auprc_correct_positive'])} | "
+      f"{_num(mis['qscore']['chance_auprc_error_positive'])} | 0.500 |"]
   for name, row in mis.items():
-    lines.append(f"| {name} | {_num(row['auprc_mirrored'])} | {_num(row['auroc'])} |")
+    lines.append(f"| {name} | {_area_cell(row, 'auprc_correct_positive')} | "
+                 f"{_area_cell(row, 'auprc_error_positive')} | {_area_cell(row, 'auroc')} |")
   lines.append('')
-  lines += [_figure(title, figures[key]) for key, title in (
-      ('qscore_histograms', 'Q-Score histograms'), ('precision_recall', 'precision-recall'),
-      ('class_accuracy_vs_qscore', 'class accuracy vs Q')) if key in figures]
-  lines.append('')
+  captions = {
+      'qscore_histograms': 'Q-Score histograms of the correctly and wrongly classified test '
+                           'samples (densities; counts in the legend).',
+      'precision_recall': 'Precision-recall curves of every score in both views (left: correct '
+                          '= positive; right: error = positive); the legend gives the AUPRC of '
+                          'the same table row, the dashed line chance.',
+      'class_accuracy_vs_qscore': 'Each class\'s linear accuracy against its mean Q; Pearson r '
+                                  'with its 95% interval (Fisher z) over the classes.'}
+  for key, title in (('qscore_histograms', 'Q-Score histograms'),
+                     ('precision_recall', 'precision-recall'),
+                     ('class_accuracy_vs_qscore', 'class accuracy vs Q')):
+    if key in figures:
+      lines += [_figure(title, figures[key]), '', f'*{captions[key]}*', '']
   if analysis_report.get('compression'):
     compression_epochs = ((options.get('compression') or {}).get('probe') or {}).get('epochs', '?')
     lines += [
@@ -204,7 +270,7 @@ def report_markdown(analysis_report: Mapping[str, Any], interpretation: Mapping[
         'Linear accuracy when a fraction of the features is removed, least discriminative '
         'first (Q\'s ranking) vs at random (mean ± std over seeds). These probes train for '
         f'{compression_epochs} epochs, so the 0% row can differ from the main probe.', '',
-        '| removed | kept | ranked | random |', '|---|---|---|---|']
+        '| removed | kept | ranked (Q\'s order) | random (mean ± std) |', '|---|---|---|---|']
     for row in analysis_report['compression']:
       lines.append(f"| {100 * row['removed']:.0f}% | {row['kept']} | {_pct(row['ranked'])} | "
                    f"{_pct(row['random_mean'])} ± {100 * row['random_std']:.1f} |")
@@ -219,15 +285,26 @@ def report_markdown(analysis_report: Mapping[str, Any], interpretation: Mapping[
       f"{config['method']} heatmaps at `{config['stage']}` of each sample's discriminative "
       f"activations, binarised at {config['heatmap_threshold']:g} "
       f"({config['threshold_mode']}); IoU with the object (core) and background (spurious) "
-      'masks. In brackets, chance: the same regions against the masks rotated by 180°.', '',
-      '| samples | images | no discriminative feature | core mIoU (chance) | '
-      'spurious mIoU (chance) |', '|---|---|---|---|---|']
+      'masks, 95% bootstrap interval over the images in brackets; in parentheses, chance: the '
+      'same regions against the masks rotated by 180°. *No discriminative feature*: no '
+      'feature of D is highly active on the image (Q = 0); *empty heatmap*: some are, but '
+      'their heatmap is zero everywhere. Neither has an IoU.', '',
+      '| samples | images | no discriminative feature | empty heatmap | core mIoU (chance) | '
+      'spurious mIoU (chance) |', '|---|---|---|---|---|---|']
   for group, row in interpretation['summary'].items():
     lines.append(f"| {group} | {row['images']} | {row['no_discriminative_feature']} | "
-                 f"{_iou_cell(row, 'core')} | {_iou_cell(row, 'spurious')} |")
+                 f"{row.get('empty_heatmap', 0)} | {_iou_cell(row, 'core')} | "
+                 f"{_iou_cell(row, 'spurious')} |")
   lines.append('')
+  feature = interpretation.get('feature') or {}
+  captions = {
+      'samples': 'Test images with the highest Q, the lowest Q and misclassified ones with the '
+                 'lowest Q (each image once), with their Q, true and predicted class. '
+                 + interpret.heatmap_caption(config),
+      'feature': f"Feature {feature.get('index')}: {feature.get('why', '')}. Its most "
+                 'activating test images (top) and the heatmap of that feature alone (bottom).'}
   for key, name in interpretation.get('figures', {}).items():
-    lines.append(_figure(f'heatmaps: {key}', name))
+    lines += [_figure(f'heatmaps: {key}', name), '', f'*{captions.get(key, "")}*', '']
   lines += [
       '',
       '## Reproduce and go further', '',
@@ -243,4 +320,4 @@ def report_markdown(analysis_report: Mapping[str, Any], interpretation: Mapping[
   return '\n'.join(lines)
 
 
-__all__ = ['DEMO_DATASET', 'DEMO_MODEL', 'report_markdown', 'run_demo']
+__all__ = ['DEMO_DATASET', 'DEMO_MODEL', 'all_findings', 'report_markdown', 'run_demo']

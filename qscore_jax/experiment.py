@@ -117,8 +117,8 @@ def _evaluate(config, model_dir: pathlib.Path, out: pathlib.Path) -> dict[str, A
   curve = {row['removed']: row for row in report['compression']}
   row = {'top1': report['probe']['top1'],
          # Misclassification detection: positives are the probe's errors, ranked by low Q.
-         'auprc_q': report['misclassification']['qscore']['auprc_mirrored'],
-         'auprc_chance': report['misclassification']['qscore']['chance_auprc_mirrored'],
+         'auprc_q': report['misclassification']['qscore']['auprc_error_positive'],
+         'auprc_chance': report['misclassification']['qscore']['chance_auprc_error_positive'],
          'mean_q': report['qscore_summary']['mean'],
          'num_discriminative': report['feature_stats']['num_discriminative'],
          'hoyer': report['sparsity']['hoyer_mean'],
@@ -197,7 +197,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[
   return out
 
 
-COLUMNS = (('linear top-1 %', 'top1', 100, 1), ('AUPRC of Q for errors', 'auprc_q', 1, 3),
+COLUMNS = (('linear top-1 %', 'top1', 100, 1), ('AUPRC of Q, error = positive', 'auprc_q', 1, 3),
            ('mean Q', 'mean_q', 1, 4), ('size of D', 'num_discriminative', 1, 1),
            ('Hoyer sparsity', 'hoyer', 1, 3), ('zeros %', 'zero_fraction', 100, 1))
 
@@ -223,8 +223,8 @@ def table_lines(results: dict[str, Any]) -> list[str]:
       lines.append(f'| {method} | {variant} | {n} | ' + ' | '.join(cells) + ' |')
   chance = np.mean([r['metrics']['auprc_chance'] for r in results['runs']])
   lines.append('')
-  lines.append('AUPRC of Q for errors: how well a low Q-Score ranks the samples the linear probe '
-               'misclassifies first; its chance level is the error rate, '
+  lines.append('AUPRC of Q, error = positive: how well a low Q-Score ranks the samples the linear '
+               'probe misclassifies first; its chance level is the error rate, '
                f'{chance:.3f} on average over these models.')
   return lines
 

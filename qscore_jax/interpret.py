@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from qscore_jax import analysis, outputs, parallel, report
+from qscore_jax import analysis, findings, outputs, parallel, report
 from qscore_jax.data import eval_batches
 from qscore_jax.data.datasets import dataset_info, read_split
 from qscore_jax.data.preprocess import eval_transform, mask_transform
@@ -68,7 +68,8 @@ def figure_samples(q: np.ndarray, correct: np.ndarray, ids: np.ndarray, has_targ
   """Ids to draw: the highest Q-Scores, the lowest, and the misclassified with the lowest Q.
 
   The last two prefer images with a target (Q = 0 images have no discriminative
-  feature active, hence an empty heatmap); they fall back to any image.
+  feature active, hence an empty heatmap); they fall back to any image. No id is
+  in two groups: a group skips the ids of the groups before it.
 
   Args:
     q: (N,) Q-Scores.
@@ -84,8 +85,14 @@ def figure_samples(q: np.ndarray, correct: np.ndarray, ids: np.ndarray, has_targ
   wrong = shown[~correct[shown]]
   if not len(wrong):
     wrong = order[~correct[order]]
-  return {'highest Q': ids[order[:per_group]], 'lowest Q': ids[shown[::-1][:per_group]],
-          'misclassified': ids[wrong[::-1][:per_group]]}
+  taken: set[int] = set()
+  groups = {}
+  for name, candidates in (('highest Q', order), ('lowest Q', shown[::-1]),
+                           ('misclassified', wrong[::-1])):
+    rows = [int(r) for r in candidates if int(r) not in taken][:per_group]
+    taken.update(rows)
+    groups[name] = ids[np.asarray(rows, int)]
+  return groups
 
 
 def check_inputs(encoder: Encoder, dataset: str, config: InterpretConfig = InterpretConfig(), *,
@@ -217,6 +224,8 @@ def interpret(result: analysis.AnalysisResult, out_dir: str | pathlib.Path, *,
   rows = np.array([position[int(i)] for i in per_image['ids']])
   per_image['correct'] = scores['correct'][rows].astype(bool)
   per_image['qscore'] = scores['score_qscore'][rows]
+  per_image['label'] = scores['labels'][rows]
+  per_image['prediction'] = scores['predictions'][rows]
   summary = summarize_ious(per_image)
 
   interpretation = {
@@ -224,25 +233,43 @@ def interpret(result: analysis.AnalysisResult, out_dir: str | pathlib.Path, *,
       'dataset': dataset, 'split': split, 'reference': reference,
       'config': dataclasses.asdict(config), 'num_discriminative': int(discriminative.sum()),
       'probe_top1': float(per_image['correct'].mean()), 'summary': summary}
+  interpretation['findings'] = [f for f in [findings.localisation_finding(
+      summary['all'], 'heatmaps_by_qscore.png')] if f]
   if jax.process_index() == 0:
     np.savez_compressed(out / 'ious.npz', **per_image)
     figures = {}
     groups = figure_samples(per_image['qscore'], per_image['correct'], per_image['ids'],
                             per_image['has_target'], samples_per_group)
-    figures['samples'] = _draw_samples(model, variables, groups, discriminative, config,
-                                       dataset, split, preprocessing, image_size, data_dir,
-                                       out / 'heatmaps_by_qscore.png')
+    names = _class_names(dataset, data_dir)
+    figures['samples'] = _draw_samples(model, variables, groups, per_image, names,
+                                       discriminative, config, dataset, split, preprocessing,
+                                       image_size, data_dir, out / 'heatmaps_by_qscore.png')
     evaluated = result.evaluated_store()
     h = np.asarray(evaluated.representations())
     # The discriminative feature highly active most often on the reference split.
     chosen = int(feature) if feature is not None else int(
         np.argmax(np.where(discriminative, scores['activation_counts'], -1)))
-    top = np.asarray(evaluated.ids)[np.argsort(-h[:, chosen], kind='stable')[:2 * samples_per_group]]
-    figures['feature'] = _draw_feature(model, variables, chosen, top, config, dataset, split,
+    top_rows = np.argsort(-h[:, chosen], kind='stable')[:2 * samples_per_group]
+    top = np.asarray(evaluated.ids)[top_rows]
+    counts = scores['activation_counts']
+    reference_rows = result.report['feature_stats'].get('num_rows') or 0
+    why = (f'chosen with --feature' if feature is not None else
+           f'the discriminative feature highly active most often on {reference}')
+    why += (f"; {'in' if discriminative[chosen] else 'not in'} D, highly active on "
+            f'{int(counts[chosen])} of {reference_rows} reference images')
+    position = {int(i): p for p, i in enumerate(per_image['ids'])}
+    titles = []
+    for i, value in zip(top, h[top_rows, chosen]):
+      p = position.get(int(i))
+      label = _class(names, per_image['label'][p]) if p is not None else '?'
+      titles.append(f'#{int(i)} h={value:.2f}\n{label}')
+    figures['feature'] = _draw_feature(model, variables, chosen, top, titles,
+                                       f'feature {chosen}: its most activating {split} images '
+                                       f'and their heatmaps ({why})', config, dataset, split,
                                        preprocessing, image_size, data_dir,
                                        out / f'feature_{chosen}_top_images.png')
     interpretation['feature'] = {'index': chosen, 'in_D': bool(discriminative[chosen]),
-                                 'top_ids': [int(i) for i in top]}
+                                 'why': why, 'top_ids': [int(i) for i in top]}
     interpretation['figures'] = {k: v.name for k, v in figures.items()}
     report.write_json(interpretation, out / 'interpret.json')
   return interpretation
@@ -321,8 +348,41 @@ def _explain(model, variables, images, config, **target) -> np.ndarray:
   return np.asarray(fn(keep_state(variables), jnp.asarray(images), **target)['heatmap'])
 
 
-def _draw_samples(model, variables, groups, discriminative, config, dataset, split,
-                  preprocessing, image_size, data_dir, path):
+def _class_names(dataset: str, data_dir: str | None) -> Sequence[str] | None:
+  try:
+    return dataset_info(dataset, data_dir).class_names or None
+  except (ValueError, KeyError, OSError):
+    return None
+
+
+def _class(names: Sequence[str] | None, label) -> str:
+  label = int(label)
+  return str(names[label]) if names is not None and 0 <= label < len(names) else str(label)
+
+
+def heatmap_caption(config: Mapping[str, Any]) -> str:
+  """The caption of the heatmap figures: what the colours and the contour are.
+
+  Args:
+    config: the run's heatmap options as in ``interpret.json``
+      (``dataclasses.asdict`` of its :class:`InterpretConfig`).
+  """
+  target = 'its highly active discriminative features (L_i ∩ D)'
+  outline = (f"The white contour outlines the binarised region (heatmap >= "
+             f"{config['heatmap_threshold']:g} of its maximum) whose IoU with the masks is "
+             'measured.' if config['threshold_mode'] == 'max_fraction' else
+             f"The region whose IoU is measured is binarised by {config['threshold_mode']} "
+             f"({config['heatmap_threshold']:g}); no contour is drawn.")
+  return (f"{config['method']} heatmap at {config['stage']} of the sum of {target}, upsampled "
+          f'to the image and divided by its maximum (colour bar). {outline} Masks: white = the '
+          'object (core) or the background (spurious), binarised at '
+          f"{config['mask_threshold']:g}. Rows: Q = the sample's Q-Score; true / predicted: "
+          "its class and the linear probe's.")
+
+
+def _draw_samples(model, variables, groups, per_image, names, discriminative, config, dataset,
+                  split, preprocessing, image_size, data_dir, path):
+  position = {int(i): p for p, i in enumerate(per_image['ids'])}
   rows = []
   for group, ids in groups.items():
     if len(ids) == 0:
@@ -333,22 +393,29 @@ def _draw_samples(model, variables, groups, discriminative, config, dataset, spl
                     discriminative=jnp.asarray(discriminative))
     images = _display_images(ex['image'], preprocessing)
     for i, example_id in enumerate(ex['id']):
-      rows.append({'title': f'{group}, #{int(example_id)}', 'image': images[i],
-                   'heatmap': maps[i], 'core_mask': ex['core_mask'][i],
-                   'spurious_mask': ex['spurious_mask'][i]})
+      p = position[int(example_id)]
+      title = (f"{group}, #{int(example_id)}\nQ={per_image['qscore'][p]:.3f}\n"
+               f"true {_class(names, per_image['label'][p])}\n"
+               f"pred. {_class(names, per_image['prediction'][p])}")
+      rows.append({'title': title, 'image': images[i], 'heatmap': maps[i],
+                   'core_mask': ex['core_mask'][i], 'spurious_mask': ex['spurious_mask'][i]})
   return report.plot_heatmap_rows(rows, path, threshold=config.heatmap_threshold
-                                  if config.threshold_mode == 'max_fraction' else None)
+                                  if config.threshold_mode == 'max_fraction' else None,
+                                  caption=heatmap_caption(dataclasses.asdict(config)))
 
 
-def _draw_feature(model, variables, feature, ids, config, dataset, split, preprocessing,
-                  image_size, data_dir, path):
+def _draw_feature(model, variables, feature, ids, titles, title, config, dataset, split,
+                  preprocessing, image_size, data_dir, path):
   ex = _examples(dataset, split, ids, preprocessing=preprocessing, image_size=image_size,
                  data_dir=data_dir)
   one_hot = np.zeros(model.num_features, np.float32)
   one_hot[feature] = 1
   maps = _explain(model, variables, ex['image'], config, selection=jnp.asarray(one_hot))
+  caption = (f'Top row: the {len(ids)} {split} images on which feature {feature} is largest '
+             f'(h = its activation; the class). Bottom row: {config.method} heatmap at '
+             f'{config.stage} of that feature alone, divided by its maximum.')
   return report.plot_feature_images(_display_images(ex['image'], preprocessing), maps,
-                                    [int(i) for i in ex['id']], feature, path)
+                                    titles, title, path, caption=caption)
 
 
 def comparison(before: Mapping[str, Any], after: Mapping[str, Any],
@@ -388,24 +455,29 @@ def comparison_lines(compared: Mapping[str, Any]) -> list[str]:
   return lines
 
 
-def summary_lines(result: Mapping[str, Any]) -> list[str]:
-  """A short text table of one ``interpret.json``.
+def summary_lines(result: Mapping[str, Any], with_findings: bool = True) -> list[str]:
+  """A short text table of one ``interpret.json``, after what it shows.
 
   Args:
     result: the dict returned by :func:`interpret_model` (or read back).
+    with_findings: begin with the judged claim (:mod:`qscore_jax.findings`).
   """
-  lines = [f"model        {result['model']}",
+  lines = findings.finding_lines(result.get('findings') or []) if with_findings else []
+  lines += [f"model        {result['model']}",
            f"heatmaps     {result['config']['method']} at {result['config']['stage']}, "
            f"|D|={result['num_discriminative']}, probe top-1 {100 * result['probe_top1']:.1f}%",
-           f"{'group':<14}{'images':>7}{'no target':>11}{'core mIoU':>11}{'(chance)':>10}"
-           f"{'spurious mIoU':>15}{'(chance)':>10}"]
+           f"{'group':<14}{'images':>7}{'no disc.':>9}{'empty map':>10}{'core mIoU':>11}"
+           f"{'(chance)':>10}{'spurious mIoU':>15}{'(chance)':>10}"]
   def cell(stat):
     return f"{stat['mean']:.3f}" if stat and stat['mean'] is not None else 'n/a'
   for group, row in result['summary'].items():
-    lines.append(f"{group:<14}{row['images']:>7}{row['no_discriminative_feature']:>11}"
+    lines.append(f"{group:<14}{row['images']:>7}{row['no_discriminative_feature']:>9}"
+                 f"{row.get('empty_heatmap', 0):>10}"
                  f"{cell(row['core']):>11}{cell(row.get('core_baseline')):>10}"
                  f"{cell(row['spurious']):>15}{cell(row.get('spurious_baseline')):>10}")
-  lines.append('(chance: the same heatmap regions against the masks rotated by 180 degrees)')
+  lines.append('(no disc.: no discriminative feature highly active; empty map: some are, but '
+               'their heatmap is zero; chance: the same heatmap regions against the masks '
+               'rotated by 180 degrees)')
   return lines
 
 
@@ -423,5 +495,5 @@ def load_result(out_dir: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, 
 
 __all__ = ['InterpretConfig', 'InterpretError', 'binarize_heatmap', 'check_inputs', 'check_stage',
            'compare_ious', 'comparison', 'comparison_lines', 'default_stage', 'figure_samples',
-           'heatmaps', 'interpret', 'interpret_batch', 'interpret_model', 'iou', 'load_result',
-           'make_interpret_step', 'mask_ious', 'selection_of', 'summarize_ious', 'summary_lines']
+           'heatmap_caption', 'heatmaps', 'interpret', 'interpret_batch', 'interpret_model', 'iou',
+           'load_result', 'make_interpret_step', 'mask_ious', 'selection_of', 'summarize_ious', 'summary_lines']

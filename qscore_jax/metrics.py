@@ -1,10 +1,18 @@
 """Q-Score as a misclassification predictor, its baselines, and dataset-level scores.
 
-Convention (METHOD.md): *correctly classified is the positive class and the
-score is the ranking*, so a random score has AUPRC equal to the probe's
-accuracy (the chance level reported beside it) and AUROC 0.5. The mirrored view
-— misclassified as positive, ranked by minus the score — is reported too.
-AUPRC is scikit-learn's average precision, AUROC its ROC AUC.
+One ranking, two views, always reported side by side under the same names
+(tables, figures, ``report.json``, the console):
+
+- **correct = positive** (the paper's, METHOD.md): correctly classified samples
+  are the positives and the score ranks them; a random score has AUPRC equal to
+  the probe's accuracy (``chance_auprc_correct_positive``).
+- **error = positive** (finding the probe's mistakes): misclassified samples are
+  the positives, ranked by minus the score (low score first); chance AUPRC = the
+  error rate (``chance_auprc_error_positive``).
+
+AUROC is one number for both views (chance 0.5). AUPRC is scikit-learn's
+average precision, AUROC its ROC AUC; their 95% intervals come from a bootstrap
+over the evaluated samples (:func:`bootstrap_areas`).
 
 Baselines (higher = more likely correct): the probe's maximum softmax
 probability (uses the probe, trained with labels), the representation L2 norm,
@@ -25,15 +33,26 @@ from sklearn import metrics as sk_metrics
 
 
 def misclassification_metrics(score, correct) -> dict[str, float]:
-  """AUPRC/AUROC of ``score`` for predicting that a sample is correctly classified.
+  """AUPRC/AUROC of ``score`` for telling the probe's correct samples from its errors.
+
+  Two views of one ranking, always reported side by side (module docstring):
+
+  - *correct = positive* (the paper's): correctly classified samples are the
+    positives, ranked by ``score``; chance AUPRC = the probe's accuracy.
+  - *error = positive* (finding mistakes): misclassified samples are the
+    positives, ranked by ``-score`` (low score first); chance AUPRC = the error rate.
+
+  AUROC is the same number in both views (swapping the classes and negating the
+  score leaves it unchanged); chance is 0.5.
 
   Args:
     score: (N,) finite scores, higher = predicted correct.
     correct: (N,) bool, whether the probe classified each sample correctly.
   Returns:
-    ``auprc``, ``auroc`` (correct positive, score as ranking), ``auprc_mirrored``
-    (misclassified positive, ranked by -score), their chance levels, and the
-    positive rate. With a single class present the areas are NaN.
+    ``auprc_correct_positive``, ``chance_auprc_correct_positive``,
+    ``auprc_error_positive``, ``chance_auprc_error_positive``, ``auroc``,
+    ``chance_auroc``, ``num_correct`` and ``num_errors``. With a single class
+    present the areas are NaN.
   """
   score = np.asarray(score, np.float64)
   correct = np.asarray(correct, bool)
@@ -45,14 +64,134 @@ def misclassification_metrics(score, correct) -> dict[str, float]:
   both = 0 < correct.sum() < len(correct)
   nan = float('nan')
   return {
-      'auprc': float(sk_metrics.average_precision_score(correct, score)) if both else nan,
+      'auprc_correct_positive':
+          float(sk_metrics.average_precision_score(correct, score)) if both else nan,
+      'chance_auprc_correct_positive': accuracy,
+      'auprc_error_positive':
+          float(sk_metrics.average_precision_score(~correct, -score)) if both else nan,
+      'chance_auprc_error_positive': 1 - accuracy,
       'auroc': float(sk_metrics.roc_auc_score(correct, score)) if both else nan,
-      'auprc_mirrored': float(sk_metrics.average_precision_score(~correct, -score)) if both else nan,
-      'chance_auprc': accuracy,
-      'chance_auprc_mirrored': 1 - accuracy,
       'chance_auroc': 0.5,
-      'positive_rate': accuracy,
+      'num_correct': int(correct.sum()),
+      'num_errors': int((~correct).sum()),
   }
+
+
+# The areas' keys that get bootstrap intervals (``<key>_interval``).
+AREAS = ('auprc_correct_positive', 'auprc_error_positive', 'auroc')
+DEFAULT_RESAMPLES = 1000
+DEFAULT_CONFIDENCE = 0.95
+
+
+def _resample_weights(n: int, resamples: int, seed: int, max_cells: int = 4_000_000):
+  """Yields (b, n) float64 bootstrap weights (how often each sample is drawn), in blocks."""
+  rng = np.random.default_rng(seed)
+  block = max(1, min(resamples, max_cells // max(n, 1)))
+  for start in range(0, resamples, block):
+    rows = min(block, resamples - start)
+    draws = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
+    yield np.bincount(draws.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
+
+
+def weighted_areas(score: np.ndarray, positive: np.ndarray, weights: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Average precision and ROC AUC of ``score`` under many sample weightings at once.
+
+  The same numbers as scikit-learn's ``average_precision_score`` and ``roc_auc_score``
+  with ``sample_weight`` (tied scores form one threshold), vectorised over the rows
+  of ``weights`` so that a bootstrap does not call scikit-learn once per resample.
+
+  Args:
+    score: (N,) scores, higher = predicted positive.
+    positive: (N,) bool labels.
+    weights: (B, N) non-negative weights (bootstrap counts).
+  Returns:
+    ``(average_precision, roc_auc)``, each (B,); NaN where a weighting leaves no
+    positive or no negative weight.
+  """
+  order = np.argsort(-np.asarray(score, np.float64), kind='stable')
+  ranked = np.asarray(score, np.float64)[order]
+  # The last sample of each run of tied scores: one threshold per distinct score.
+  ends = np.flatnonzero(np.r_[np.diff(ranked) != 0, True])
+  w = weights[:, order]
+  pos = np.asarray(positive, bool)[order]
+  tp = np.cumsum(w * pos, axis=1)[:, ends]
+  fp = np.cumsum(w * ~pos, axis=1)[:, ends]
+  total_pos, total_neg = tp[:, -1:], fp[:, -1:]
+  with np.errstate(invalid='ignore', divide='ignore'):
+    recall = tp / total_pos
+    precision = np.where(tp + fp > 0, tp / np.where(tp + fp > 0, tp + fp, 1), 0.0)
+    ap = np.sum(np.diff(np.c_[np.zeros(len(w)), recall], axis=1) * precision, axis=1)
+    tpr = np.c_[np.zeros(len(w)), recall]
+    fpr = np.c_[np.zeros(len(w)), fp / total_neg]
+    auc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2, axis=1)
+  valid = (total_pos[:, 0] > 0) & (total_neg[:, 0] > 0)
+  return np.where(valid, ap, np.nan), np.where(valid, auc, np.nan)
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> list[float] | None:
+  values = values[np.isfinite(values)]
+  if not len(values):
+    return None
+  tail = 100 * (1 - confidence) / 2
+  lo, hi = np.percentile(values, [tail, 100 - tail])
+  return [float(lo), float(hi)]
+
+
+def bootstrap_areas(score, correct, *, resamples: int = DEFAULT_RESAMPLES,
+                    confidence: float = DEFAULT_CONFIDENCE, seed: int = 0) -> dict[str, Any]:
+  """Bootstrap percentile intervals of the areas of :func:`misclassification_metrics`.
+
+  Resamples the evaluated samples with replacement (the probe, hence which
+  samples are errors, stays fixed): the interval is the uncertainty that comes
+  from having N evaluated samples.
+
+  Args:
+    score: (N,) finite scores, higher = predicted correct.
+    correct: (N,) bool, whether the probe classified each sample correctly.
+    resamples: bootstrap resamples (default 1000).
+    confidence: the intervals' coverage (default 0.95).
+    seed: NumPy seed of the resampling; the same seed gives the same intervals.
+  Returns:
+    ``{'<area>_interval': [lo, hi] or None}`` for each area in :data:`AREAS`, and
+    ``bootstrap``: ``{'resamples', 'confidence', 'seed', 'valid'}`` (``valid``:
+    resamples that held both classes; the others are left out).
+  """
+  score = np.asarray(score, np.float64)
+  correct = np.asarray(correct, bool)
+  draws = {area: [] for area in AREAS}
+  for weights in _resample_weights(len(score), resamples, seed):
+    ap_correct, auroc = weighted_areas(score, correct, weights)
+    ap_error, _ = weighted_areas(-score, ~correct, weights)
+    draws['auprc_correct_positive'].append(ap_correct)
+    draws['auprc_error_positive'].append(ap_error)
+    draws['auroc'].append(auroc)
+  draws = {k: np.concatenate(v) if v else np.zeros(0) for k, v in draws.items()}
+  out: dict[str, Any] = {f'{area}_interval': _percentile_interval(draws[area], confidence)
+                         for area in AREAS}
+  out['bootstrap'] = {'resamples': resamples, 'confidence': confidence, 'seed': seed,
+                      'valid': int(np.isfinite(draws['auroc']).sum())}
+  return out
+
+
+def bootstrap_mean(values, *, resamples: int = DEFAULT_RESAMPLES,
+                   confidence: float = DEFAULT_CONFIDENCE, seed: int = 0) -> list[float] | None:
+  """Bootstrap percentile interval of the mean of ``values``.
+
+  Args:
+    values: (N,) finite values (e.g. per-image IoUs, or paired differences).
+    resamples: bootstrap resamples (default 1000).
+    confidence: coverage (default 0.95).
+    seed: NumPy seed of the resampling.
+  Returns:
+    ``[lo, hi]``, or None for an empty ``values``.
+  """
+  values = np.asarray(values, np.float64)
+  if not len(values):
+    return None
+  means = np.concatenate([w @ values / len(values)
+                          for w in _resample_weights(len(values), resamples, seed)])
+  return _percentile_interval(means, confidence)
 
 
 def knn_agreement(h: np.ndarray, predictions: np.ndarray, k: int = 10,
@@ -152,13 +291,25 @@ def alpha_req(h: np.ndarray, *, max_rows: int = 25600, seed: int = 0,
   return float(-slope)
 
 
-def score_table(scores: Mapping[str, np.ndarray], correct: np.ndarray) -> dict[str, dict[str, Any]]:
-  """:func:`misclassification_metrics` for every named score.
+def score_table(scores: Mapping[str, np.ndarray], correct: np.ndarray, *,
+                resamples: int = DEFAULT_RESAMPLES, confidence: float = DEFAULT_CONFIDENCE,
+                seed: int = 0) -> dict[str, dict[str, Any]]:
+  """:func:`misclassification_metrics` and :func:`bootstrap_areas` for every named score.
 
   Args:
     scores: ``{name: (N,) scores}``.
     correct: (N,) bool, whether each sample is correctly classified.
+    resamples: bootstrap resamples of the intervals (0: no intervals).
+    confidence: the intervals' coverage (default 0.95).
+    seed: seed of the resampling (the same resamples for every score).
   Returns:
-    ``{name: metrics dict}``.
+    ``{name: metrics dict}`` (with ``<area>_interval`` and ``bootstrap`` when
+    ``resamples`` > 0).
   """
-  return {name: misclassification_metrics(values, correct) for name, values in scores.items()}
+  table = {}
+  for name, values in scores.items():
+    table[name] = misclassification_metrics(values, correct)
+    if resamples:
+      table[name].update(bootstrap_areas(values, correct, resamples=resamples,
+                                         confidence=confidence, seed=seed))
+  return table

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qscore_jax import parallel, stats, validation
+from qscore_jax import metrics, parallel, stats, validation
 from qscore_jax.models.features import keep_state
 
 METHODS = ('gradcam', 'input_gradient')
@@ -367,35 +367,55 @@ def _cached_interpret_step(model, config, mesh):
 # --------------------------------------------------------------------------- summaries
 
 
-def _mean_sd(values: np.ndarray) -> dict[str, Any]:
+def _mean_sd(values: np.ndarray, interval: bool = False) -> dict[str, Any]:
   if len(values) == 0:
-    return {'mean': None, 'std': None, 'sem': None, 'count': 0}
+    return {'mean': None, 'std': None, 'sem': None, 'count': 0,
+            **({'interval': None} if interval else {})}
   std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-  return {'mean': float(np.mean(values)), 'std': std, 'sem': std / np.sqrt(len(values)),
-          'count': int(len(values))}
+  out = {'mean': float(np.mean(values)), 'std': std, 'sem': std / np.sqrt(len(values)),
+         'count': int(len(values))}
+  if interval:  # 95% bootstrap interval of the mean over images
+    out['interval'] = metrics.bootstrap_mean(values)
+  return out
 
 
 def summarize_ious(per_image: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """Mean IoU with the core and spurious masks, over all / correct / misclassified images.
 
   ``per_image`` holds (N,) arrays ``core_iou``, ``spurious_iou``,
-  ``core_defined``, ``spurious_defined``, ``has_target`` and ``correct`` (and,
-  optionally, the ``*_baseline`` IoUs of :func:`interpret_batch`).
-  Means are over images whose IoU is defined; the counts of left-out images
-  are reported beside them.
+  ``core_defined``, ``spurious_defined``, ``has_target``, ``num_targets`` and
+  ``correct`` (and, optionally, the ``*_baseline`` IoUs of :func:`interpret_batch`).
+  Means are over images whose IoU is defined, with 95% bootstrap intervals; the
+  counts of left-out images are reported beside them: ``no_discriminative_feature``
+  (no feature of D highly active: L_i ∩ D empty) and ``empty_heatmap`` (some are,
+  but their heatmap is zero everywhere, e.g. a negative Grad-CAM).
+  With the baselines, ``<name>_over_chance`` is the paired mean of IoU minus its
+  chance level over the images where both are defined.
+
+  Args:
+    per_image: the per-image arrays.
+  Returns:
+    ``{'all' | 'correct' | 'misclassified': row}``.
   """
   correct = np.asarray(per_image['correct'], bool)
+  has_target = np.asarray(per_image['has_target'], bool)
+  no_feature = np.asarray(per_image['num_targets']) == 0
   groups = {'all': np.ones_like(correct), 'correct': correct, 'misclassified': ~correct}
   out: dict[str, Any] = {}
   for group, members in groups.items():
     row = {'images': int(members.sum()),
-           'no_discriminative_feature': int((members & ~per_image['has_target']).sum())}
+           'no_discriminative_feature': int((members & no_feature).sum()),
+           'empty_heatmap': int((members & ~no_feature & ~has_target).sum())}
     for name in ('core', 'spurious'):
       defined = members & np.asarray(per_image[f'{name}_defined'], bool)
-      row[name] = _mean_sd(np.asarray(per_image[f'{name}_iou'])[defined])
+      values = np.asarray(per_image[f'{name}_iou'])
+      row[name] = _mean_sd(values[defined], interval=True)
       if f'{name}_iou_baseline' in per_image:
-        defined = members & np.asarray(per_image[f'{name}_baseline_defined'], bool)
-        row[f'{name}_baseline'] = _mean_sd(np.asarray(per_image[f'{name}_iou_baseline'])[defined])
+        chance_defined = members & np.asarray(per_image[f'{name}_baseline_defined'], bool)
+        chance = np.asarray(per_image[f'{name}_iou_baseline'])
+        row[f'{name}_baseline'] = _mean_sd(chance[chance_defined], interval=True)
+        paired = defined & chance_defined
+        row[f'{name}_over_chance'] = _mean_sd((values - chance)[paired], interval=True)
     both = (members & np.asarray(per_image['core_defined'], bool)
             & np.asarray(per_image['spurious_defined'], bool))
     row['core_minus_spurious'] = _mean_sd(

@@ -78,7 +78,15 @@ def test_compression_curve_and_full_analysis(tmp_path):
   assert on_disk['probe']['top1'] == report['probe']['top1'] > 0.9
   for name in ('qscore', 'qscore_v1', 'max_softmax', 'l2_norm', 'hoyer_sparsity', 'knn_agreement'):
     row = on_disk['misclassification'][name]
-    assert set(row) >= {'auprc', 'auroc', 'auprc_mirrored', 'chance_auprc'}
+    assert set(row) >= {'auprc_correct_positive', 'auprc_error_positive', 'auroc',
+                        'chance_auprc_correct_positive', 'chance_auprc_error_positive',
+                        'auprc_correct_positive_interval', 'auroc_interval'}
+    if row['num_errors']:
+      assert row['auroc_interval'][0] <= row['auroc'] <= row['auroc_interval'][1]
+    else:  # a probe without errors: no area, no interval, and the claim is not judged
+      assert np.isnan(row['auroc']) and row['auroc_interval'] is None
+  if not on_disk['misclassification']['qscore']['num_errors']:
+    assert on_disk['findings'][0]['verdict'] == 'inconclusive'
   assert on_disk['dataset_level']['rankme'] > 1
   assert [r['removed'] for r in on_disk['compression']] == [0.0, 0.5, 0.9]
   # The planted class dimensions are discriminative: ranked beats random at 90% removed.

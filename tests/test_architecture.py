@@ -24,7 +24,7 @@ LAYERS = {
     # Flax modules and their variables. No files, no datasets.
     CORE: {'qscore_jax._text', 'qscore_jax._version', 'qscore_jax._xla_cpu', 'qscore_jax.parallel',
            'qscore_jax.stats', 'qscore_jax.validation', 'qscore_jax.regularizer',
-           'qscore_jax.losses', 'qscore_jax.metrics', 'qscore_jax.probe', 'qscore_jax.compression',
+           'qscore_jax.losses', 'qscore_jax.metrics', 'qscore_jax.findings', 'qscore_jax.probe', 'qscore_jax.compression',
            'qscore_jax.saliency', 'qscore_jax.models.features', 'qscore_jax.models.inputs',
            'qscore_jax.models.pooling', 'qscore_jax.models.resnet', 'qscore_jax.models.vit',
            'qscore_jax.models.heads', 'qscore_jax.models.variables',

@@ -58,8 +58,30 @@ def test_demo_writes_a_report_whose_numbers_are_the_analysis(tmp_path, tiny_data
     assert (out / link).is_file(), link
   analysis = json.loads((out / 'analysis' / 'report.json').read_text())
   assert f"top-1 **{100 * analysis['probe']['top1']:.1f}%**" in text
-  auprc = analysis['misclassification']['qscore']['auprc_mirrored']
-  assert f'| qscore | {auprc:.3f} |' in text
+  # One convention everywhere: the table row, the console row and report.json give the same
+  # AUPRC of each view (and AUROC) for the same score.
+  q = analysis['misclassification']['qscore']
+  cells = [f"{q[key]:.3f} [{q[key + '_interval'][0]:.3f}, {q[key + '_interval'][1]:.3f}]"
+           for key in ('auprc_correct_positive', 'auprc_error_positive', 'auroc')]
+  assert f"| qscore | {' | '.join(cells)} |" in text
+  assert re.search(r'^  qscore +' + r' +'.join(map(re.escape, cells)) + '$', printed, re.M)
+  assert (f"| *chance* | {q['chance_auprc_correct_positive']:.3f} | "
+          f"{q['chance_auprc_error_positive']:.3f} | 0.500 |") in text
+  # What this shows comes first, and says the same as report.json and the console.
+  summary = json.loads((out / 'report.json').read_text())
+  assert [f['key'] for f in summary['findings']] == ['misclassification', 'compression',
+                                                     'localisation']
+  assert summary['findings'][:2] == [{**f, 'figure': f"analysis/{f['figure']}"}
+                                     for f in analysis['findings']]
+  assert summary['findings'][2] == json.loads((out / 'interpret.json').read_text())['findings'][0]
+  first = text.index('## What this shows')
+  assert first < text.index('## 1. Discriminative features')
+  for finding in summary['findings']:
+    assert f"**{finding['claim']}: {finding['verdict']}**, {finding['reason']}." in text
+    assert f"{finding['verdict'].upper():<14}{finding['claim']}: {finding['reason']}." in printed
+    assert finding['verdict'] in ('supported', 'not supported', 'inconclusive')
+    assert finding['interval'] is None or finding['interval'][0] <= finding['interval'][1]
+  assert printed.index('What this shows') < printed.index('linear probe   top-1')
   assert analysis['evaluation']['split_size'] == 128 and analysis['compression']
   interpretation = json.loads((out / 'interpret.json').read_text())
   assert interpretation['summary']['all']['images'] == 128

@@ -507,7 +507,8 @@ def test_compare_puts_two_models_side_by_side(tmp_path, data_dir, capsys, model_
   for i, report in enumerate(reports):
     top1 = f"{100 * report['probe']['top1']:.2f}"
     assert lines['linear top-1 %'][3 + i] == top1
-    assert report['misclassification']['qscore']['chance_auprc'] == report['probe']['top1']
+    assert (report['misclassification']['qscore']['chance_auprc_correct_positive']
+            == report['probe']['top1'])
 
 
 def test_imagenet_configs_follow_the_paper_for_every_method():

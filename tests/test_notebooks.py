@@ -100,8 +100,11 @@ def test_quickstart(tmp_path, tiny_data_dir):
   assert report['evaluation']['dataset'] == DATASET
   assert report['train']['split_size'] == 256 and report['evaluation']['split_size'] == 128
   assert [row['removed'] for row in report['compression']] == [0.0, 0.4, 0.8]
-  auprc = report['misclassification']['qscore']['auprc']
-  assert f'AUPRC of Q-Score: {auprc:.3f}' in text
+  q = report['misclassification']['qscore']
+  assert f"AUPRC of Q-Score, correct = positive: {q['auprc_correct_positive']:.3f}" in text
+  assert f"error = positive: {q['auprc_error_positive']:.3f}" in text
+  for finding in report['findings']:
+    assert f"{finding['verdict'].upper()}: {finding['claim']}" in text
   for figure in report['figures'].values():
     assert (workdir / 'report' / figure).is_file()
   # The analysis' five plots and the notebook's own scatter plot are shown inline.

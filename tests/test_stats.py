@@ -139,13 +139,17 @@ def test_misclassification_metrics_equal_sklearn():
   correct = rng.random(500) < 0.7
   score = rng.standard_normal(500) + correct
   m = metrics.misclassification_metrics(score, correct)
-  assert m['auprc'] == sk_metrics.average_precision_score(correct, score)
+  assert m['auprc_correct_positive'] == sk_metrics.average_precision_score(correct, score)
   assert m['auroc'] == sk_metrics.roc_auc_score(correct, score)
-  assert m['auprc_mirrored'] == sk_metrics.average_precision_score(~correct, -score)
-  assert m['chance_auprc'] == correct.mean() and m['chance_auprc_mirrored'] == 1 - correct.mean()
-  assert m['auprc'] > m['chance_auprc'] and m['auroc'] > 0.5
+  # AUROC is one number for both views.
+  assert np.isclose(m['auroc'], sk_metrics.roc_auc_score(~correct, -score), atol=1e-12)
+  assert m['auprc_error_positive'] == sk_metrics.average_precision_score(~correct, -score)
+  assert m['chance_auprc_correct_positive'] == correct.mean()
+  assert m['chance_auprc_error_positive'] == 1 - correct.mean()
+  assert m['auprc_correct_positive'] > m['chance_auprc_correct_positive'] and m['auroc'] > 0.5
+  assert (m['num_correct'], m['num_errors']) == (correct.sum(), (~correct).sum())
   one_class = metrics.misclassification_metrics(score, np.ones(500, bool))
-  assert np.isnan(one_class['auprc'])
+  assert np.isnan(one_class['auprc_correct_positive']) and np.isnan(one_class['auroc'])
 
 
 def test_knn_agreement_rankme_alpha_req():
