@@ -24,6 +24,49 @@ def _suggestions(message: str) -> list[str]:
   return re.findall(r"'([^']*)'", match.group(1))
 
 
+def test_datasets_lists_every_config_of_the_built_in_datasets(capsys):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from qscore_jax.data.datasets import BUILT_IN  # pylint: disable=import-outside-toplevel
+  from qscore_jax.demo import DEMO_DATASET  # pylint: disable=import-outside-toplevel
+  assert cli.main(['datasets']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  listed = {line.split()[0]: line for line in lines if line.startswith('    ')}
+  assert DEMO_DATASET in listed
+  for base in BUILT_IN:
+    configs = tfds.builder_cls(base).BUILDER_CONFIGS
+    for config in configs:  # one line each, saying what it is
+      assert config.description in listed[f'{base}/{config.name}']
+    assert any(line.startswith(f'  {base}: ') for line in lines)  # the dataset, what it is
+
+
+def test_a_dataset_typo_suggests_each_name_once(tmp_path, capsys):
+  argv = ['embed', 'demo-simclr-r18w025', '--dataset', 'synthetic_shapez', '--split', 'test',
+          '--out', str(tmp_path / 'store'), '--no-progress']
+  assert cli.main(argv) == 2
+  suggested = _suggestions(capsys.readouterr().err)
+  assert suggested == ['synthetic_shapes']
+  # With a config: the full name/config strings.
+  from qscore_jax.data.datasets import builder  # pylint: disable=import-outside-toplevel
+  with pytest.raises(DatasetError) as error:
+    builder('synthetic_shapez/fixed_colours_smal')
+  assert _suggestions(str(error.value)) == ['synthetic_shapes/fixed_colours_small']
+
+
+def test_a_config_typo_names_every_config_of_the_dataset():
+  from qscore_jax.data.datasets import builder  # pylint: disable=import-outside-toplevel
+  with pytest.raises(DatasetError) as error:
+    builder('synthetic_shapes/fixed_colours_smal')
+  message = str(error.value)
+  assert "Unknown config 'fixed_colours_smal'" in message
+  assert 'default, small, tiny, fixed_colours, fixed_colours_small' in message
+  suggested = _suggestions(message)
+  assert suggested[0] == 'synthetic_shapes/fixed_colours_small'
+  assert len(set(suggested)) == len(suggested)
+  assert 'Here are' not in message and 'BuilderConfig' not in message  # not tfds's own text
+  with pytest.raises(DatasetError, match="imagenet100 has no configs; use plain 'imagenet100'"):
+    builder('imagenet100/x')
+
+
 def test_every_install_hint_names_the_package_and_the_clone_command(monkeypatch, tmp_path):
   hint = install_hint('convert')
   assert 'pip install "qscore-jax[convert]"' in hint and 'pip install -e ".[convert]"' in hint
