@@ -67,6 +67,24 @@ def test_a_config_typo_names_every_config_of_the_dataset():
     builder('imagenet100/x')
 
 
+@pytest.mark.parametrize('command', [['inspect'], ['embed', '--dataset', 'synthetic_shapes/tiny',
+                                                   '--split', 'test', '--out', 'store']])
+def test_a_registry_path_that_is_not_converted_says_to_convert_it(command, tmp_path, monkeypatch,
+                                                                 capsys):
+  monkeypatch.chdir(tmp_path)
+  assert cli.main([command[0], 'checkpoints/swav-r50-800ep', *command[1:]]) == 2
+  err = capsys.readouterr().err
+  assert 'run `qscore convert swav-r50-800ep` first' in err
+  assert '`qscore inspect swav-r50-800ep` alone builds its architecture with random weights' in err
+  assert 'Did you mean' not in err
+  # An existing directory named like an id, without a model in it: the same advice.
+  (tmp_path / 'models' / 'dino-vits16').mkdir(parents=True)
+  from qscore_jax.models import load_encoder  # pylint: disable=import-outside-toplevel
+  with pytest.raises(FileNotFoundError, match=r'metadata\.json missing.*qscore convert '
+                                              r'dino-vits16 --out models/dino-vits16'):
+    load_encoder('models/dino-vits16')
+
+
 def test_every_install_hint_names_the_package_and_the_clone_command(monkeypatch, tmp_path):
   hint = install_hint('convert')
   assert 'pip install "qscore-jax[convert]"' in hint and 'pip install -e ".[convert]"' in hint
