@@ -85,6 +85,17 @@ def test_a_registry_path_that_is_not_converted_says_to_convert_it(command, tmp_p
     load_encoder('models/dino-vits16')
 
 
+def test_demo_help_and_readme_give_the_same_duration(capsys):
+  first_command = next(line for line in README.splitlines() if 'qscore demo  ' in line)
+  duration = re.search(r'\(([^()]*minute[^()]*)\)', first_command).group(1)
+  assert duration == 'about a minute on 2 CPU cores'
+  with pytest.raises(SystemExit):
+    cli.main(['--help'])
+  help_text = ' '.join(capsys.readouterr().out.split())
+  assert duration in help_text
+  assert 'few minutes' not in help_text
+
+
 def test_every_install_hint_names_the_package_and_the_clone_command(monkeypatch, tmp_path):
   hint = install_hint('convert')
   assert 'pip install "qscore-jax[convert]"' in hint and 'pip install -e ".[convert]"' in hint
