@@ -110,3 +110,21 @@ def test_every_install_hint_names_the_package_and_the_clone_command(monkeypatch,
     if path.name != '_text.py':
       text = path.read_text()
       assert not re.search(r'qscore-jax\[|\.\[(convert|test)\]', text), path
+
+
+def test_readme_gives_the_cpu_only_torch_route_with_the_pins_of_setup_cfg():
+  setup = configparser.ConfigParser()
+  setup.read(ROOT / 'setup.cfg')
+  test_extra = [line.strip() for line in setup['options.extras_require']['test'].splitlines()
+                if line.strip() and not line.strip().startswith('#')]
+  pins = [req for req in test_extra if re.match(r'(torch|torchvision)\b', req)]
+  assert len(pins) == 2
+  command = next(line for line in README.splitlines() if 'download.pytorch.org/whl/cpu' in line)
+  assert command.startswith('`pip install ' + ' '.join(f'"{pin}"' for pin in pins)
+                            + ' --index-url https://download.pytorch.org/whl/cpu`')
+  # Said next to the test command's explanation, not in the two commands themselves.
+  start = README.index('```bash')
+  assert README.index('3.2 GB') > README.index('```', start + 3)
+  assert README.index(command) < README.index('## `qscore demo`')
+  after = README[README.index(command):README.index('## `qscore demo`')]
+  assert 'pip install -e ".[test]"' in after
