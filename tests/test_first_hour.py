@@ -96,6 +96,21 @@ def test_demo_help_and_readme_give_the_same_duration(capsys):
   assert 'few minutes' not in help_text
 
 
+def test_readme_status_row_states_the_registry_counts():
+  specs = list_models()
+  methods = {s.method for s in specs}
+  families = {'moco' if m == 'mocov3' else m for m in methods}
+  unsupported = [s for s in specs if not s.supported]
+  row = next(line for line in README.splitlines()
+             if line.startswith('| registry of the published checkpoints'))
+  assert f'{len(specs)} entries of {len(families)} methods, {len(methods)} `method` names' in row
+  if unsupported:
+    assert (f'{len(specs) - len(unsupported)} convertible, {len(unsupported)} listed as '
+            'unsupported with the reason (`qscore models`)') in row
+  else:
+    assert f'all {len(specs)} convertible, none listed as unsupported' in row
+
+
 def test_every_install_hint_names_the_package_and_the_clone_command(monkeypatch, tmp_path):
   hint = install_hint('convert')
   assert 'pip install "qscore-jax[convert]"' in hint and 'pip install -e ".[convert]"' in hint
