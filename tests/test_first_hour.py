@@ -127,6 +127,14 @@ def test_every_install_hint_names_the_package_and_the_clone_command(monkeypatch,
       assert not re.search(r'qscore-jax\[|\.\[(convert|test)\]', text), path
 
 
+def test_gitignore_covers_the_venv_and_the_default_outputs():
+  patterns = (ROOT / '.gitignore').read_text().splitlines()
+  assert cli.build_parser().parse_args(['demo']).out == 'qscore_demo'
+  assert 'runs/' in README  # the README's commands write there
+  for pattern in ('.venv/', 'qscore_demo/', 'runs/'):
+    assert pattern in patterns
+
+
 def test_readme_gives_the_cpu_only_torch_route_with_the_pins_of_setup_cfg():
   setup = configparser.ConfigParser()
   setup.read(ROOT / 'setup.cfg')
