@@ -151,3 +151,35 @@ def test_readme_gives_the_cpu_only_torch_route_with_the_pins_of_setup_cfg():
   assert README.index(command) < README.index('## `qscore demo`')
   after = README[README.index(command):README.index('## `qscore demo`')]
   assert 'pip install -e ".[test]"' in after
+
+
+@pytest.mark.parametrize('temperature', [0.1, 0.5])
+def test_nt_xent_is_half_of_google_research_simclr_loss(temperature):
+  """google-research/simclr objective.py add_contrastive_loss, in float64 NumPy: loss_a + loss_b."""
+  rng = np.random.default_rng(7)
+  z1 = rng.standard_normal((8, 16)).astype(np.float32)
+  z2 = (z1 + 0.5 * rng.standard_normal((8, 16))).astype(np.float32)
+  large_num = 1e9
+  h1, h2 = (z.astype(np.float64) / np.linalg.norm(z.astype(np.float64), axis=1, keepdims=True)
+            for z in (z1, z2))
+  n = h1.shape[0]
+  labels = np.eye(n, 2 * n)  # one_hot(arange(N), 2N)
+  masks = np.eye(n)
+  logits_aa = h1 @ h1.T / temperature - masks * large_num
+  logits_bb = h2 @ h2.T / temperature - masks * large_num
+  logits_ab = h1 @ h2.T / temperature
+  logits_ba = h2 @ h1.T / temperature
+
+  def softmax_cross_entropy(onehot, logits):  # tf.losses' default: mean over the N rows
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return -np.mean(np.sum(onehot * log_softmax, axis=1))
+
+  loss_a = softmax_cross_entropy(labels, np.concatenate([logits_ab, logits_aa], 1))
+  loss_b = softmax_cross_entropy(labels, np.concatenate([logits_ba, logits_bb], 1))
+  ours = float(losses.nt_xent(z1, z2, temperature=temperature))
+  assert 2 * ours == pytest.approx(loss_a + loss_b, rel=1e-5)
+  assert ours != pytest.approx(loss_a + loss_b, rel=0.1)  # not the same scale
+  # ... and the module and the function say so.
+  for doc in (losses.__doc__, losses.nt_xent.__doc__):
+    assert 'loss_a + loss_b' in doc and 'google-research/simclr' in doc and 'half' in doc
