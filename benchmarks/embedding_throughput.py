@@ -17,7 +17,8 @@ drift from run to run. XLA configurations (flags are read once per process):
     which hand convolutions to YNNPACK,
   * ``no-ynnpack`` (not run by default): no YNNPACK at all, dots included.
 
-Run (about 15 minutes on 2 cores; needs torch and torchvision, ``pip install -e .[test]``):
+Run (about 15 minutes on 2 cores; needs torch and torchvision: ``pip install -e ".[test]"`` in
+this clone, ``pip install "qscore-jax[test]"`` for an installed package):
 
     python benchmarks/embedding_throughput.py --out benchmarks/results/embedding_throughput.json
     python benchmarks/embedding_throughput.py --archs resnet50 --batches 32 \

@@ -7,11 +7,16 @@ first, so every device computes the same global value. Take the mean of the
 gradients over devices (``lax.pmean``) in a pmapped step; the result equals the
 gradient of the single-device loss on the whole batch (tested).
 
-Conventions and defaults follow the official releases:
+Conventions and defaults follow the official releases, except the scale of SimCLR's
+loss (its row):
 
 ==============  =====================================================================
 SimCLR          NT-Xent over 2N views, cosine similarity / temperature (0.1 on ImageNet
-                with LARS, 0.5 for small data); mean over all 2N anchors.
+                with LARS, 0.5 for small data); mean over all 2N anchors, as in the
+                SimCLR paper and lightly's NTXentLoss. That is half of what
+                google-research/simclr's ``add_contrastive_loss`` returns,
+                ``loss_a + loss_b`` (each a mean over N anchors): the official loss
+                and its gradients are 2x this one at the same temperature.
 BYOL            2 - 2 cos(p, sg(z_target)), both directions summed, mean over the batch.
 SimSiam         -cos(p, sg(z)), both directions averaged.
 VICReg          25 * MSE(z1, z2) + 25 * hinge(1 - std) + 1 * off-diagonal covariance^2 / d,
@@ -61,7 +66,12 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float = 0.1,
   """SimCLR's NT-Xent loss of two views' projections (N, d) each; scalar.
 
   For each of the 2N anchors, the positive is the other view of the same image
-  and the negatives are the other 2N - 2 projections.
+  and the negatives are the other 2N - 2 projections. The result is the mean of
+  the 2N cross-entropies (the SimCLR paper's L, lightly's ``NTXentLoss``), which
+  is half of google-research/simclr's ``add_contrastive_loss``: that returns
+  ``loss_a + loss_b``, the mean over the N anchors of the first views plus the
+  mean over the N of the second views. Multiply by 2 to reproduce the official
+  loss and its gradients.
 
   Args:
     z1: (N, d) projections of the first views.
@@ -69,6 +79,8 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float = 0.1,
     temperature: divides the cosine similarities (default 0.1).
     axis_name: the pmap axis, if any; the inputs are then the local rows and are
       all-gathered first.
+  Returns:
+    A scalar: the mean over the 2N anchors.
   """
   _check_pair(z1, z2, 'nt_xent')
   z = l2_normalize(jnp.concatenate([gather(z1, axis_name), gather(z2, axis_name)]))

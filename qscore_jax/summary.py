@@ -29,6 +29,13 @@ def resolve_model(ref: str) -> tuple[nn.Module, Any, dict[str, Any]]:
     ref: a directory written by ``save_model`` or the id of a shipped model
       (stored weights), a registry id or an architecture name (randomly
       initialised weights: ``variables`` is ``None``).
+  Returns:
+    ``(module, variables, description)``; ``description`` holds name, method,
+    arch, arch_options, preprocessing and weights (the directory, or None).
+  Raises:
+    FileNotFoundError: ``ref`` is a path ending in a registry id that holds no
+      saved model (``qscore convert <id>`` first), or a directory that is not one.
+    ValueError: ``ref`` is nothing known (with close names).
   """
   path = (weights.shipped_model_dir(ref) if ref in weights.SHIPPED_MODELS
           else pathlib.Path(ref).expanduser())
@@ -40,6 +47,10 @@ def resolve_model(ref: str) -> tuple[nn.Module, Any, dict[str, Any]]:
         'arch': metadata['arch'], 'arch_options': metadata['arch_options'],
         'preprocessing': registry.Preprocessing.from_json(pre) if pre else None,
         'weights': str(path.resolve())}
+  if str(ref) != path.name or path.is_dir():  # a path, not a bare id: never random weights
+    unconverted = weights.unconverted_model_error(ref)
+    if unconverted is not None:
+      raise unconverted
   try:
     spec = registry.get_model_spec(ref)
   except KeyError:

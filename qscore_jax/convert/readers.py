@@ -42,6 +42,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from qscore_jax._text import install_hint
+
 try:  # numpy >= 2
   from numpy._core import multiarray as _multiarray
 except ImportError:  # numpy 1.x
@@ -268,7 +270,7 @@ def read_torch(path: str | os.PathLike) -> FlatCheckpoint:
   except ImportError:
     raise ReaderError(
         f'Reading {path} needs PyTorch, which is not installed. Install the converter '
-        'extra: pip install "qscore-jax[convert]" (or pip install torch).') from None
+        f'extra: {install_hint("convert")}; or pip install torch.') from None
   allowed = [argparse.Namespace] + [(dict, name) for name in _LIGHTNING_ATTRIBUTE_DICTS]
   _check_zip_crc(path)
   try:

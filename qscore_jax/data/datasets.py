@@ -3,9 +3,8 @@
 ==========================  ==================================================
 name                        what it is
 ==========================  ==================================================
-``synthetic_shapes[/cfg]``  built-in, generated offline (configs default,
-                            small, tiny); core + spurious masks
-``sklearn_digits[/cfg]``    built-in real images from scikit-learn (32px, 64px)
+``synthetic_shapes[/cfg]``  built-in, generated offline; core + spurious masks
+``sklearn_digits[/cfg]``    built-in real images from scikit-learn
 ``imagenet2012``            tfds, prepared from the manual download
 ``imagenet100``             the CMC/solo-learn subset, prepared from imagenet2012
 ``salient_imagenet``        imagenet2012 train images with Salient ImageNet masks
@@ -13,9 +12,10 @@ name                        what it is
 ``folder:/path``            a folder of images, one sub-folder per class
 ==========================  ==================================================
 
-:func:`read_split` yields, in canonical order, dicts with ``image`` (uint8,
-H x W x 3), ``label`` (int64), ``id`` (int64: the index of the example in its
-split) and the dataset's masks where it has them.
+:func:`built_in_configs` lists every config of the built-in datasets (``qscore
+datasets`` prints them below this table). :func:`read_split` yields, in canonical
+order, dicts with ``image`` (uint8, H x W x 3), ``label`` (int64), ``id`` (int64:
+the index of the example in its split) and the dataset's masks where it has them.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import functools
 import hashlib
 import os
 import pathlib
+import re
 from typing import Any
 
+from qscore_jax._text import did_you_mean
 from qscore_jax.data._tensorflow import tf  # before tfds: TF imported quietly, off accelerators
 
 # pylint: disable=wrong-import-order
@@ -92,14 +94,65 @@ def default_data_dir() -> str | None:
   return os.environ.get('QSCORE_JAX_DATA_DIR')
 
 
+def _split_config(name: str) -> tuple[str, str | None]:
+  """``'base/config:version'`` -> ``('base', 'config')``; ``(base, None)`` without a config
+  or with tfds keyword arguments (``base/k=v``, which tfds checks itself)."""
+  base, sep, rest = name.partition('/')
+  config = rest.split('/')[0].split(':')[0] if sep else None
+  if config is not None and '=' in config:
+    config = None
+  if not sep:
+    base = re.sub(r':[0-9.*]+$', '', base)  # a version (name:1.0.0), not a namespace
+  return base, config
+
+
+def _builder_class(base: str):
+  """The registered tfds builder class ``base``, or None when there is none."""
+  try:
+    return tfds.builder_cls(base)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError):
+    return None
+
+
+def _config_names(builder_class) -> list[str]:
+  return [config.name for config in getattr(builder_class, 'BUILDER_CONFIGS', None) or ()]
+
+
+def _default_config(builder_class) -> str | None:
+  """The config a plain name means (tfds: DEFAULT_BUILDER_CONFIG_NAME, else the first)."""
+  names = _config_names(builder_class)
+  return getattr(builder_class, 'DEFAULT_BUILDER_CONFIG_NAME', None) or (names[0] if names
+                                                                         else None)
+
+
+def _closest_full_name(base: str, config: str) -> str:
+  """``base/c`` for the config ``c`` of ``base`` closest to ``config``, else ``base``."""
+  match = difflib.get_close_matches(config, _config_names(_builder_class(base)), n=1)
+  return f'{base}/{match[0]}' if match else base
+
+
 def _unknown_name_error(name: str) -> DatasetError:
-  known = list(tfds.list_builders())
-  base = name.split('/')[0]
-  close = difflib.get_close_matches(base, known + list(BUILT_IN), n=3)
-  hint = f' Did you mean {", ".join(map(repr, close))}?' if close else ''
+  base, config = _split_config(name)
+  known = dict.fromkeys(list(BUILT_IN) + list(tfds.list_builders()))  # unique, in order
+  close = difflib.get_close_matches(base, list(known), n=3)
+  if config is not None:  # a typo of the dataset with a config: full names where one fits
+    close = [_closest_full_name(b, config) for b in close]
+  hint = did_you_mean(base if config is None else name, dict.fromkeys(close))
   return DatasetError(
-      f'Unknown dataset {name!r}.{hint} Use a built-in one ({", ".join(BUILT_IN)}), any '
-      'tensorflow-datasets name (tfds.list_builders()), or folder:/path/to/images.')
+      f'Unknown dataset {name!r}.{hint} Use a built-in one ({", ".join(BUILT_IN)}; `qscore '
+      'datasets` lists their configs), any tensorflow-datasets name (tfds.list_builders()), or '
+      'folder:/path/to/images.')
+
+
+def _unknown_config_error(name: str, base: str, config: str, builder_class) -> DatasetError:
+  configs = _config_names(builder_class)
+  if not configs:
+    return DatasetError(f'Unknown config {config!r} in {name!r}: {base} has no configs; use '
+                        f'plain {base!r}.')
+  hint = did_you_mean(f'{base}/{config}', [f'{base}/{c}' for c in configs])
+  return DatasetError(f'Unknown config {config!r} in {name!r}.{hint} The configs of {base} '
+                      f'are: {", ".join(configs)} (plain {base!r} is '
+                      f'{base}/{_default_config(builder_class)}).')
 
 
 def builder(name: str, data_dir: str | None = None):
@@ -108,15 +161,67 @@ def builder(name: str, data_dir: str | None = None):
   Args:
     name: a tfds or built-in dataset name (``name/config`` allowed).
     data_dir: tfds data directory (default :func:`default_data_dir`).
+  Returns:
+    The ``tfds.core.DatasetBuilder`` (not necessarily prepared).
   Raises:
-    DatasetError: unknown name (with close matches) or config.
+    DatasetError: unknown name (with close matches) or config (with every config
+      of that dataset and the closest ones).
   """
+  base, config = _split_config(name)
+  # Namespaced community datasets (ns:name) are left to tfds: their classes are not local.
+  builder_class = _builder_class(base) if config is not None and ':' not in base else None
+  if builder_class is not None and config not in _config_names(builder_class):
+    raise _unknown_config_error(name, base, config, builder_class)
   try:
     return tfds.builder(name, data_dir=data_dir or default_data_dir())
   except tfds.core.registered.DatasetNotFoundError:
     raise _unknown_name_error(name) from None
-  except ValueError as error:  # e.g. an unknown config
+  except ValueError as error:  # e.g. a bad version or keyword argument
     raise DatasetError(f'{name!r}: {error}') from None
+
+
+def _summary(builder_class) -> str:
+  return (builder_class.__doc__ or builder_class.name).strip().splitlines()[0]
+
+
+def built_in_configs() -> list[tuple[str, str]]:
+  """Every built-in dataset and config, with one line saying what it is.
+
+  Returns:
+    ``[(name, description)]``: for a dataset with configs one row per config,
+    named ``dataset/config`` (the default one, which the plain name means, says
+    so); for one without, one row with its plain name.
+  """
+  rows = []
+  for base in BUILT_IN:
+    builder_class = tfds.builder_cls(base)
+    configs = getattr(builder_class, 'BUILDER_CONFIGS', None) or ()
+    if not configs:
+      rows.append((base, _summary(builder_class)))
+    for config in configs:
+      rows.append((f'{base}/{config.name}', config.description
+                   + (f' Plain {base!r} is this one.'
+                      if config.name == _default_config(builder_class) else '')))
+  return rows
+
+
+def listing() -> str:
+  """What ``qscore datasets`` prints without a name: the naming scheme, then every built-in
+  dataset (what it is) with each of its configs.
+
+  Returns:
+    Multi-line text (no trailing newline).
+  """
+  table = __doc__.split('\n\n', 1)[1].split('\n\n:func:')[0]
+  rows = built_in_configs()
+  width = max(len(name) for name, _ in rows)
+  lines = [table, '', 'Built-in datasets and their configs (give the full name, e.g. '
+           '--dataset synthetic_shapes/small; the generated ones are prepared on first use):']
+  for base in BUILT_IN:
+    lines.append(f'  {base}: {_summary(tfds.builder_cls(base))}')
+    lines += [f'    {name:<{width}}  {text}' for name, text in rows
+              if name.split('/')[0] == base and '/' in name]
+  return '\n'.join(lines)
 
 
 def dataset_info(name: str, data_dir: str | None = None, *, prepare: bool = True) -> DatasetInfo:

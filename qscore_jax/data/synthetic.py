@@ -298,7 +298,8 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
                                'colours in every image (for self-supervised pre-training).'),
       ShapesConfig(name='fixed_colours_small', image_size=32, num_train=2000, num_test=500,
                    colours='fixed',
-                   description='32x32, 2000 train / 500 test, fixed colours.'),
+                   description='32x32, 2000 train / 500 test, fixed colours (the data of '
+                               '`qscore demo`).'),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -292,6 +292,38 @@ def shipped_model_dir(model_id: str) -> pathlib.Path:
   return directory.resolve()
 
 
+def unconverted_model_error(ref: str | pathlib.Path) -> FileNotFoundError | None:
+  """The error for a reference to a registry checkpoint that is not converted yet.
+
+  ``ref`` is a registry id, or a path whose last component is one (typically
+  ``checkpoints/<id>``, where ``qscore convert <id>`` writes), and holds no saved
+  model: the error says to convert it first, and that ``qscore inspect <id>``
+  alone builds the architecture with random weights.
+
+  Args:
+    ref: a model reference.
+  Returns:
+    The error, or None when ``ref`` is a saved model or its last component is no
+    registry id.
+  """
+  path = pathlib.Path(ref).expanduser()
+  model_id = path.name
+  if (path / METADATA_FILE).is_file() or model_id not in {s.id for s in list_models()}:
+    return None
+  default = pathlib.Path('checkpoints') / model_id
+  out = '' if path == default or str(ref) == model_id else f' --out {path}'
+  if str(ref) == model_id and not path.is_dir():
+    what = f'{model_id} is not converted yet'
+  else:
+    state = ('does not exist' if not path.exists()
+             else f'holds no saved model ({METADATA_FILE} missing)')
+    what = f'{path} {state}; {model_id} is a registry id that is not converted yet'
+  return FileNotFoundError(
+      f'{what}: run `qscore convert {model_id}{out}` first (it downloads the official weights '
+      f'and writes {path if out else default}). `qscore inspect {model_id}` alone builds its '
+      'architecture with random weights.')
+
+
 def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
   """The saved model directory ``ref`` names.
 
@@ -305,7 +337,8 @@ def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
     The directory, absolute.
 
   Raises:
-    FileNotFoundError: saying whether the id is known but not converted yet.
+    FileNotFoundError: saying whether the id is known but not converted yet
+      (:func:`unconverted_model_error`, also for ``checkpoints/<id>``).
   """
   path = pathlib.Path(ref).expanduser()
   if (path / METADATA_FILE).is_file():
@@ -317,9 +350,9 @@ def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
     return converted.resolve()
   if str(ref) in SHIPPED_MODELS:
     return shipped_model_dir(str(ref))
-  if str(ref) in {s.id for s in list_models()}:
-    raise FileNotFoundError(f'{ref} is not converted yet: run `qscore convert {ref}` (it '
-                            f'writes checkpoints/{ref}).')
+  unconverted = unconverted_model_error(ref)
+  if unconverted is not None:
+    raise unconverted
   raise FileNotFoundError(f'{ref} is neither a saved model directory ({METADATA_FILE} '
                           'missing) nor a converted registry id (`qscore models` lists them).')
 
@@ -334,7 +367,7 @@ def model_directory(ref: str | pathlib.Path) -> pathlib.Path:
   try:
     return resolve_model_dir(ref)
   except FileNotFoundError:
-    if not pathlib.Path(ref).expanduser().is_dir():
+    if not pathlib.Path(ref).expanduser().is_dir() or unconverted_model_error(ref) is not None:
       raise
     return pathlib.Path(ref).expanduser().resolve()
 
