@@ -36,11 +36,23 @@ def one_round(work: pathlib.Path) -> dict:
     raise RuntimeError(f'qscore demo failed:\n{result.stderr[-3000:]}')
   report = (work / 'demo' / 'report.md').read_text()
   analysis = json.loads((work / 'demo' / 'analysis' / 'report.json').read_text())
+  verdicts = json.loads((work / 'demo' / 'report.json').read_text())['findings']
   return {'seconds': round(seconds, 1),
           'top1': analysis['probe']['top1'],
           'auprc_q': analysis['misclassification']['qscore']['auprc_error_positive'],
+          'verdicts': ' / '.join(f['verdict'] for f in verdicts),
           'num_discriminative': analysis['feature_stats']['num_discriminative'],
           'figures': len(re.findall(r'!\[', report))}
+
+
+def _cpu_name() -> str:
+  """The CPU's model name (lscpu's), else what Python knows."""
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+    return next(line.split(':', 1)[1].strip() for line in out.splitlines()
+                if line.startswith('Model name'))
+  except (OSError, subprocess.CalledProcessError, StopIteration):
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -54,10 +66,10 @@ def main() -> None:
       rounds.append(one_round(pathlib.Path(work)))
     print(f"round {index + 1}: {rounds[-1]['seconds']:.1f} s, top-1 {rounds[-1]['top1']:.3f}, "
           f"AUPRC of Q {rounds[-1]['auprc_q']:.3f}, |D| {rounds[-1]['num_discriminative']}, "
-          f"{rounds[-1]['figures']} figures", flush=True)
+          f"{rounds[-1]['figures']} figures, verdicts {rounds[-1]['verdicts']}", flush=True)
   summary = {'rounds': rounds, 'median_seconds': statistics.median(r['seconds'] for r in rounds),
              'max_seconds': max(r['seconds'] for r in rounds), 'cpus': os.cpu_count(),
-             'processor': platform.processor() or platform.machine(),
+             'processor': _cpu_name(),
              'date': time.strftime('%Y-%m-%d')}
   print(f"median {summary['median_seconds']:.1f} s, max {summary['max_seconds']:.1f} s")
   if args.out:
