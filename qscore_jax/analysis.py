@@ -527,7 +527,8 @@ def analyze_encoder(encoder, dataset: str, out_dir: str | pathlib.Path, *, split
                 data_dir=data_dir)
   # Reused only if made from the same weights, splits and options.
   settings = json.loads(json.dumps({
-      'model_fingerprint': encoder.fingerprint, 'reference': list(reference),
+      'model_fingerprint': encoder.fingerprint, 'compute_dtype': encoder.compute_dtype,
+      'reference': list(reference),
       'evaluated': list(evaluated), 'config': dataclasses.asdict(config), 'plots': plots,
       'report_version': REPORT_VERSION}))
   settings_path = directory / SETTINGS_FILE

@@ -144,7 +144,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
   # Not `from qscore_jax import embed`: that name is the jitted forward pass.
   from qscore_jax.embed import embed_encoder  # pylint: disable=import-outside-toplevel
   path = embed_encoder(
-      models.load_encoder(args.model), args.dataset, args.split, args.out,
+      models.load_encoder(args.model, dtype=args.dtype), args.dataset, args.split, args.out,
       batch_size=args.batch_size, image_size=args.image_size, data_dir=args.data_dir,
       progress=not args.no_progress, overwrite=args.overwrite)
   # Imported here, not at the top: `qscore --help` stays fast.
@@ -266,7 +266,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
   config = analysis.AnalysisConfig(probe=ProbeConfig(epochs=args.probe_epochs, seed=args.seed),
                                    compression=None)
   reports = analysis.compare_models(
-      [models.load_encoder(ref) for ref in args.models], args.dataset, args.out,
+      [models.load_encoder(ref, dtype=args.dtype) for ref in args.models], args.dataset, args.out,
       labels=args.models, train_split=args.train_split,
       eval_split=args.eval_split, batch_size=args.batch_size, data_dir=args.data_dir,
       config=config, progress=not args.no_progress)
@@ -293,7 +293,8 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
   for index, ref in enumerate(args.models):
     target = out if len(args.models) == 1 else out / f'{index}-{pathlib.Path(ref).name}'
     results.append(interpret.interpret_model(
-        models.load_encoder(ref), args.dataset, target, split=args.split, reference_dataset=args.reference_dataset,
+        models.load_encoder(ref, dtype=args.dtype), args.dataset, target, split=args.split,
+        reference_dataset=args.reference_dataset,
         reference_split=args.reference_split, config=config, batch_size=args.batch_size,
         feature=args.feature, samples_per_group=args.samples, data_dir=args.data_dir,
         probe_epochs=args.probe_epochs, progress=not args.no_progress))
@@ -311,11 +312,18 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
   # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import demo, models  # pylint: disable=import-outside-toplevel
-  encoder = models.load_encoder(args.model)
+  encoder = models.load_encoder(args.model, dtype=args.dtype)
   demo.run_demo(args.out, model=encoder, model_label=args.model, dataset=args.dataset, data_dir=args.data_dir,
                 stage=None if args.stage == 'default' else args.stage, eps=args.eps,
                 probe_epochs=args.probe_epochs, progress=not args.no_progress)
   return 0
+
+
+def _add_dtype(command: argparse.ArgumentParser) -> None:
+  command.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'],
+                       help='computation dtype of the model (default auto: bfloat16 on TPU and '
+                            'GPU, float32 on CPU); parameters, statistics and the '
+                            'representations stay float32, and the store records it')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument('--model', default='demo-simclr-r18w025',
                     help='encoder (default: the shipped demo-simclr-r18w025); any saved model '
                          'directory, finetune workdir or converted id')
+  _add_dtype(demo)
   demo.add_argument('--dataset', default='synthetic_shapes/fixed_colours_small',
                     help='a dataset with core/spurious masks and train/test splits (default '
                          'synthetic_shapes/fixed_colours_small, generated on first use)')
@@ -455,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                   'arguments again to resume an interrupted run. Multi-host: run on every host.')
   embed.add_argument('model', help='a saved model directory (qscore convert / save_model), a '
                      'finetune workdir, a converted registry id or a shipped model id')
+  _add_dtype(embed)
   embed.add_argument('--dataset', required=True, help='dataset name (qscore datasets)')
   embed.add_argument('--split', required=True, help='split, e.g. train, test, validation')
   embed.add_argument('--out', required=True, help='store directory')
@@ -593,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
   compare.add_argument('models', nargs='+',
                        help='the models (usually two or more): saved model directory, finetune '
                             'workdir, converted registry id or shipped model id')
+  _add_dtype(compare)
   compare.add_argument('--dataset', required=True, help='dataset name (qscore datasets)')
   compare.add_argument('--train-split', default='train',
                        help='split giving D and training the probe (default train)')
@@ -623,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
   interp.add_argument('models', nargs='+', metavar='MODEL',
                       help='saved model directory, finetune workdir, converted registry id or '
                            'shipped model id; two to compare')
+  _add_dtype(interp)
   interp.add_argument('--dataset', default='synthetic_shapes',
                       help='dataset with core/spurious masks (default synthetic_shapes)')
   interp.add_argument('--split', default='test', help='split to explain (default test)')

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qscore_jax import outputs, parallel
+from qscore_jax.models import precision
 from qscore_jax.models.encoder import Encoder, as_encoder
 from qscore_jax.models.features import keep_state
 from qscore_jax.store import RepresentationStore, ShardWriter
@@ -125,7 +126,10 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
   run = {'dataset': dataset, 'dataset_version': dataset_info(dataset, data_dir).version,
          'split': split, 'split_size': size,
          'preprocessing': preprocessing.to_json() if preprocessing is not None else None,
-         'image_size': image_size, 'batch_size': batch_size, **dict(metadata or {})}
+         'image_size': image_size, 'batch_size': batch_size,
+         # Rows computed in bfloat16 are other rows: a store of one is never resumed as the other.
+         'compute_dtype': precision.name_of(getattr(model, 'dtype', None)),
+         **dict(metadata or {})}
   run.setdefault('model', None)
   dim = model.num_features
   with ShardWriter(store_dir, shard_index=process, shard_count=processes, rows=end - start,
@@ -143,12 +147,24 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
     bar = tqdm(total=size, initial=min(size, done_batches * batch_size), unit='img',
                disable=not progress or process != 0, desc=f'embed {dataset}/{split}',
                smoothing=0.1)
-    for batch in batches:
-      images = parallel.global_batch({'image': batch['image']}, mesh)['image']
-      representations = parallel.local_rows(step(variables, images))
+
+    def write(batch, representations):  # waits for that batch's step, not the next one
       keep = batch['mask']
-      writer.append(representations[keep], batch['label'][keep], batch['id'][keep])
+      writer.append(parallel.local_rows(representations)[keep], batch['label'][keep],
+                    batch['id'][keep])
       bar.update(int(keep.sum()) * processes)
+
+    # The step of batch k+1 is dispatched before batch k's rows are read back, and two
+    # batches wait on the devices: the host's decoding overlaps the devices' work.
+    pending = None
+    for batch, images in parallel.prefetch(
+        batches, lambda b: parallel.global_batch({'image': b['image']}, mesh)['image']):
+      representations = step(variables, images)
+      if pending is not None:
+        write(*pending)
+      pending = (batch, representations)
+    if pending is not None:
+      write(*pending)
     bar.close()
   return writer.root
 

@@ -4,12 +4,15 @@ The default layout is a 1-D mesh over every device of every process with the
 axis ``'data'``: a global batch is split along its first dimension, each
 process holding the rows of its own devices. :func:`global_batch` turns the
 per-process batches of :mod:`qscore_jax.data` into global ``jax.Array``s on
-that mesh, the input ``jax.jit`` data-parallel steps expect.
+that mesh, the input ``jax.jit`` data-parallel steps expect, and :func:`prefetch`
+keeps the next ones on the devices while a step runs.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import collections
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -79,6 +82,32 @@ def global_batch(local: Mapping[str, Any], mesh: Mesh | None = None,
   sharding = NamedSharding(mesh, PartitionSpec(axis))
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(local))
+
+
+def prefetch(batches: Iterable[Any], put: Callable[[Any], Any], size: int = 2
+             ) -> Iterator[tuple[Any, Any]]:
+  """Yields ``(batch, put(batch))`` with ``size`` batches already put on the devices.
+
+  A jitted step returns as soon as it is dispatched; a loop that does not read its
+  results at once goes on to the next batch, whose host work (decoding, augmenting,
+  the host-to-device copy, which :func:`global_batch` starts asynchronously) then
+  overlaps the running step. Keeping ``size`` batches in flight lets the host stay
+  ahead of the devices by that many steps.
+
+  Args:
+    batches: host batches, in order (consumed lazily: at most ``size`` ahead).
+    put: host batch -> device arrays, e.g. ``lambda b: global_batch(b, mesh)``.
+    size: batches in flight (default 2; at least 1).
+  Yields:
+    ``(host batch, device arrays)`` in the order of ``batches``.
+  """
+  if size < 1:
+    raise ValueError(f'prefetch size must be at least 1, got {size}.')
+  iterator = iter(batches)
+  queue = collections.deque((batch, put(batch)) for batch in itertools.islice(iterator, size))
+  while queue:
+    yield queue.popleft()
+    queue.extend((batch, put(batch)) for batch in itertools.islice(iterator, 1))
 
 
 def local_rows(array: jax.Array) -> np.ndarray:

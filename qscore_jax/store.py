@@ -64,8 +64,10 @@ class StoreError(ValueError):
 # The metadata fields that determine a store's rows: a store is resumed or reused only when
 # every one of them is the same (the model's weights by their content fingerprint; the
 # preprocessing and image size that make the pixels).
-MODEL_FIELDS = ('model', 'model_fingerprint', 'arch', 'arch_options', 'preprocessing',
-                'image_size', 'dim')
+MODEL_FIELDS = ('model', 'model_fingerprint', 'arch', 'arch_options', 'compute_dtype',
+                'preprocessing', 'image_size', 'dim')
+# What a field means in the metadata of a store written before it was recorded.
+LEGACY_DEFAULTS = {'compute_dtype': 'float32'}
 RUN_FIELDS = MODEL_FIELDS + ('dataset', 'dataset_version', 'split', 'split_size', 'shard_count')
 
 
@@ -79,7 +81,9 @@ def differences(first: Mapping[str, Any], second: Mapping[str, Any],
     second: the other's (or the requested run's).
     fields: the fields compared (default :data:`RUN_FIELDS`).
   """
-  return {k: (first.get(k), second.get(k)) for k in fields if first.get(k) != second.get(k)}
+  def get(metadata, key):
+    return metadata.get(key, LEGACY_DEFAULTS.get(key))
+  return {k: (get(first, k), get(second, k)) for k in fields if get(first, k) != get(second, k)}
 
 
 def describe_differences(diff: Mapping[str, tuple[Any, Any]], first: str, second: str) -> str:

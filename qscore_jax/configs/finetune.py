@@ -24,6 +24,7 @@ import difflib
 import ml_collections
 
 from qscore_jax import regularizer, validation
+from qscore_jax.models import precision
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.image_size = ml_collections.config_dict.placeholder(int)  # default: the model's / dataset's
   c.arch = ml_collections.config_dict.placeholder(str)  # default: the init's, or resnet18
   c.arch_options = ml_collections.ConfigDict()  # e.g. width_multiplier, stem (random init)
+  # Computation dtype: auto (bfloat16 on TPU/GPU, float32 on CPU) | float32 | bfloat16.
+  # Parameters, optimizer state, BatchNorm statistics, losses and regularizer stay float32.
+  c.dtype = 'auto'
   c.batch_size = 256                   # global batch, divisible by the number of devices
   c.num_epochs = 50.0                  # the paper's fine-tuning schedule
   c.num_steps = -1                     # > 0 overrides num_epochs
@@ -270,6 +274,10 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                                   'e.g. seeds=0:1:2.')
     for seed in seeds:
       validation.check_number(seed, "config field 'seeds' entry", minimum=0, integer=True)
+  present, dtype = _lookup(config, 'dtype')
+  if present and dtype not in precision.CHOICES:
+    raise validation.InputError(f"config field 'dtype' is {dtype!r}; give one of "
+                                f"{', '.join(precision.CHOICES)}.")
   present, removed = _lookup(config, 'compression_removed')
   if present:
     for fraction in removed:

@@ -23,6 +23,7 @@ restored step, so each step is logged once.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import pathlib
@@ -46,7 +47,7 @@ from qscore_jax.finetune import core, workdir as files
 from qscore_jax.finetune.methods import get_method
 from qscore_jax.finetune.workdir import TrainingError
 from qscore_jax.models import (Encoder, VisionTransformer, build_model, init_variables,
-                               load_encoder, load_heads, save_model)
+                               load_encoder, load_heads, precision, save_model)
 
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ('progress', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -86,12 +87,16 @@ def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _init_model(config, init: str, key, encoder: Encoder | None = None):
   """(model, backbone variables, heads {name: variables}, metadata, weights' fingerprint)
   of the initialisation (``encoder``: ``init`` already loaded)."""
+  dtype = compute_dtype(config)
   if init == 'random':
     arch = config.arch or 'resnet18'
     options = dict(config.arch_options)
-    model = build_model(arch, **options)
+    model = build_model(arch, dtype=precision.as_jnp(dtype), **options)
     return model, None, {}, {'arch': arch, 'arch_options': options}, None
-  encoder = encoder or load_encoder(init)
+  encoder = encoder or load_encoder(init, dtype=dtype)
+  if encoder.compute_dtype != dtype:
+    raise ValueError(f'--init was loaded computing in {encoder.compute_dtype}, the config asks '
+                     f'for {dtype}: load it with load_encoder(init, dtype={dtype!r}).')
   path, model, variables, meta = (encoder.directory, encoder.module, encoder.variables,
                                   encoder.metadata)
   if config.arch and config.arch != meta['arch']:
@@ -107,6 +112,15 @@ def _init_model(config, init: str, key, encoder: Encoder | None = None):
   heads = {name: variables_ for name, (_, variables_) in load_heads(path).items()}
   return (model, jax.device_get(variables), jax.device_get(heads), meta,
           encoder.fingerprint)
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> str:
+  """The dtype the run's backbone computes in, resolved (``config.dtype`` 'auto' -> per backend).
+
+  Args:
+    config: the run's config.
+  """
+  return precision.resolve(config.get('dtype', 'auto'))
 
 
 def _head_options(config, model) -> dict[str, Any]:
@@ -250,13 +264,15 @@ def reference_discriminative(model, variables, dataset: str, split: str, *, prep
 def _check_workdir(workdir: pathlib.Path, config, provenance: dict[str, Any]) -> list[str]:
   """Checks (or records) in ``run.json`` that the workdir belongs to this run.
 
-  ``provenance``: ``{'init', 'init_fingerprint', 'dataset_version', 'checkpoint_digest'}``
-  of the run. Returns the fields an older qscore_jax did not record
-  (:func:`~qscore_jax.finetune.workdir.check_run`)."""
+  ``provenance``: ``{'init', 'init_fingerprint', 'compute_dtype', 'dataset_version',
+  'checkpoint_digest'}`` of the run. Returns the fields an older qscore_jax did not record
+  (:func:`~qscore_jax.finetune.workdir.check_run`). The config's ``dtype`` is compared
+  resolved, as ``compute_dtype`` ('auto' means another dtype on another backend)."""
   # Never train into (and let orbax prune checkpoints of) a directory this tool did not make.
   outputs.prepare_output(workdir, 'finetune', option='--workdir', write=jax.process_index() == 0)
   return files.check_run(workdir, {
-      'config': {k: v for k, v in _plain(config).items() if k not in RESUMABLE_FIELDS},
+      'config': {k: v for k, v in _plain(config).items()
+                 if k not in RESUMABLE_FIELDS and k != 'dtype'},
       **provenance})
 
 
@@ -286,8 +302,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   workdir = pathlib.Path(workdir).expanduser().resolve()
   get_method(config.method)  # fail fast on an unknown method
   check_config(config)  # and on a field out of range
-  encoder = None if init == 'random' else load_encoder(init)
+  dtype = compute_dtype(config)
+  encoder = None if init == 'random' else load_encoder(init, dtype=dtype)
+  # compute_dtype resolved: 'auto' resumed on another backend would compute otherwise.
   provenance = {'init': init, 'init_fingerprint': encoder.fingerprint if encoder else None,
+                'compute_dtype': dtype,
                 'dataset_version': dataset_info(config.dataset, config.data_dir).version,
                 'checkpoint_digest': 'xxh3_128'}
   older = _check_workdir(workdir, config, provenance)
@@ -333,41 +352,62 @@ def _train(config, workdir: pathlib.Path, built: Setup, stop_after: int | None, 
   since_checkpoint: list[float] = []
   last = files.last_logged(workdir, start)  # what a run resumed at its end returns
   clock, images = time.perf_counter(), 0
+
+  def finish(done: int, device_metrics) -> None:
+    """Reads step ``done``'s metrics (waiting for that step only), checks and logs them."""
+    nonlocal last, window, clock, images, since_checkpoint
+    metrics = read_metrics(device_metrics)
+    if not metrics.pop('finite'):
+      kept = periodic.latest_step()
+      where = (f'The last good checkpoint is step {kept} in {workdir / "checkpoints"}; '
+               if kept is not None else 'No checkpoint was written yet; ')
+      raise TrainingError(
+          f'the loss is {metrics["loss"]} at step {done} (ssl {metrics["ssl_loss"]}, '
+          f'regularizer {metrics["regularizer"]}); training stopped. {where}lower the '
+          'learning rate or the regularizer weights, then run again.')
+    images += config.batch_size
+    window.append(metrics)
+    since_checkpoint.append(metrics.get(config.best_metric, metrics['loss']))
+    bar.update(1)
+    if done % config.log_every_steps == 0 or done == end:
+      elapsed = time.perf_counter() - clock
+      last = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+      last.update(images_per_second=images / max(elapsed, 1e-9), epoch=done / built.steps_per_epoch)
+      logger.write(done, last)
+      bar.set_postfix(loss=f'{last["loss"]:.4f}', q=f'{last["qscore_mean"]:.3f}')
+      window, clock, images = [], time.perf_counter(), 0
+
+  refresh = trainer.regularizer.refresh_every if trainer.regularizer.needs_fixed_discriminative \
+      else 0
   try:
-    iterator = iter(batches)
-    for step in range(start, end):
-      batch = next(iterator)
-      views = parallel.global_batch({'views': batch['views']}, mesh)['views']
+    # Step k+1 is dispatched before step k's metrics are read, and two batches wait on the
+    # devices: the host prepares the next batch while the devices run, and never waits for
+    # a step it has not queued a successor to. A non-finite loss therefore stops the run one
+    # step later than it happens; no checkpoint is written before its step's metrics are read.
+    inputs = parallel.prefetch(
+        itertools.islice(batches, end - start),
+        lambda batch: parallel.global_batch({'views': batch['views']}, mesh)['views'])
+    pending = None  # (step, its metrics on the devices), not read yet
+    for step, (_, views) in zip(range(start, end), inputs):
       state, metrics = step_fn(state, views)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not metrics.pop('finite'):
-        kept = periodic.latest_step()
-        where = (f'The last good checkpoint is step {kept} in {workdir / "checkpoints"}; '
-                 if kept is not None else 'No checkpoint was written yet; ')
-        raise TrainingError(
-            f'the loss is {metrics["loss"]} at step {step + 1} (ssl {metrics["ssl_loss"]}, '
-            f'regularizer {metrics["regularizer"]}); training stopped. {where}lower the '
-            'learning rate or the regularizer weights, then run again.')
-      images += config.batch_size
-      window.append(metrics)
-      since_checkpoint.append(metrics.get(config.best_metric, metrics['loss']))
+      if pending is not None:
+        finish(*pending)
+      pending = (step + 1, metrics)
       done = step + 1
-      bar.update(1)
-      if done % config.log_every_steps == 0 or done == end:
-        elapsed = time.perf_counter() - clock
-        last = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        last.update(images_per_second=images / max(elapsed, 1e-9), epoch=done / built.steps_per_epoch)
-        logger.write(done, last)
-        bar.set_postfix(loss=f'{last["loss"]:.4f}', q=f'{last["qscore_mean"]:.3f}')
-        window, clock, images = [], time.perf_counter(), 0
-      refresh = trainer.regularizer.refresh_every
-      if trainer.regularizer.needs_fixed_discriminative and refresh and done % refresh == 0:
+      refreshing = refresh and done % refresh == 0
+      saving = done % config.checkpoint_every_steps == 0 or done == end
+      if refreshing or saving:  # only a known-finite state is used or saved
+        finish(*pending)
+        pending = None
+      if refreshing:
         state = state.replace(discriminative=jax.device_put(
             _current_discriminative(built, state, config), replicated))
-      if done % config.checkpoint_every_steps == 0 or done == end:
+      if saving:
         files.save(periodic, state, done)
         files.save(best, state, done, {config.best_metric: float(np.mean(since_checkpoint))})
         since_checkpoint = []
+    if pending is not None:
+      finish(*pending)
   finally:
     bar.close()
     periodic.wait_until_finished()
@@ -379,6 +419,15 @@ def _train(config, workdir: pathlib.Path, built: Setup, stop_after: int | None, 
   if int(state.step) == total and config.export_model:
     exported = export_model(built, state, workdir / 'model', config)
   return {'step': int(state.step), 'metrics': last, 'model': exported}
+
+
+def read_metrics(metrics) -> dict[str, float]:
+  """A step's metrics as Python floats (this waits until that step has run).
+
+  Args:
+    metrics: the ``{name: scalar array}`` a train step returned.
+  """
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def _current_discriminative(built: Setup, state: core.TrainState, config) -> np.ndarray:
@@ -419,5 +468,5 @@ def export_model(built: Setup, state: core.TrainState, directory: pathlib.Path,
       overwrite=True)
 
 
-__all__ = ['RESUMABLE_FIELDS', 'Setup', 'TrainingError', 'export_model',
+__all__ = ['RESUMABLE_FIELDS', 'Setup', 'TrainingError', 'compute_dtype', 'export_model', 'read_metrics',
            'reference_discriminative', 'run', 'setup']

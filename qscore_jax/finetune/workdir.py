@@ -42,6 +42,8 @@ from jax.experimental import multihost_utils
 from qscore_jax import outputs
 
 RUN_FILE = 'run.json'
+# Fields of run.json an older qscore_jax did not write, and what they were then.
+LEGACY_RUN_FIELDS = {'compute_dtype': 'float32'}
 LOCK_FILE = 'lock'
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -81,6 +83,7 @@ def check_run(workdir: pathlib.Path, current: Mapping[str, Any]) -> list[str]:
                           ) from None
     # A workdir of an older qscore_jax lacks the fingerprints: the rest is checked, and the
     # file stays as it is (its checkpoints carry no hash either).
+    previous = {**LEGACY_RUN_FIELDS, **previous}
     missing = [key for key in current if key not in previous]
     diff = _differences(previous, {k: v for k, v in current.items() if k not in missing})
     if diff:

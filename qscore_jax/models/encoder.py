@@ -29,7 +29,7 @@ import numpy as np
 
 from qscore_jax.data.preprocessing import Preprocessing
 from qscore_jax.models.features import keep_state
-from qscore_jax.models import weights
+from qscore_jax.models import precision, weights
 from qscore_jax.models.variables import embed
 
 
@@ -89,12 +89,17 @@ class Encoder:
     """d, the size of its representation."""
     return self.module.num_features
 
+  @property
+  def compute_dtype(self) -> str:
+    """The dtype its forward pass computes in (``'float32'`` or ``'bfloat16'``)."""
+    return precision.name_of(getattr(self.module, 'dtype', None))
+
   def describe(self) -> dict[str, Any]:
     """What a store or report records about the encoder (JSON-serialisable)."""
     return {'model': self.name, 'method': self.metadata.get('method'),
             'arch': self.metadata.get('arch'),
             'arch_options': dict(self.metadata.get('arch_options') or {}),
-            'model_fingerprint': self.fingerprint}
+            'model_fingerprint': self.fingerprint, 'compute_dtype': self.compute_dtype}
 
   def embed(self, images) -> jax.Array:
     """Jitted inference-mode representations, (N, H, W, 3) -> (N, d) float32.
@@ -125,14 +130,16 @@ class Encoder:
 
 
 def load_encoder(ref: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None,
-                 **overrides: Any) -> Encoder:
+                 dtype: str | None = None, **overrides: Any) -> Encoder:
   """Resolves a model reference and restores it, once.
 
   Args:
     ref: a saved model directory, a ``qscore finetune`` workdir, a converted
       registry id or a shipped model id (:func:`~qscore_jax.models.weights.resolve_model_dir`).
     sharding: where to place every array (default: the first local device).
-    **overrides: module attributes that do not change the weights (``dtype``, ...).
+    dtype: the computation dtype, ``'float32'``, ``'bfloat16'`` or ``'auto'``
+      (:mod:`~qscore_jax.models.precision`); None: the module's default, float32.
+    **overrides: other module attributes that do not change the weights.
 
   Raises:
     FileNotFoundError: ``ref`` names no saved model (saying whether an id is
@@ -140,6 +147,8 @@ def load_encoder(ref: str | os.PathLike, *, sharding: jax.sharding.Sharding | No
   """
   directory = weights.model_directory(ref)
   metadata = weights.read_metadata(directory)
+  if dtype is not None:
+    overrides['dtype'] = precision.as_jnp(precision.resolve(dtype))
   module = weights.model_from_metadata(metadata, **overrides)
   variables = weights.load_variables(directory, module, sharding=sharding)
   return Encoder(module, variables, metadata, directory)
