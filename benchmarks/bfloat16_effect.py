@@ -10,7 +10,7 @@ statistic stay float32):
   D, Q-Scores, the linear probe's predictions, AUPRC in both views;
 * ResNet-50 and ViT-S/16 as the converters build them (``mocov3-r50-100ep``'s and
   ``dino-vits16``'s architectures) with random weights, on generated 224-px images: the
-  representations, D and Q-Scores of the reference half applied to the other half.
+  representations, D and Q-Scores (eps 2) of the reference half applied to the other half.
 
 Columns: the largest absolute difference of a representation entry over the largest
 entry (max relative error) and the median per-sample relative L2 error; Spearman's rank
@@ -95,6 +95,8 @@ def demo_model(data_dir: str | None) -> dict:
          'qscore_spearman': float(sp_stats.spearmanr(q_low, q_high).statistic),
          'discriminative_jaccard': _jaccard(low['scores']['discriminative'].astype(bool),
                                             high['scores']['discriminative'].astype(bool)),
+         'size_of_D': int(high['scores']['discriminative'].sum()),
+         'nonzero_q': int(np.sum(q_high != 0)),
          'probe_agreement': float(np.mean(low['scores']['predictions']
                                           == high['scores']['predictions']))}
   for view in ('auprc_correct_positive', 'auprc_error_positive'):
@@ -122,15 +124,17 @@ def random_model(model_id: str, num_images: int) -> dict:
     out[dtype] = {'h': h, 'images_per_second': _throughput(module, variables, images[:32])}
   half = num_images // 2
   summary = {}
-  for dtype, row in out.items():
-    feature = streaming.feature_stats(row['h'][:half], eps=4.0)
+  for dtype, row in out.items():  # eps 2: at 4 random weights leave almost every Q at 0
+    feature = streaming.feature_stats(row['h'][:half], eps=2.0)
     summary[dtype] = {'D': np.asarray(feature.discriminative),
-                      'q': np.asarray(stats.qscore(row['h'][half:], feature.discriminative, 4.0))}
+                      'q': np.asarray(stats.qscore(row['h'][half:], feature.discriminative, 2.0))}
   return {'model': f'{model_id} architecture, random weights ({num_images} generated images)',
           **_representation_errors(out['bfloat16']['h'], out['float32']['h']),
           'qscore_spearman': float(sp_stats.spearmanr(summary['bfloat16']['q'],
                                                       summary['float32']['q']).statistic),
           'discriminative_jaccard': _jaccard(summary['bfloat16']['D'], summary['float32']['D']),
+          'size_of_D': int(summary['float32']['D'].sum()),
+          'nonzero_q': int(np.sum(summary['float32']['q'] != 0)),
           'probe_agreement': None, 'auprc_correct_positive_difference': None,
           'auprc_error_positive_difference': None,
           'images_per_second': {k: v['images_per_second'] for k, v in out.items()}}

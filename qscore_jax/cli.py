@@ -230,7 +230,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
 def _cmd_finetune(args: argparse.Namespace) -> int:
   # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
-  config = load_config(args.config, args.set or ())
+  config = load_config(args.config, [*(args.set or ()),
+                                     *([f'dtype={args.dtype}'] if args.dtype else [])])
   try:
     result = loop.run(config, args.workdir, init=args.init, stop_after=args.stop_after)
   except loop.TrainingError as error:
@@ -575,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
                              'random)')
   finetune.add_argument('--workdir', required=True,
                         help='checkpoints, logs, final model/ (resumed when it exists)')
+  finetune.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16'],
+                        help='computation dtype of the backbone (the config field dtype, '
+                             'default auto: bfloat16 on TPU and GPU, float32 on CPU); '
+                             'parameters, optimizer state and statistics stay float32')
   finetune.add_argument('--stop-after', type=int,
                         help='stop after this step (resume later with the same command)')
   finetune.set_defaults(func=_cmd_finetune)

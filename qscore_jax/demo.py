@@ -104,7 +104,8 @@ def run_demo(out_dir: str | pathlib.Path = 'qscore_demo', *,
   report.write_json({
       'report_version': analysis.REPORT_VERSION, 'made_by': 'qscore demo',
       'qscore_jax_version': _version.__version__, 'model': label,
-      'model_fingerprint': encoder.fingerprint, 'dataset': dataset, 'seconds': round(seconds, 1),
+      'model_fingerprint': encoder.fingerprint, 'compute_dtype': encoder.compute_dtype,
+      'dataset': dataset, 'seconds': round(seconds, 1),
       'findings': found,
       'misclassification': {k: v for k, v in analysis_report['misclassification'].items()
                             if k in ('qscore', 'max_softmax')},

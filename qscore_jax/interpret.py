@@ -230,6 +230,7 @@ def interpret(result: analysis.AnalysisResult, out_dir: str | pathlib.Path, *,
 
   interpretation = {
       'model': str(encoder.directory) if encoder.directory else encoder.name,
+      'compute_dtype': encoder.compute_dtype,
       'dataset': dataset, 'split': split, 'reference': reference,
       'config': dataclasses.asdict(config), 'num_discriminative': int(discriminative.sum()),
       'probe_top1': float(per_image['correct'].mean()), 'summary': summary}
