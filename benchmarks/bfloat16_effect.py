@@ -26,7 +26,6 @@ import argparse
 import json
 import pathlib
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -39,14 +38,7 @@ from qscore_jax.models import build_model, init_variables, load_encoder, registr
 from qscore_jax.models.variables import embed
 from qscore_jax.summary import generated_images
 
-
-def _cpu_name() -> str:
-  try:
-    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-    return next(line.split(':', 1)[1].strip() for line in out.splitlines()
-                if line.startswith('Model name'))
-  except (OSError, subprocess.CalledProcessError, StopIteration):
-    return 'unknown'
+import _machine  # benchmarks/_machine.py (the scripts run from benchmarks/)
 
 
 def _representation_errors(low: np.ndarray, high: np.ndarray) -> dict[str, float]:
@@ -149,7 +141,7 @@ def main() -> None:
   args = parser.parse_args()
   rows = [demo_model(args.data_dir), random_model('mocov3-r50-100ep', args.images),
           random_model('dino-vits16', args.images)]
-  summary = {'cpu': _cpu_name(), 'backend': jax.default_backend(), 'jax': jax.__version__,
+  summary = {'cpu': _machine.cpu_name(), 'backend': jax.default_backend(), 'jax': jax.__version__,
              'date': time.strftime('%Y-%m-%d'), 'rows': rows}
   print(json.dumps(summary, indent=2))
   if args.out:

@@ -15,13 +15,14 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import re
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
+
+import _machine  # benchmarks/_machine.py (the scripts run from benchmarks/)
 
 
 def one_round(work: pathlib.Path) -> dict:
@@ -45,16 +46,6 @@ def one_round(work: pathlib.Path) -> dict:
           'figures': len(re.findall(r'!\[', report))}
 
 
-def _cpu_name() -> str:
-  """The CPU's model name (lscpu's), else what Python knows."""
-  try:
-    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-    return next(line.split(':', 1)[1].strip() for line in out.splitlines()
-                if line.startswith('Model name'))
-  except (OSError, subprocess.CalledProcessError, StopIteration):
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--rounds', type=int, default=3, help='fresh runs (default 3)')
@@ -69,7 +60,7 @@ def main() -> None:
           f"{rounds[-1]['figures']} figures, verdicts {rounds[-1]['verdicts']}", flush=True)
   summary = {'rounds': rounds, 'median_seconds': statistics.median(r['seconds'] for r in rounds),
              'max_seconds': max(r['seconds'] for r in rounds), 'cpus': os.cpu_count(),
-             'processor': _cpu_name(),
+             'processor': _machine.cpu_name(),
              'date': time.strftime('%Y-%m-%d')}
   print(f"median {summary['median_seconds']:.1f} s, max {summary['max_seconds']:.1f} s")
   if args.out:

@@ -33,11 +33,12 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+import _machine  # benchmarks/_machine.py (the scripts run from benchmarks/)
 
 CONFIGS = {
     'qscore_jax': {},
@@ -128,17 +129,6 @@ def worker(arch: str, batch: int, rounds: int) -> dict:
   }
 
 
-def _cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
-
-
 def table(results: list[dict]) -> str:
   rows = ['| model | batch | XLA config | Flax img/s | torch img/s | torch channels_last img/s '
           '| Flax / torch | Flax / channels_last | Flax % of GEMM peak |',
@@ -183,7 +173,7 @@ def main() -> None:
         results.append(result)
         print(f"{arch} batch {batch} {config}: {result['images_per_s']}", file=sys.stderr)
   peak = max(max(r['gemm_gflops'].values()) for r in results)
-  print(f"CPU: {_cpu_name()}, {os.cpu_count()} cores; fp32 GEMM peak measured "
+  print(f"CPU: {_machine.cpu_name()}, {os.cpu_count()} cores; fp32 GEMM peak measured "
         f"{peak:.0f} GFLOP/s (best of JAX, torch, NumPy; per-row peaks in the JSON); "
         f"jax {results[0]['versions']['jax']}, torch {results[0]['versions']['torch']}, "
         f"torch threads {results[0]['torch_threads']}.\n")
@@ -191,7 +181,7 @@ def main() -> None:
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w', encoding='utf-8') as f:
-      json.dump({'cpu': _cpu_name(), 'cores': os.cpu_count(), 'results': results}, f, indent=2)
+      json.dump({'cpu': _machine.cpu_name(), 'cores': os.cpu_count(), 'results': results}, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -23,7 +23,6 @@ import argparse
 import json
 import pathlib
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -32,19 +31,12 @@ import jax
 from qscore_jax.configs.finetune import get_config
 from qscore_jax.finetune import core, loop
 
+import _machine  # benchmarks/_machine.py (the scripts run from benchmarks/)
+
 TINY = ('dataset=synthetic_shapes/tiny,batch_size=16,arch_options.width_multiplier=0.0625,'
         'heads.projector_hidden=32,heads.projector_out=16,heads.predictor_hidden=8,'
         'regularizer.reference_examples=64,optimizer.learning_rate=0.05,progress=false,'
         'log_every_steps=1,checkpoint_every_steps=1000,export_model=false,method=simclr')
-
-
-def _cpu_name() -> str:
-  try:
-    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-    return next(line.split(':', 1)[1].strip() for line in out.splitlines()
-                if line.startswith('Model name'))
-  except (OSError, subprocess.CalledProcessError, StopIteration):
-    return 'unknown'
 
 
 def _step_seconds(workdir: pathlib.Path, batch: int) -> float:
@@ -93,7 +85,7 @@ def main() -> None:
       rows[name].append(one_run(args.steps, host, name == 'synchronous', args.data_dir))
     print(f"round {index + 1}: overlapped {rows['overlapped'][-1] * 1e3:.0f} ms/step, "
           f"synchronous {rows['synchronous'][-1] * 1e3:.0f} ms/step", flush=True)
-  summary = {'cpu': _cpu_name(), 'date': time.strftime('%Y-%m-%d'), 'jax': jax.__version__,
+  summary = {'cpu': _machine.cpu_name(), 'date': time.strftime('%Y-%m-%d'), 'jax': jax.__version__,
              'step_seconds_alone': device, 'host_seconds_per_batch': host,
              'rounds': rows,
              'median_seconds': {k: statistics.median(v) for k, v in rows.items()}}

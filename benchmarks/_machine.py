@@ -1,0 +1,26 @@
+"""What machine a benchmark ran on: the CPU's model name and flags, as lscpu reports them."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+
+
+def lscpu() -> dict[str, str]:
+  """``lscpu``'s fields (``{'Model name': ..., 'CPU family': ..., ...}``); empty if it fails."""
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return {}
+  return {key.strip(): value.strip() for key, _, value in
+          (line.partition(':') for line in out.splitlines()) if value}
+
+
+def cpu_name() -> str:
+  """The CPU's model name with its family and model numbers (e.g. ``AMD EPYC (family 25
+  model 1)``): a benchmark table names the CPU its ratios were measured on."""
+  fields = lscpu()
+  name = fields.get('Model name') or platform.processor() or platform.machine() or 'unknown'
+  if 'CPU family' in fields and 'Model' in fields:
+    name += f" (family {fields['CPU family']} model {fields['Model']})"
+  return name
