@@ -53,10 +53,20 @@ def one_run(steps: int, host_seconds: float, synchronous: bool, data_dir: str | 
     return (lambda state, views: jax.block_until_ready(step_fn(state, views))) \
         if synchronous else step_fn
 
+  class SlowBatches:  # the same batches (and attributes), each made host_seconds slower
+    def __init__(self, batches):
+      self.batches = batches
+
+    def __getattr__(self, name):
+      return getattr(self.batches, name)
+
+    def __iter__(self):
+      for batch in self.batches:
+        time.sleep(host_seconds)
+        yield batch
+
   def slow_batches(*args, **kwargs):
-    for batch in original_batches(*args, **kwargs):
-      time.sleep(host_seconds)
-      yield batch
+    return SlowBatches(original_batches(*args, **kwargs))
   core.Trainer.jit_step, loop.ssl_batches = jit_step, slow_batches
   try:
     spec = TINY + f',num_steps={steps}' + (f',data_dir={data_dir}' if data_dir else '')
