@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _machine  # benchmarks/_machine.py (the scripts run from benchmarks/)
+import _common  # benchmarks/_common.py (the scripts run from benchmarks/)
 
 # Dense peak TFLOP/s from the vendors' datasheets (no sparsity), for the printout only.
 DATASHEET_TFLOPS = {'H100': {'bfloat16': 989, 'float32': 67},
@@ -49,13 +48,15 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def _median_seconds(fn, rounds: int) -> float:
-  fn()  # compile (or warm up)
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return _common.median_seconds(fn, rounds, warmup=1)  # the first call compiles
+
+
+def _row(dtype: str, batch: int, seconds: float, flops: float | None,
+         peak: dict[str, float]) -> dict:
+  """Images/s, achieved TFLOP/s and MFU (against the measured peak in that dtype)."""
+  tflops = flops / seconds / 1e12 if flops else None
+  return {'dtype': dtype, 'batch': batch, 'images_per_s': batch / seconds, 'tflops': tflops,
+          'mfu': tflops / peak[dtype] if tflops else None}
 
 
 def _flops(jitted, *args) -> float | None:
@@ -96,9 +97,7 @@ def embedding(batches, rounds: int, peak: dict[str, float]) -> list[dict]:
       images = jax.random.normal(jax.random.key(1), (batch, 224, 224, 3), jnp.float32)
       seconds = _median_seconds(lambda: step(variables, images).block_until_ready(), rounds)
       flops = _flops(step, variables, images)
-      rows.append({'dtype': dtype_name, 'batch': batch, 'images_per_s': batch / seconds,
-                   'tflops': flops / seconds / 1e12 if flops else None,
-                   'mfu': flops / seconds / 1e12 / peak[dtype_name] if flops else None})
+      rows.append(_row(dtype_name, batch, seconds, flops, peak))
       print(f'embed resnet50 {dtype_name} batch {batch}: {batch / seconds:.1f} img/s',
             flush=True)
   return rows
@@ -129,9 +128,7 @@ def training(batch: int, rounds: int, peak: dict[str, float]) -> list[dict]:
     step = jax.jit(lambda s, v: core.train_step(trainer, s, v))
     flops = _flops(step, state, views)
     seconds = _median_seconds(lambda: jax.block_until_ready(step(state, views)), rounds)
-    rows.append({'dtype': dtype_name, 'batch': batch, 'images_per_s': batch / seconds,
-                 'tflops': flops / seconds / 1e12 if flops else None,
-                 'mfu': flops / seconds / 1e12 / peak[dtype_name] if flops else None})
+    rows.append(_row(dtype_name, batch, seconds, flops, peak))
     print(f'train simclr+reg resnet50 {dtype_name} batch {batch}: {batch / seconds:.1f} img/s',
           flush=True)
   return rows
@@ -165,15 +162,8 @@ def torchvision_gpu(batch: int, rounds: int, compile_timeout: float) -> dict | N
 
   def timed(fn):
     with torch.no_grad():
-      fn()
-      torch.cuda.synchronize()
-      times = []
-      for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+      return batch / _common.median_seconds(lambda: (fn(), torch.cuda.synchronize()), rounds,
+                                            warmup=1)
 
   def bf16():
     with torch.autocast('cuda', dtype=torch.bfloat16):
@@ -210,7 +200,7 @@ def main() -> None:
   print(f'GEMM peak: {peak}', flush=True)
   result = {
       'backend': device.platform, 'device': getattr(device, 'device_kind', str(device)),
-      'cpu': _machine.cpu_name(), 'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
+      'cpu': _common.cpu_name(), 'jax': jax.__version__, 'date': time.strftime('%Y-%m-%d'),
       'gemm_tflops': peak,
       'datasheet_tflops': next((v for k, v in DATASHEET_TFLOPS.items()
                                 if k in getattr(device, 'device_kind', '')), None),

@@ -38,7 +38,7 @@ from qscore_jax.models import build_model, init_variables, load_encoder, registr
 from qscore_jax.models.variables import embed
 from qscore_jax.summary import generated_images
 
-import _machine  # benchmarks/_machine.py (the scripts run from benchmarks/)
+import _common  # benchmarks/_common.py (the scripts run from benchmarks/)
 
 
 def _representation_errors(low: np.ndarray, high: np.ndarray) -> dict[str, float]:
@@ -141,7 +141,7 @@ def main() -> None:
   args = parser.parse_args()
   rows = [demo_model(args.data_dir), random_model('mocov3-r50-100ep', args.images),
           random_model('dino-vits16', args.images)]
-  summary = {'cpu': _machine.cpu_name(), 'backend': jax.default_backend(), 'jax': jax.__version__,
+  summary = {'cpu': _common.cpu_name(), 'backend': jax.default_backend(), 'jax': jax.__version__,
              'date': time.strftime('%Y-%m-%d'), 'rows': rows}
   print(json.dumps(summary, indent=2))
   if args.out:

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 
-import _machine  # benchmarks/_machine.py (the scripts run from benchmarks/)
+import _common  # benchmarks/_common.py (the scripts run from benchmarks/)
 
 
 def one_round(work: pathlib.Path) -> dict:
@@ -60,7 +60,7 @@ def main() -> None:
           f"{rounds[-1]['figures']} figures, verdicts {rounds[-1]['verdicts']}", flush=True)
   summary = {'rounds': rounds, 'median_seconds': statistics.median(r['seconds'] for r in rounds),
              'max_seconds': max(r['seconds'] for r in rounds), 'cpus': os.cpu_count(),
-             'processor': _machine.cpu_name(),
+             'processor': _common.cpu_name(),
              'date': time.strftime('%Y-%m-%d')}
   print(f"median {summary['median_seconds']:.1f} s, max {summary['max_seconds']:.1f} s")
   if args.out:

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-import _machine  # benchmarks/_machine.py (the scripts run from benchmarks/)
+import _common  # benchmarks/_common.py (the scripts run from benchmarks/)
 
 CONFIGS = {
     'qscore_jax': {},
@@ -46,15 +46,6 @@ CONFIGS = {
     # Neither convolutions nor dots on YNNPACK: everything on XLA's Eigen kernels.
     'no-ynnpack': {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type='},
 }
-
-
-def _median_time(fn, rounds):
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def worker(arch: str, batch: int, rounds: int) -> dict:
@@ -108,13 +99,13 @@ def worker(arch: str, batch: int, rounds: int) -> dict:
 
   samples = {k: [] for k in ('jax', 'torch', 'torch_cl', 'gemm_jax', 'gemm_torch', 'gemm_numpy')}
   for _ in range(rounds):
-    samples['jax'].append(_median_time(
+    samples['jax'].append(_common.median_seconds(
         lambda: embed(model, variables, images_jax).block_until_ready(), 1))
-    samples['torch'].append(_median_time(lambda: reference(images_nchw), 1))
-    samples['torch_cl'].append(_median_time(lambda: reference_cl(images_cl), 1))
-    samples['gemm_jax'].append(_median_time(lambda: matmul(a_jax, a_jax).block_until_ready(), 3))
-    samples['gemm_torch'].append(_median_time(lambda: torch.mm(a_torch, a_torch), 3))
-    samples['gemm_numpy'].append(_median_time(lambda: a_np @ a_np, 3))
+    samples['torch'].append(_common.median_seconds(lambda: reference(images_nchw), 1))
+    samples['torch_cl'].append(_common.median_seconds(lambda: reference_cl(images_cl), 1))
+    samples['gemm_jax'].append(_common.median_seconds(lambda: matmul(a_jax, a_jax).block_until_ready(), 3))
+    samples['gemm_torch'].append(_common.median_seconds(lambda: torch.mm(a_torch, a_torch), 3))
+    samples['gemm_numpy'].append(_common.median_seconds(lambda: a_np @ a_np, 3))
   med = {k: statistics.median(v) for k, v in samples.items()}
   gemm = {k: 2 * n**3 / med[f'gemm_{k}'] / 1e9 for k in ('jax', 'torch', 'numpy')}
   return {
@@ -173,7 +164,7 @@ def main() -> None:
         results.append(result)
         print(f"{arch} batch {batch} {config}: {result['images_per_s']}", file=sys.stderr)
   peak = max(max(r['gemm_gflops'].values()) for r in results)
-  print(f"CPU: {_machine.cpu_name()}, {os.cpu_count()} cores; fp32 GEMM peak measured "
+  print(f"CPU: {_common.cpu_name()}, {os.cpu_count()} cores; fp32 GEMM peak measured "
         f"{peak:.0f} GFLOP/s (best of JAX, torch, NumPy; per-row peaks in the JSON); "
         f"jax {results[0]['versions']['jax']}, torch {results[0]['versions']['torch']}, "
         f"torch threads {results[0]['torch_threads']}.\n")
@@ -181,7 +172,7 @@ def main() -> None:
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w', encoding='utf-8') as f:
-      json.dump({'cpu': _machine.cpu_name(), 'cores': os.cpu_count(), 'results': results}, f, indent=2)
+      json.dump({'cpu': _common.cpu_name(), 'cores': os.cpu_count(), 'results': results}, f, indent=2)
 
 
 if __name__ == '__main__':

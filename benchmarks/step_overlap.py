@@ -31,7 +31,7 @@ import jax
 from qscore_jax.configs.finetune import get_config
 from qscore_jax.finetune import core, loop
 
-import _machine  # benchmarks/_machine.py (the scripts run from benchmarks/)
+import _common  # benchmarks/_common.py (the scripts run from benchmarks/)
 
 TINY = ('dataset=synthetic_shapes/tiny,batch_size=16,arch_options.width_multiplier=0.0625,'
         'heads.projector_hidden=32,heads.projector_out=16,heads.predictor_hidden=8,'
@@ -95,7 +95,7 @@ def main() -> None:
       rows[name].append(one_run(args.steps, host, name == 'synchronous', args.data_dir))
     print(f"round {index + 1}: overlapped {rows['overlapped'][-1] * 1e3:.0f} ms/step, "
           f"synchronous {rows['synchronous'][-1] * 1e3:.0f} ms/step", flush=True)
-  summary = {'cpu': _machine.cpu_name(), 'date': time.strftime('%Y-%m-%d'), 'jax': jax.__version__,
+  summary = {'cpu': _common.cpu_name(), 'date': time.strftime('%Y-%m-%d'), 'jax': jax.__version__,
              'step_seconds_alone': device, 'host_seconds_per_batch': host,
              'rounds': rows,
              'median_seconds': {k: statistics.median(v) for k, v in rows.items()}}

@@ -310,8 +310,7 @@ def _probe_options(probe: ProbeConfig) -> dict[str, Any]:
 
 def _with_interval(row: Mapping[str, Any], key: str) -> str:
   interval = row.get(f'{key}_interval')
-  text = f'{row[key]:.3f}'
-  return text + (f' [{interval[0]:.3f}, {interval[1]:.3f}]' if interval else '')
+  return f'{row[key]:.3f}' + (f' {findings.format_interval(interval)}' if interval else '')
 
 
 def misclassification_lines(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -359,8 +358,7 @@ def summary_lines(report_dict: dict[str, Any], with_findings: bool = True) -> li
   lines.append(f"dataset        RankMe {dl['rankme']:.1f}   alpha-ReQ {dl['alpha_req']:.3f}")
   if report_dict.get('compression'):
     table = report_dict['compression']
-    row = max((r for r in table if 0 < r['removed'] <= findings.COMPRESSION_UP_TO + 1e-9),
-              key=lambda r: r['removed'], default=None)
+    row = findings.compression_point(table)
     if row:
       lines.append(f"compression    {100 * row['removed']:.0f}% removed: ranked "
                    f"{100 * row['ranked']:.2f}%, random {100 * row['random_mean']:.2f} ± "
@@ -425,9 +423,14 @@ def _read_result(directory: pathlib.Path, **fields) -> AnalysisResult:
   return AnalysisResult(report_dict, arrays, directory, **fields)
 
 
-def _class_names(dataset: str | None, data_dir: str | None) -> Sequence[str] | None:
+def class_names_of(dataset: str | None, data_dir: str | None) -> Sequence[str] | None:
   """The dataset's class names, or None when the dataset cannot be described (names are
-  cosmetic: a store can outlive the data it was made from)."""
+  cosmetic: a store can outlive the data it was made from).
+
+  Args:
+    dataset: the dataset name (None: no names).
+    data_dir: its tfds data directory.
+  """
   if not dataset:
     return None
   try:
@@ -470,7 +473,7 @@ def analyze_stores(reference_store: str | pathlib.Path, evaluated_store: str | p
                        'choose another --out.')
   with outputs.staged_output(out, 'analysis', overwrite=overwrite) as staging:
     analyze(train, evaluation, staging, config=config, plots=plots,
-            class_names=_class_names(evaluation.description.get('dataset'), data_dir))
+            class_names=class_names_of(evaluation.description.get('dataset'), data_dir))
   return _read_result(out, stores={'reference': train.source.path,
                                    'evaluated': evaluation.source.path}, data_dir=data_dir)
 
@@ -538,7 +541,7 @@ def analyze_encoder(encoder, dataset: str, out_dir: str | pathlib.Path, *, split
     return _read_result(directory, reused=True, **fields)
   settings_path.unlink(missing_ok=True)  # a rerun that dies midway leaves no stale match
   analyze(Split.from_store(stores['reference']), Split.from_store(stores['evaluated']),
-          directory, config=config, plots=plots, class_names=_class_names(dataset, data_dir))
+          directory, config=config, plots=plots, class_names=class_names_of(dataset, data_dir))
   settings_path.write_text(json.dumps(settings))
   return _read_result(directory, **fields)
 

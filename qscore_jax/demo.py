@@ -146,7 +146,7 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 
 def _interval(values) -> str:
-  return f' [{values[0]:.3f}, {values[1]:.3f}]' if values else ''
+  return f' {findings.format_interval(values)}' if values else ''
 
 
 def _iou_cell(row: Mapping[str, Any], name: str) -> str:

@@ -104,21 +104,37 @@ def no_loss_verdict(loss: float | None, interval: Sequence[float] | None, margin
     :data:`SUPPORTED` (whole interval below the margin), :data:`NOT_SUPPORTED`
     (interval above 0 and loss >= margin) or :data:`INCONCLUSIVE`.
   """
-  if not enough or loss is None or interval is None or not all(
-      math.isfinite(v) for v in (loss, *interval)):
-    return INCONCLUSIVE
-  lo, hi = interval
-  if hi < margin:
-    return SUPPORTED
-  if lo > 0 and loss >= margin:
-    return NOT_SUPPORTED
-  return INCONCLUSIVE
+  # The mirror image of the effect rule: a loss that is there refutes the claim, a loss
+  # shown negligible supports it.
+  return {SUPPORTED: NOT_SUPPORTED, NOT_SUPPORTED: SUPPORTED, INCONCLUSIVE: INCONCLUSIVE}[
+      effect_verdict(loss, interval, margin, enough=enough)]
 
 
-def _interval(values: Sequence[float] | None, digits: int = 3, scale: float = 1) -> str:
+def format_interval(values: Sequence[float] | None, digits: int = 3, scale: float = 1) -> str:
+  """``[lo, hi]`` as text, e.g. ``[0.476, 0.585]``; ``[n/a]`` for None.
+
+  Args:
+    values: the interval, or None.
+    digits: decimals.
+    scale: multiplies both ends first (100 for percentage points).
+  """
   if values is None:
     return '[n/a]'
   return '[' + ', '.join(f'{scale * v:.{digits}f}' for v in values) + ']'
+
+
+_interval = format_interval
+
+
+def compression_point(table: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+  """The row of a compression table the claim is judged at: the largest removed fraction
+  in (0, :data:`COMPRESSION_UP_TO`]; None when the curve has no such point.
+
+  Args:
+    table: ``report['compression']`` rows.
+  """
+  within = [r for r in table if 0 < r['removed'] <= COMPRESSION_UP_TO + 1e-9]
+  return max(within, key=lambda r: r['removed']) if within else None
 
 
 def _shift(values: Sequence[float] | None, by: float) -> list[float] | None:
@@ -186,16 +202,15 @@ def compression_finding(table: Sequence[Mapping[str, Any]], num_evaluated: int,
   if not table:
     return None
   full = next((r for r in table if r['removed'] == 0), None)
-  within = [r for r in table if 0 < r['removed'] <= COMPRESSION_UP_TO + 1e-9]
+  row = compression_point(table)
   base = {'claim': CLAIMS['compression'], 'key': 'compression',
           'statistic': 'loss of linear accuracy', 'margin': COMPRESSION_MARGIN,
           'no_effect': 0.0, 'figure': figure}
-  if full is None or not within:
+  if full is None or row is None:
     return {**base, 'verdict': INCONCLUSIVE, 'estimate': None, 'interval': None,
             'evidence': 'the compression curve has no point with nothing removed and one '
                         f'between 0 and {100 * COMPRESSION_UP_TO:.0f}% removed.',
             'reason': 'nothing to compare'}
-  row = max(within, key=lambda r: r['removed'])
   p0, p1 = full['ranked'], row['ranked']
   loss = p0 - p1
   n = max(num_evaluated, 1)
@@ -328,5 +343,6 @@ def finding_lines(found: Sequence[Mapping[str, Any]], *, markdown: bool = False)
 
 __all__ = ['AUROC_MARGIN', 'CLAIMS', 'COMPRESSION_MARGIN', 'COMPRESSION_UP_TO', 'INCONCLUSIVE',
            'IOU_MARGIN', 'MIN_COUNT', 'NOT_SUPPORTED', 'SUPPORTED', 'VERDICTS',
-           'analysis_findings', 'compression_finding', 'effect_verdict', 'finding_lines',
+           'analysis_findings', 'compression_finding', 'compression_point', 'effect_verdict',
+           'finding_lines', 'format_interval',
            'localisation_finding', 'misclassification_finding', 'no_loss_verdict']

@@ -241,7 +241,7 @@ def interpret(result: analysis.AnalysisResult, out_dir: str | pathlib.Path, *,
     figures = {}
     groups = figure_samples(per_image['qscore'], per_image['correct'], per_image['ids'],
                             per_image['has_target'], samples_per_group)
-    names = _class_names(dataset, data_dir)
+    names = analysis.class_names_of(dataset, data_dir)
     figures['samples'] = _draw_samples(model, variables, groups, per_image, names,
                                        discriminative, config, dataset, split, preprocessing,
                                        image_size, data_dir, out / 'heatmaps_by_qscore.png')
@@ -347,13 +347,6 @@ def _explain(model, variables, images, config, **target) -> np.ndarray:
   fn = jax.jit(functools.partial(heatmaps, model, eps=config.eps, stage=config.stage,
                                  method=config.method))
   return np.asarray(fn(keep_state(variables), jnp.asarray(images), **target)['heatmap'])
-
-
-def _class_names(dataset: str, data_dir: str | None) -> Sequence[str] | None:
-  try:
-    return dataset_info(dataset, data_dir).class_names or None
-  except (ValueError, KeyError, OSError):
-    return None
 
 
 def _class(names: Sequence[str] | None, label) -> str:

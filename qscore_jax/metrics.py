@@ -157,20 +157,29 @@ def bootstrap_areas(score, correct, *, resamples: int = DEFAULT_RESAMPLES,
     ``bootstrap``: ``{'resamples', 'confidence', 'seed', 'valid'}`` (``valid``:
     resamples that held both classes; the others are left out).
   """
-  score = np.asarray(score, np.float64)
+  return _bootstrap({'score': score}, correct, resamples, confidence, seed)['score']
+
+
+def _bootstrap(scores: Mapping[str, Any], correct, resamples: int, confidence: float,
+               seed: int) -> dict[str, dict[str, Any]]:
+  """:func:`bootstrap_areas` of several scores over the same resamples (drawn once)."""
   correct = np.asarray(correct, bool)
-  draws = {area: [] for area in AREAS}
-  for weights in _resample_weights(len(score), resamples, seed):
-    ap_correct, auroc = weighted_areas(score, correct, weights)
-    ap_error, _ = weighted_areas(-score, ~correct, weights)
-    draws['auprc_correct_positive'].append(ap_correct)
-    draws['auprc_error_positive'].append(ap_error)
-    draws['auroc'].append(auroc)
-  draws = {k: np.concatenate(v) if v else np.zeros(0) for k, v in draws.items()}
-  out: dict[str, Any] = {f'{area}_interval': _percentile_interval(draws[area], confidence)
-                         for area in AREAS}
-  out['bootstrap'] = {'resamples': resamples, 'confidence': confidence, 'seed': seed,
-                      'valid': int(np.isfinite(draws['auroc']).sum())}
+  scores = {name: np.asarray(values, np.float64) for name, values in scores.items()}
+  draws = {name: {area: [] for area in AREAS} for name in scores}
+  for weights in _resample_weights(len(correct), resamples, seed):
+    for name, score in scores.items():
+      ap_correct, auroc = weighted_areas(score, correct, weights)
+      ap_error, _ = weighted_areas(-score, ~correct, weights)
+      draws[name]['auprc_correct_positive'].append(ap_correct)
+      draws[name]['auprc_error_positive'].append(ap_error)
+      draws[name]['auroc'].append(auroc)
+  out = {}
+  for name, by_area in draws.items():
+    by_area = {k: np.concatenate(v) if v else np.zeros(0) for k, v in by_area.items()}
+    out[name] = {f'{area}_interval': _percentile_interval(by_area[area], confidence)
+                 for area in AREAS}
+    out[name]['bootstrap'] = {'resamples': resamples, 'confidence': confidence, 'seed': seed,
+                              'valid': int(np.isfinite(by_area['auroc']).sum())}
   return out
 
 
@@ -306,10 +315,8 @@ def score_table(scores: Mapping[str, np.ndarray], correct: np.ndarray, *,
     ``{name: metrics dict}`` (with ``<area>_interval`` and ``bootstrap`` when
     ``resamples`` > 0).
   """
-  table = {}
-  for name, values in scores.items():
-    table[name] = misclassification_metrics(values, correct)
-    if resamples:
-      table[name].update(bootstrap_areas(values, correct, resamples=resamples,
-                                         confidence=confidence, seed=seed))
+  table = {name: misclassification_metrics(values, correct) for name, values in scores.items()}
+  if resamples:
+    for name, intervals in _bootstrap(scores, correct, resamples, confidence, seed).items():
+      table[name].update(intervals)
   return table

@@ -1,9 +1,12 @@
-"""What machine a benchmark ran on: the CPU's model name and flags, as lscpu reports them."""
+"""What every benchmark needs: the machine it ran on (lscpu's fields) and a median timing."""
 
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
+import time
+from typing import Callable
 
 
 def lscpu() -> dict[str, str]:
@@ -24,3 +27,15 @@ def cpu_name() -> str:
   if 'CPU family' in fields and 'Model' in fields:
     name += f" (family {fields['CPU family']} model {fields['Model']})"
   return name
+
+
+def median_seconds(fn: Callable[[], object], rounds: int, warmup: int = 0) -> float:
+  """The median wall time of ``rounds`` calls of ``fn`` after ``warmup`` untimed ones."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
