@@ -8,13 +8,14 @@ Each handler imports the library it calls inside itself, so that ``qscore
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
 import pathlib
 import sys
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -714,6 +715,36 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
                              num_processes=args.num_processes, process_id=args.process_id)
 
 
+# The arguments of each command that name a directory (or file) it reads, and one it
+# writes, so that they may be URLs (gs://...): see qscore_jax.remote. Model references go
+# through load_encoder, and `finetune --workdir` through finetune.loop.run (which pushes
+# after every checkpoint); tfds data directories are read and written by TensorFlow itself.
+REMOTE_INPUTS = {'analyze': ('train', 'eval'), 'convert': ('file',)}
+REMOTE_OUTPUTS = {'demo': 'out', 'convert': 'out', 'embed': 'out', 'analyze': 'out',
+                  'train-supervised': 'out', 'experiment': 'workdir', 'compare': 'out',
+                  'interpret': 'out'}
+
+
+@contextlib.contextmanager
+def _local_paths(args: argparse.Namespace) -> Iterator[None]:
+  """Replaces the command's URL arguments by local copies while it runs (outputs are
+  pushed back when it ends, whether it succeeded or not)."""
+  names = [*REMOTE_INPUTS.get(args.command, ()), REMOTE_OUTPUTS.get(args.command)]
+  # A cheap look first: importing qscore_jax.remote imports the package (seconds).
+  if not any('://' in str(getattr(args, name, None) or '') for name in names if name):
+    yield
+    return
+  # Imported here, not at the top: `qscore --help` stays fast.
+  from qscore_jax import remote  # pylint: disable=import-outside-toplevel
+  for name in REMOTE_INPUTS.get(args.command, ()):
+    setattr(args, name, remote.local_input(getattr(args, name)))
+  output = REMOTE_OUTPUTS.get(args.command)
+  with remote.working_copy(getattr(args, output, None) if output else None) as local:
+    if output and local is not None:
+      setattr(args, output, local)
+    yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the ``qscore`` command line with ``argv`` (default ``sys.argv[1:]``).
 
@@ -733,7 +764,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       and not issubclass(category, DeprecationWarning) else plain(message, category, *rest, **kw))
   try:
     _initialize_distributed(args)
-    return args.func(args)
+    with _local_paths(args):
+      return args.func(args)
   except (ValueError, KeyError, TypeError, OSError, NotImplementedError) as error:
     message = error.args[0] if isinstance(error, KeyError) and error.args else error
     print(f'qscore {args.command}: error: {message}', file=sys.stderr)

@@ -31,7 +31,7 @@ LAYERS = {
            'qscore_jax.finetune.core', 'qscore_jax.finetune.methods', 'qscore_jax.finetune'},
     # Reading and writing: representation stores, figures and JSON, saved models, the
     # registry of releases, converters, datasets and input pipelines.
-    IO: {'qscore_jax.outputs', 'qscore_jax.store', 'qscore_jax.streaming', 'qscore_jax.report',
+    IO: {'qscore_jax.outputs', 'qscore_jax.remote', 'qscore_jax.store', 'qscore_jax.streaming', 'qscore_jax.report',
          'qscore_jax.models',
          'qscore_jax.models.registry', 'qscore_jax.models.weights', 'qscore_jax.models.encoder',
          'qscore_jax.convert', 'qscore_jax.convert.api', 'qscore_jax.convert.download',

@@ -29,6 +29,8 @@ import pathlib
 import re
 from typing import Any
 
+from etils import epath
+
 from qscore_jax._text import did_you_mean
 from qscore_jax.data._tensorflow import tf  # before tfds: TF imported quietly, off accelerators
 
@@ -330,7 +332,7 @@ def prepare(name: str, data_dir: str | None = None, **kwargs: Any):
     if not source.is_prepared():
       raise manual_download_error('imagenet2012', source, needed_by='imagenet100')
   elif getattr(b, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None) and not b.is_prepared():
-    manual = pathlib.Path(b.data_dir_root) / 'downloads' / 'manual'
+    manual = epath.Path(b.data_dir_root) / 'downloads' / 'manual'  # gs:// too
     if not manual.is_dir() or not any(manual.iterdir()):
       raise manual_download_error(base, b)
   b.download_and_prepare()

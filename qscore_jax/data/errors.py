@@ -8,7 +8,7 @@ rather than each other; catching :class:`DatasetError` imports no TensorFlow.
 
 from __future__ import annotations
 
-import pathlib
+from etils import epath
 
 
 class DatasetError(ValueError):
@@ -25,7 +25,7 @@ def manual_download_error(name: str, dataset_builder, *, needed_by: str | None =
   Returns:
     A :class:`DatasetError` saying which files to put where and what to run.
   """
-  manual = pathlib.Path(dataset_builder.data_dir_root) / 'downloads' / 'manual'
+  manual = epath.Path(dataset_builder.data_dir_root) / 'downloads' / 'manual'  # gs:// too
   data_dir = dataset_builder.data_dir_root
   files = {'imagenet2012': 'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
                            '(from https://image-net.org/download-images.php)'}.get(

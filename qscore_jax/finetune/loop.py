@@ -28,7 +28,7 @@ import json
 import math
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from qscore_jax import outputs, parallel, regularizer, stats
+from qscore_jax import outputs, parallel, regularizer, remote, stats
 from qscore_jax.configs.finetune import check_config
 from qscore_jax.data import augment, dataset_info, eval_batches, native_preprocessing, ssl_batches
 from qscore_jax.data.preprocessing import Preprocessing
@@ -52,6 +52,9 @@ from qscore_jax.models import (Encoder, VisionTransformer, build_model, init_var
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ('progress', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                     'export_model')
+# Fields run.json records resolved, in the provenance, not as configured ('auto' means
+# another dtype on another backend): config.dtype is compared as compute_dtype.
+RESOLVED_FIELDS = ('dtype',)
 
 
 @dataclasses.dataclass
@@ -272,7 +275,7 @@ def _check_workdir(workdir: pathlib.Path, config, provenance: dict[str, Any]) ->
   outputs.prepare_output(workdir, 'finetune', option='--workdir', write=jax.process_index() == 0)
   return files.check_run(workdir, {
       'config': {k: v for k, v in _plain(config).items()
-                 if k not in RESUMABLE_FIELDS and k != 'dtype'},
+                 if k not in RESUMABLE_FIELDS + RESOLVED_FIELDS},
       **provenance})
 
 
@@ -284,7 +287,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   Args:
     config: see :mod:`qscore_jax.configs.finetune`.
-    workdir: where checkpoints, logs and the final model go (absolute or relative).
+    workdir: where checkpoints, logs and the final model go (absolute or relative), or a
+      URL (``gs://...``: worked on in a local copy, pushed after every checkpoint and at the
+      end, one process only; :mod:`qscore_jax.remote`).
     init: ``'random'`` (pre-training from scratch), or a saved model directory, a
       finetune workdir, a converted registry id or a shipped model id
       (:func:`~qscore_jax.models.encoder.load_encoder`).
@@ -299,7 +304,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       with a warning and the newest intact one is used).
     qscore_jax.outputs.OutputError: ``workdir`` holds files qscore_jax did not write.
   """
-  workdir = pathlib.Path(workdir).expanduser().resolve()
+  if remote.is_url(workdir):
+    # Checked before the bucket is touched.
+    get_method(config.method)
+    check_config(config)
+    with remote.WorkingCopy(str(workdir)) as copy:
+      return _run(config, copy.path, init=init, stop_after=stop_after,
+                  after_checkpoint=copy.push)
+  return _run(config, pathlib.Path(workdir).expanduser().resolve(), init=init,
+              stop_after=stop_after)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, init: str,
+         stop_after: int | None, after_checkpoint: Callable[[], Any] | None = None
+         ) -> dict[str, Any]:
+  """:func:`run` in a local ``workdir``; ``after_checkpoint`` is called once each
+  checkpoint is on disk (a URL workdir's push)."""
   get_method(config.method)  # fail fast on an unknown method
   check_config(config)  # and on a field out of range
   dtype = compute_dtype(config)
@@ -313,14 +333,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   held = files.lock(workdir)
   try:
     return _train(config, workdir, setup(config, init, encoder=encoder), stop_after,
-                  require_integrity='checkpoint_digest' not in older)
+                  require_integrity='checkpoint_digest' not in older,
+                  after_checkpoint=after_checkpoint)
   finally:
     if held:
       held.release()
 
 
 def _train(config, workdir: pathlib.Path, built: Setup, stop_after: int | None, *,
-           require_integrity: bool) -> dict[str, Any]:
+           require_integrity: bool, after_checkpoint: Callable[[], Any] | None = None
+           ) -> dict[str, Any]:
   """:func:`run` in a checked, locked workdir."""
   trainer = built.trainer
   mesh = parallel.data_mesh()
@@ -406,6 +428,10 @@ def _train(config, workdir: pathlib.Path, built: Setup, stop_after: int | None, 
         files.save(periodic, state, done)
         files.save(best, state, done, {config.best_metric: float(np.mean(since_checkpoint))})
         since_checkpoint = []
+        if after_checkpoint is not None:
+          periodic.wait_until_finished()
+          best.wait_until_finished()
+          after_checkpoint()
     if pending is not None:
       finish(*pending)
   finally:

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from qscore_jax import outputs
+from qscore_jax import outputs, remote
 from qscore_jax._version import __version__
 from qscore_jax.data.preprocessing import Preprocessing
 from qscore_jax.models.heads import HeadSpec, MLPHead
@@ -331,7 +331,8 @@ def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
     ref: a saved model directory (it holds ``metadata.json``), a ``qscore finetune``
       workdir (its exported ``model/``), a converted registry id
       (``./checkpoints/<id>``) or the id of a model shipped with the package
-      (``demo-simclr-r18w025``, found wherever the package is installed).
+      (``demo-simclr-r18w025``, found wherever the package is installed); the first two
+      may be URLs (``gs://...``, pulled into the local cache: :mod:`qscore_jax.remote`).
 
   Returns:
     The directory, absolute.
@@ -340,6 +341,8 @@ def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
     FileNotFoundError: saying whether the id is known but not converted yet
       (:func:`unconverted_model_error`, also for ``checkpoints/<id>``).
   """
+  if remote.is_url(ref):
+    return _pulled_model_dir(str(ref).rstrip('/'))
   path = pathlib.Path(ref).expanduser()
   if (path / METADATA_FILE).is_file():
     return path.resolve()
@@ -355,6 +358,16 @@ def resolve_model_dir(ref: str | pathlib.Path) -> pathlib.Path:
     raise unconverted
   raise FileNotFoundError(f'{ref} is neither a saved model directory ({METADATA_FILE} '
                           'missing) nor a converted registry id (`qscore models` lists them).')
+
+
+def _pulled_model_dir(url: str) -> pathlib.Path:
+  """The local copy of the saved model at ``url``, or of a workdir's ``model/`` only (its
+  checkpoints stay in the bucket)."""
+  for candidate in (url, f'{url}/model'):
+    if remote.exists(f'{candidate}/{METADATA_FILE}'):
+      return remote.pull(candidate)
+  raise FileNotFoundError(f'{url} is not a saved model ({METADATA_FILE} missing), nor a '
+                          f'finetune workdir with one in model/.')
 
 
 def model_directory(ref: str | pathlib.Path) -> pathlib.Path:
