@@ -44,6 +44,7 @@ import sys
 from typing import Any, Callable, Iterator
 
 import fsspec
+import jax
 import xxhash
 
 from qscore_jax import outputs
@@ -113,7 +114,20 @@ def exists(url: str) -> bool:
   return fs.exists(path)
 
 
+# Hashes by (path, size, mtime): a fine-tuning push after each checkpoint rereads only the
+# files that changed, not every earlier checkpoint.
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
 def _hash(path: pathlib.Path) -> str:
+  stat = path.stat()
+  key = (str(path), stat.st_size, stat.st_mtime_ns)
+  if key not in _HASHES:
+    _HASHES[key] = _hash_bytes(path)
+  return _HASHES[key]
+
+
+def _hash_bytes(path: pathlib.Path) -> str:
   digest = xxhash.xxh3_64()
   with open(path, 'rb') as f:
     while chunk := f.read(_CHUNK):
@@ -275,8 +289,6 @@ def local_input(path: str | os.PathLike) -> str | os.PathLike:
 
 
 def _single_process(url: str) -> None:
-  # Imported here: the rest of this module is plain file handling, importable without jax.
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_count() > 1:
     raise RemoteError(f'{url}: URL outputs are written through one local copy, which a '
                       f'{jax.process_count()}-process run does not have; on a multi-host pod '
@@ -298,7 +310,6 @@ class WorkingCopy:
     self.url = str(url).rstrip('/')
     self.path = local_path(self.url)
     self._note = note or (lambda line: print(line, file=sys.stderr))
-    self._locked = False
 
   def _lock(self) -> None:
     fs, path = _fs(self.url)
@@ -306,7 +317,6 @@ class WorkingCopy:
     for _ in range(2):
       try:
         _create(fs, f'{path}/{LOCK}', identity)
-        self._locked = True
         return
       except FileExistsError:
         holder = _read_json(fs, f'{path}/{LOCK}')
@@ -326,7 +336,6 @@ class WorkingCopy:
     fs, path = _fs(self.url)
     with contextlib.suppress(FileNotFoundError):
       fs.rm_file(f'{path}/{LOCK}')
-    self._locked = False
 
   def __enter__(self) -> 'WorkingCopy':
     _single_process(self.url)

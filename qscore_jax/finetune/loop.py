@@ -304,10 +304,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       with a warning and the newest intact one is used).
     qscore_jax.outputs.OutputError: ``workdir`` holds files qscore_jax did not write.
   """
+  get_method(config.method)  # fail fast on an unknown method
+  check_config(config)  # and on a field out of range (before a bucket is touched)
   if remote.is_url(workdir):
-    # Checked before the bucket is touched.
-    get_method(config.method)
-    check_config(config)
     with remote.WorkingCopy(str(workdir)) as copy:
       return _run(config, copy.path, init=init, stop_after=stop_after,
                   after_checkpoint=copy.push)
@@ -320,8 +319,6 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, init: str,
          ) -> dict[str, Any]:
   """:func:`run` in a local ``workdir``; ``after_checkpoint`` is called once each
   checkpoint is on disk (a URL workdir's push)."""
-  get_method(config.method)  # fail fast on an unknown method
-  check_config(config)  # and on a field out of range
   dtype = compute_dtype(config)
   encoder = None if init == 'random' else load_encoder(init, dtype=dtype)
   # compute_dtype resolved: 'auto' resumed on another backend would compute otherwise.
