@@ -357,7 +357,9 @@ class WorkingCopy:
 
   def __exit__(self, *exc) -> None:
     try:
-      if self.path.exists():
+      # Only an output the tool wrote (it carries the marker): a refused folder of
+      # someone else's files is left exactly as it was, no manifest added.
+      if self.path.exists() and outputs.read_marker(self.path) is not None:
         self.push()
     finally:
       self._unlock()

@@ -21,7 +21,7 @@ import pytest
 import checkpoint_factories as factories
 import gcs_emulator
 from helpers import TINY_FINETUNE
-from qscore_jax import cli, remote
+from qscore_jax import cli, outputs, remote
 from qscore_jax.store import RepresentationStore
 
 BUCKET = 'qscore-test'
@@ -135,12 +135,12 @@ def test_a_second_writer_is_refused_and_a_dead_one_taken_over(bucket, tmp_path):
   notes = []
   with remote.WorkingCopy(url, note=notes.append) as copy:
     copy.path.mkdir(parents=True)
+    outputs.write_marker(copy.path, 'store')  # only the tool's own outputs are pushed
     (copy.path / 'f').write_text('x')
     with pytest.raises(remote.RemoteError, match=r'is being written by pid \d+ on .*delete '):
       remote.WorkingCopy(url).__enter__()
-  assert _objects(url) == [remote.MANIFEST, 'f']  # pushed, unlocked
+  assert _objects(url) == [outputs.MARKER_FILE, remote.MANIFEST, 'f']  # pushed, unlocked
   fs, path = fsspec.core.url_to_fs(url)
-  from qscore_jax import outputs  # pylint: disable=import-outside-toplevel
   dead = {**outputs.writer_identity(), 'pid': 2 ** 22 + 7, 'start_time': 1}
   fs.pipe_file(f'{path}/{remote.LOCK}', json.dumps(dead).encode())
   with remote.WorkingCopy(url, note=notes.append):
@@ -214,6 +214,16 @@ def test_convert_embed_analyze_finetune_and_resume_all_on_gs(bucket, tmp_path, t
   assert cli.main(['embed', run, *data, '--split', 'test', '--out', f'{bucket}/from-run']) == 0
   assert not (remote.local_path(run) / 'checkpoints').exists()
   assert RepresentationStore.open(remote.pull(f'{bucket}/from-run')).num_rows == 128
+
+
+def test_a_folder_of_someone_elses_files_is_refused_and_left_as_it_was(bucket, tmp_path,
+                                                                      capsys):
+  fs, path = fsspec.core.url_to_fs(bucket)
+  fs.pipe_file(f'{path}/theirs/notes.txt', b'not ours')
+  assert cli.main(['analyze', '--train', f'{bucket}/theirs', '--eval', f'{bucket}/theirs',
+                   '--out', f'{bucket}/theirs']) == 2
+  assert capsys.readouterr().err
+  assert _objects(f'{bucket}/theirs') == ['notes.txt']  # no manifest, no lock, nothing else
 
 
 def test_a_url_that_is_not_there_or_not_a_model_is_a_clear_error(bucket, capsys):
