@@ -241,7 +241,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
   metrics = result['metrics']
   print(f"step         {result['step']}" + (f"  loss {metrics['loss']:.4f}  mean Q "
                                               f"{metrics['qscore_mean']:.4f}" if metrics else ''))
-  print(f'workdir      {args.workdir}' + (f"  (model: {result['model']})" if result['model'] else ''))
+  model = result['model']
+  if model and '://' in str(args.workdir):
+    model = f"{str(args.workdir).rstrip('/')}/model"
+  print(f'workdir      {args.workdir}' + (f'  (model: {model})' if model else ''))
   return 0
 
 
@@ -726,23 +729,42 @@ REMOTE_OUTPUTS = {'demo': 'out', 'convert': 'out', 'embed': 'out', 'analyze': 'o
 
 
 @contextlib.contextmanager
-def _local_paths(args: argparse.Namespace) -> Iterator[None]:
+def _local_paths(args: argparse.Namespace, copies: dict[str, str]) -> Iterator[None]:
   """Replaces the command's URL arguments by local copies while it runs (outputs are
-  pushed back when it ends, whether it succeeded or not)."""
-  names = [*REMOTE_INPUTS.get(args.command, ()), REMOTE_OUTPUTS.get(args.command)]
+  pushed back when it ends, whether it succeeded or not); records each copy in
+  ``copies`` (local path -> URL) so that error messages can name the URL."""
+  names = [*REMOTE_INPUTS.get(args.command, ()), REMOTE_OUTPUTS.get(args.command),
+           'workdir' if args.command == 'finetune' else None]
   # A cheap look first: importing qscore_jax.remote imports the package (seconds).
   if not any('://' in str(getattr(args, name, None) or '') for name in names if name):
     yield
     return
   # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import remote  # pylint: disable=import-outside-toplevel
+  if args.command == 'finetune' and remote.is_url(args.workdir):
+    # finetune.loop.run works on the URL's local copy itself (it pushes per checkpoint).
+    copies[str(remote.local_path(args.workdir))] = str(args.workdir)
   for name in REMOTE_INPUTS.get(args.command, ()):
-    setattr(args, name, remote.local_input(getattr(args, name)))
+    url = getattr(args, name)
+    setattr(args, name, remote.local_input(url))
+    if remote.is_url(url):
+      copies[str(getattr(args, name))] = str(url)
   output = REMOTE_OUTPUTS.get(args.command)
-  with remote.working_copy(getattr(args, output, None) if output else None) as local:
+  url = getattr(args, output, None) if output else None
+  with remote.working_copy(url) as local:
     if output and local is not None:
       setattr(args, output, local)
+      copies[str(local)] = str(url)
     yield
+
+
+def _naming_urls(message: object, copies: dict[str, str]) -> str:
+  """``message`` with each local copy's path replaced by the URL the user gave, longest
+  path first (the tool's messages name the paths it works on, the user knows the URL)."""
+  text = str(message)
+  for local in sorted(copies, key=len, reverse=True):
+    text = text.replace(local, copies[local])
+  return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -757,18 +779,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   """
   args = build_parser().parse_args(argv)
   plain = warnings.formatwarning
+  copies: dict[str, str] = {}
   # The tool's own warnings (a damaged checkpoint set aside, a stale lock taken over) read
   # as messages, not as a source line of the package.
   warnings.formatwarning = lambda message, category, *rest, **kw: (
-      f'qscore {args.command}: warning: {message}\n' if issubclass(category, UserWarning)
-      and not issubclass(category, DeprecationWarning) else plain(message, category, *rest, **kw))
+      f'qscore {args.command}: warning: {_naming_urls(message, copies)}\n'
+      if issubclass(category, UserWarning) and not issubclass(category, DeprecationWarning)
+      else plain(message, category, *rest, **kw))
   try:
     _initialize_distributed(args)
-    with _local_paths(args):
+    with _local_paths(args, copies):
       return args.func(args)
   except (ValueError, KeyError, TypeError, OSError, NotImplementedError) as error:
     message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    print(f'qscore {args.command}: error: {message}', file=sys.stderr)
+    print(f'qscore {args.command}: error: {_naming_urls(message, copies)}', file=sys.stderr)
     return 2
   finally:
     warnings.formatwarning = plain

@@ -51,6 +51,10 @@ from qscore_jax import outputs
 
 MANIFEST = '.qscore-sync.json'
 LOCK = '.qscore-sync-lock.json'
+# The writer locks of stores and workdirs (store.LOCK_FILE, finetune.workdir.LOCK_FILE) are
+# this machine's (flock, a local pid): never uploaded, so that a copy pulled elsewhere holds
+# no stale holder. The URL's own lock, LOCK, stands for them in the bucket.
+LOCAL_ONLY = frozenset({'lock'})
 _URL = re.compile(r'^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>.+)$')
 _CHUNK = 1 << 22
 
@@ -136,8 +140,9 @@ def _hash_bytes(path: pathlib.Path) -> str:
 
 
 def _local_files(root: pathlib.Path) -> dict[str, pathlib.Path]:
-  """Every file under ``root`` by its '/'-joined relative path."""
-  return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob('*')) if p.is_file()}
+  """Every file under ``root`` by its '/'-joined relative path, writer locks excluded."""
+  return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob('*'))
+          if p.is_file() and p.name not in LOCAL_ONLY}
 
 
 def _remote_files(fs, path: str) -> dict[str, int]:

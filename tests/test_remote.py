@@ -80,6 +80,15 @@ def test_push_and_pull_copy_exactly_and_only_what_changed(bucket, tmp_path):
   assert remote.push(source, url) == {'uploaded': 1, 'deleted': 1, 'unchanged': 0}
   assert sorted(p.name for p in remote.pull(url).rglob('*') if p.is_file()) == ['b.bin']
   assert (local / 'sub' / 'b.bin').read_bytes() == b'changed'
+  # Writer locks are this machine's: not uploaded, and a pull leaves the local one alone.
+  from qscore_jax import store  # pylint: disable=import-outside-toplevel
+  from qscore_jax.finetune import workdir  # pylint: disable=import-outside-toplevel
+  assert {store.LOCK_FILE, workdir.LOCK_FILE} <= remote.LOCAL_ONLY
+  (source / 'sub' / 'lock').write_text('{"pid": 1}')
+  (local / 'lock').write_text('{"pid": 2}')
+  assert remote.push(source, url) == {'uploaded': 0, 'deleted': 0, 'unchanged': 1}
+  assert 'sub/lock' not in _objects(url)
+  assert (remote.pull(url) / 'lock').read_text() == '{"pid": 2}'
 
 
 def test_an_interrupted_upload_is_refused_as_an_input(bucket, tmp_path, monkeypatch):
@@ -163,6 +172,13 @@ def test_convert_embed_analyze_finetune_and_resume_all_on_gs(bucket, tmp_path, t
           '--batch-size', '64']
   for split, name in (('train', 'train'), ('test', 'eval')):
     assert cli.main(['embed', model, *data, '--split', split, '--out', f'{bucket}/{name}']) == 0
+  # The same --out with one option changed is refused, and the message names the URL.
+  capsys.readouterr()
+  assert cli.main(['embed', model, *data, '--split', 'test', '--out', f'{bucket}/eval',
+                   '--dtype', 'bfloat16']) == 2
+  refused = capsys.readouterr().err
+  assert f'{bucket}/eval already holds a store of another run' in refused, refused
+  assert str(remote.cache_root()) not in refused, refused
   # The same stores on local directories, from the same converted model.
   local_model = tmp_path / 'local-model'
   assert cli.main(['convert', '--file', str(solo.path), '--out', str(local_model),
@@ -195,14 +211,20 @@ def test_convert_embed_analyze_finetune_and_resume_all_on_gs(bucket, tmp_path, t
   after_one = _objects(run)
   assert 'run.json' in after_one and 'metrics.jsonl' in after_one
   assert any(name.startswith('checkpoints/1/') for name in after_one), after_one
-  pushed = {rel: file.read_bytes() for rel, file in _files(remote.local_path(run)).items()}
+  # The workdir's writer lock (a local flock and pid) stays on this machine.
+  assert 'lock' in _files(remote.local_path(run))
+  assert not [name for name in after_one if name.rsplit('/', 1)[-1] in remote.LOCAL_ONLY]
+  pushed = {rel: file.read_bytes() for rel, file in _files(remote.local_path(run)).items()
+            if rel.rsplit('/', 1)[-1] not in remote.LOCAL_ONLY}
   # Another machine: nothing cached. It resumes from the bucket, at step 1, from files
   # byte-identical to the ones pushed (a local resume is bit-exact: test_finetune_resume).
   import shutil  # pylint: disable=import-outside-toplevel
   shutil.rmtree(tmp_path / 'cache')
   pulled = remote.pull(run)
   assert {rel: file.read_bytes() for rel, file in _files(pulled).items()} == pushed
+  capsys.readouterr()
   assert cli.main(['finetune', '--config', spec, '--workdir', run]) == 0
+  assert f'(model: {run}/model)' in capsys.readouterr().out
   steps = [json.loads(line)['step'] for line in
            (remote.pull(run) / 'metrics.jsonl').read_text().splitlines()]
   assert steps == [1, 2]
