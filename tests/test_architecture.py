@@ -26,7 +26,7 @@ LAYERS = {
            'qscore_jax.stats', 'qscore_jax.validation', 'qscore_jax.regularizer',
            'qscore_jax.losses', 'qscore_jax.metrics', 'qscore_jax.findings', 'qscore_jax.probe', 'qscore_jax.compression',
            'qscore_jax.saliency', 'qscore_jax.models.features', 'qscore_jax.models.inputs',
-           'qscore_jax.models.pooling', 'qscore_jax.models.precision', 'qscore_jax.models.resnet', 'qscore_jax.models.vit',
+           'qscore_jax.models.pooling', 'qscore_jax.models.precision', 'qscore_jax.models.cpu_conv', 'qscore_jax.models.resnet', 'qscore_jax.models.vit',
            'qscore_jax.models.heads', 'qscore_jax.models.variables',
            'qscore_jax.finetune.core', 'qscore_jax.finetune.methods', 'qscore_jax.finetune'},
     # Reading and writing: representation stores, figures and JSON, saved models, the

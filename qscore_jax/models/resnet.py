@@ -41,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qscore_jax.models import precision
 from qscore_jax.models.features import expose_feature
 from qscore_jax.models.inputs import check_image_batch
 from qscore_jax.models.pooling import max_pool
@@ -104,7 +105,7 @@ def _conv_bn(x, train: bool, *, features: int, kernel_size: int, stride: int,
   (so parameters are named ``<block>/conv2``, ``<block>/bn2`` as in torchvision)."""
   x = nn.Conv(features, (kernel_size, kernel_size), (stride, stride),
               padding=padding, use_bias=False, kernel_init=_conv_init,
-              dtype=dtype, name=conv_name)(x)
+              name=conv_name, **precision.conv_options(dtype))(x)
   return norm(scale_init=bn_scale_init, name=bn_name)(x, use_running_average=not train)
 
 
@@ -165,7 +166,7 @@ def _selective_kernel_conv(x, train: bool, *, features: int, stride: int, sk_rat
                              padding='VALID', norm=norm, conv_name='sk_conv1',
                              bn_name='sk_bn1', dtype=dtype))
   logits = nn.Conv(2 * features, (1, 1), use_bias=False, kernel_init=_conv_init,
-                   dtype=dtype, name='sk_conv2')(context)
+                   name='sk_conv2', **precision.conv_options(dtype))(context)
   weights = jax.nn.softmax(jnp.stack(jnp.split(logits, 2, axis=-1)), axis=0)  # (2, N, 1, 1, f)
   return weights[0] * first + weights[1] * second
 
@@ -386,11 +387,13 @@ class ResNet(nn.Module):
       (N, num_features) float32, the globally average-pooled last stage.
     """
     check_image_batch(images, model_name=type(self).__name__)
+    # On a CPU's matrix-unit path only the convolutions' dots are bfloat16.
+    activations = precision.activation_dtype(self.dtype)
     norm = functools.partial(
         nn.BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-        axis_name=self.bn_axis_name, dtype=self.dtype)
+        axis_name=self.bn_axis_name, dtype=activations)
     base = int(64 * self.width_multiplier)
-    x = images.astype(self.dtype)
+    x = images.astype(activations)
     stem = functools.partial(_conv_bn, train=train, features=base, norm=norm,
                              conv_name='conv1', bn_name='bn1', dtype=self.dtype)
     if self.stem == 'cifar':
@@ -406,7 +409,7 @@ class ResNet(nn.Module):
       x = max_pool(x, (3, 3), (2, 2), padding=_padding(3, self.pool_padding))
     x = expose_feature(self, 'stem', x)
 
-    one = _runtime_one(images, self.dtype) if train and jax.default_backend() == 'cpu' else None
+    one = _runtime_one(images, activations) if train and jax.default_backend() == 'cpu' else None
     block_cls = BLOCKS[self.block]
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
