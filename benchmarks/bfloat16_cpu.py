@@ -2,8 +2,9 @@ r"""bfloat16 on this CPU: qscore_jax's ResNets against PyTorch's, side by side i
 
     python benchmarks/bfloat16_cpu.py --out benchmarks/results/bfloat16_cpu.json
 
-For each architecture (ResNet-50, ResNet-18; 224 px, batch 32, the same torchvision
-weights in both frameworks) it times, in interleaved rounds (medians):
+For each architecture (ResNet-50, ResNet-18, ViT-S/16 with ``--archs vit_small``; 224 px,
+batch 32; the ResNets run the same torchvision weights in both frameworks, the ViT timm's own
+random weights) it times, in interleaved rounds (medians):
 
 * Flax float32, Flax bfloat16 as the library runs it on this CPU (on a CPU with AMX-BF16 or
   AVX512-BF16: the convolutions' dots in bfloat16, ``qscore_jax.models.cpu_conv``), and
@@ -37,7 +38,7 @@ import torchvision
 import _common  # benchmarks/_common.py (the scripts run from benchmarks/)
 import qscore_jax
 from qscore_jax.convert.layout import resnet_from_torch
-from qscore_jax.models import build_model, precision
+from qscore_jax.models import build_model, init_variables, precision
 
 
 def _compiled(arch: str, dtype, dots: bool, variables, images):
@@ -59,10 +60,17 @@ def measure(arch: str, batch: int, rounds: int, compile_torch: bool) -> dict:
   torch.set_grad_enabled(False)
   torch.manual_seed(0)
   images = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype(np.float32)
-  reference = getattr(torchvision.models, arch)().eval()
-  reference.fc = torch.nn.Identity()
-  variables = jax.device_put(resnet_from_torch(
-      {k: v.numpy() for k, v in reference.state_dict().items()}))
+  if arch.startswith('vit'):
+    # timm's ViT of the same shape; each framework its own random weights (timing only).
+    import timm  # pylint: disable=import-outside-toplevel
+    reference = timm.create_model(f'{arch}_patch16_224', num_classes=0).eval()
+    variables = jax.device_put(init_variables(build_model(arch), jax.random.key(0),
+                                              (1, 224, 224, 3)))
+  else:
+    reference = getattr(torchvision.models, arch)().eval()
+    reference.fc = torch.nn.Identity()
+    variables = jax.device_put(resnet_from_torch(
+        {k: v.numpy() for k, v in reference.state_dict().items()}))
   x = jnp.asarray(images)
   flax = {'flax_fp32': _compiled(arch, jnp.float32, False, variables, x),
           'flax_bf16': _compiled(arch, jnp.bfloat16, True, variables, x),

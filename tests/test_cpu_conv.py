@@ -129,3 +129,42 @@ def test_shipped_model_in_bfloat16_keeps_representations_and_qscores(
   assert np.mean(scores['float32'] > 0) > 0.5  # a ranking, not ties at zero
   spearman = sp_stats.spearmanr(scores['bfloat16'], scores['float32']).statistic
   assert spearman >= 0.99, spearman
+
+
+def test_the_patch_embedding_and_dense_dots_equal_float64_products():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 35, 33, 3)).astype(np.float32)  # remainders dropped
+  w = (rng.standard_normal((16, 16, 3, 8)) * 0.1).astype(np.float32)
+  got = jax.jit(lambda x, w: cpu_conv.conv_general_dilated(
+      x, w, (16, 16), 'VALID', dimension_numbers=NHWC))(x, w)
+  want = _reference(x, w, (16, 16), 'VALID')
+  assert got.shape == want.shape == (2, 2, 2, 8)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
+  a = rng.standard_normal((4, 5, 24)).astype(np.float32)
+  b = rng.standard_normal((24, 7)).astype(np.float32)
+  product = cpu_conv.dot_general(a, b, (((2,), (0,)), ((), ())))
+  assert product.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(product, np.float64),
+                             _bf16_rounded(a) @ _bf16_rounded(b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_vit_on_the_matrix_unit_path_stays_close_to_float32(monkeypatch):
+  from qscore_jax.models import build_model, init_variables  # pylint: disable=import-outside-toplevel
+  options = {'depth': 2, 'embed_dim': 48, 'num_heads': 3, 'image_size': 32}
+  variables = init_variables(build_model('vit_small', patch_size=8, **options),
+                             jax.random.key(0), (1, 32, 32, 3))
+  images = np.random.default_rng(3).standard_normal((4, 32, 32, 3)).astype(np.float32)
+  out = {}
+  for name, flags, dtype in (('fp32', 'avx2', jnp.float32), ('dots', 'amx_bf16', jnp.bfloat16),
+                             ('bf16', 'avx2', jnp.bfloat16)):
+    monkeypatch.setenv(precision.FLAGS_ENV, flags)
+    model = build_model('vit_small', patch_size=8, dtype=dtype, **options)
+    fn = jax.jit(lambda v, x, m=model: m.apply(v, x))
+    out[name] = np.asarray(fn(variables, images), np.float64)
+    text = fn.lower(variables, images).as_text()
+    # On the dots path the patch embedding is a dot too: no convolution is left.
+    assert ('convolution' in text) == (name != 'dots')
+  for name in ('dots', 'bf16'):
+    relative = np.abs(out[name] - out['fp32']).max() / np.abs(out['fp32']).max()
+    assert 0 < relative < 2e-2, (name, relative)

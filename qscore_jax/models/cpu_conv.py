@@ -1,4 +1,4 @@
-"""bfloat16 convolutions that reach a CPU's matrix units (AMX, AVX512-BF16).
+"""bfloat16 convolutions and dense layers that reach a CPU's matrix units (AMX, AVX512-BF16).
 
 XLA:CPU (jaxlib 0.10) has no bfloat16 convolution: it converts a bfloat16
 convolution's operands to float32 and runs XLA's float32 (Eigen) kernel, so a
@@ -14,12 +14,14 @@ where this pays as such dots, in bfloat16 with float32 accumulation and a
 float32 result, and leaves the rest to XLA's float32 convolution:
 
 * a 1x1 convolution (any stride) is a strided slice and one dot;
+* a patch embedding (kernel = stride, "valid": a ViT's) is a reshape and one dot;
 * a 3x3 stride-1 convolution with "same" padding on a feature map of at most
   :data:`MAX_DOT_3X3_SIZE` pixels a side is three dots over a width-wise
   im2col (K = 3 x channels): XLA's copies that build the columns are slow, so
   on larger maps the float32 convolution is faster (measured), and stays.
 
-Activations stay float32 between the convolutions (BatchNorm, ReLU, residual
+:func:`dot_general` does the same for dense layers (Flax's ``nn.Dense(dot_general=...)``,
+a ViT's projections and MLPs). Activations stay float32 between the convolutions (BatchNorm, ReLU, residual
 adds: XLA:CPU converts bfloat16 element-wise work to float32 anyway), so only
 the operands of the dots are rounded to bfloat16. Gradients are those of the
 dots (JAX differentiates them); the values equal the float32 convolution up to
@@ -70,6 +72,39 @@ def conv_1x1(x: jax.Array, w: jax.Array, stride: Sequence[int]) -> jax.Array:
     (N, ceil(H / sh), ceil(W / sw), O) float32.
   """
   return _bf16_dot(x[:, ::stride[0], ::stride[1], :], w[0, 0])
+
+
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
+                preferred_element_type: Any = None) -> jax.Array:
+  """``lax.dot_general`` of the bfloat16-rounded operands, accumulated in float32.
+
+  Args:
+    lhs, rhs, dimension_numbers: as ``lax.dot_general``.
+    precision, preferred_element_type: accepted for Flax's call; the result is float32.
+  Returns:
+    The product, float32.
+  """
+  del precision, preferred_element_type
+  return lax.dot_general(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), dimension_numbers,
+                         preferred_element_type=jnp.float32)
+
+
+def conv_patches(x: jax.Array, w: jax.Array) -> jax.Array:
+  """A "valid" convolution whose stride is its kernel (a patch embedding) as one dot.
+
+  Args:
+    x: (N, H, W, C) input (rows and columns past a multiple of the kernel are dropped,
+      as the convolution drops them).
+    w: (k, k, C, O) kernel.
+  Returns:
+    (N, H // k, W // k, O) float32.
+  """
+  n, h, width, c = x.shape
+  k = w.shape[0]
+  rows, cols = h // k, width // k
+  patches = x[:, :rows * k, :cols * k].reshape(n, rows, k, cols, k, c)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, rows, cols, k * k * c)
+  return _bf16_dot(patches, w.reshape(k * k * c, w.shape[-1]))  # (i, j, c) order, as HWIO
 
 
 def conv_3x3_same(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -124,6 +159,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   kernel = tuple(rhs.shape[:2])
   if plain and kernel == (1, 1) and _is_zero_padding(padding):
     return conv_1x1(lhs, rhs, window_strides)
+  if (plain and kernel[0] == kernel[1] > 1 and tuple(window_strides) == kernel
+      and padding in ('VALID', 'valid', ((0, 0), (0, 0)), [(0, 0), (0, 0)])):
+    return conv_patches(lhs, rhs)
   if (plain and kernel == (3, 3) and tuple(window_strides) == (1, 1) and _is_same_3x3(padding)
       and max(lhs.shape[1:3]) <= MAX_DOT_3X3_SIZE):
     return conv_3x3_same(lhs, rhs)
@@ -135,4 +173,5 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
       preferred_element_type=preferred_element_type)
 
 
-__all__ = ['MAX_DOT_3X3_SIZE', 'conv_1x1', 'conv_3x3_same', 'conv_general_dilated']
+__all__ = ['MAX_DOT_3X3_SIZE', 'conv_1x1', 'conv_3x3_same', 'conv_general_dilated',
+           'conv_patches', 'dot_general']

@@ -104,6 +104,31 @@ def conv_options(dtype: Any) -> dict[str, Any]:
   return {'dtype': dtype}
 
 
+def dense_options(dtype: Any) -> dict[str, Any]:
+  """Keyword arguments of ``flax.linen.Dense`` for a model computing in ``dtype``.
+
+  Args:
+    dtype: the model's computation dtype.
+  """
+  if uses_cpu_dots(dtype):
+    return {'dtype': jnp.float32, 'dot_general': cpu_conv.dot_general}
+  return {'dtype': dtype}
+
+
+def attention_options(dtype: Any) -> dict[str, Any]:
+  """Keyword arguments of ``flax.linen.MultiHeadDotProductAttention``: on the CPU
+  matrix-unit path its projections are bfloat16 dots (the attention itself, a small
+  share of a ViT's work, stays float32).
+
+  Args:
+    dtype: the model's computation dtype.
+  """
+  if uses_cpu_dots(dtype):
+    return {'dtype': jnp.float32, 'qkv_dot_general': cpu_conv.dot_general,
+            'out_dot_general': cpu_conv.dot_general}
+  return {'dtype': dtype}
+
+
 def resolve(name: str | None = 'auto', backend: str | None = None) -> str:
   """The dtype a run computes in, by name.
 
@@ -142,5 +167,6 @@ def name_of(dtype: Any) -> str:
   return 'float32' if dtype is None else jnp.dtype(dtype).name
 
 
-__all__ = ['BF16_UNIT_FLAGS', 'CHOICES', 'DTYPES', 'activation_dtype', 'as_jnp', 'conv_options',
+__all__ = ['BF16_UNIT_FLAGS', 'CHOICES', 'DTYPES', 'activation_dtype', 'as_jnp',
+           'attention_options', 'conv_options', 'dense_options',
            'cpu_bf16_units', 'cpu_flags', 'name_of', 'resolve', 'uses_cpu_dots']

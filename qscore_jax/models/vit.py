@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qscore_jax.models import precision
 from qscore_jax.models.features import expose_feature
 from qscore_jax.models.inputs import check_image_batch
 
@@ -122,7 +123,8 @@ class Mlp(nn.Module):
     Args:
       x: (..., D_in) tokens.
     """
-    dense = functools.partial(nn.Dense, kernel_init=_dense_init, dtype=self.dtype)
+    dense = functools.partial(nn.Dense, kernel_init=_dense_init,
+                              **precision.dense_options(self.dtype))
     x = dense(self.hidden_dim, name='fc1')(x)
     # PyTorch's nn.GELU is the exact erf form; Flax defaults to the tanh one.
     x = nn.gelu(x, approximate=False)
@@ -152,11 +154,11 @@ class Block(nn.Module):
     """
     dim = x.shape[-1]
     norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps,
-                             dtype=self.dtype)
+                             dtype=precision.activation_dtype(self.dtype))
     y = norm(name='norm1')(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, use_bias=True, kernel_init=_dense_init,
-        dtype=self.dtype, deterministic=True, name='attn')(y, y)
+        deterministic=True, name='attn', **precision.attention_options(self.dtype))(y, y)
     x = x + y
     y = norm(name='norm2')(x)
     y = Mlp(int(dim * self.mlp_ratio), dim, self.dtype, name='mlp')(y)
@@ -228,10 +230,10 @@ class VisionTransformer(nn.Module):
     del train
     check_image_batch(images, model_name=type(self).__name__,
                       min_size=self.patch_size)
-    x = images.astype(self.dtype)
+    x = images.astype(precision.activation_dtype(self.dtype))
     x = nn.Conv(self.embed_dim, (self.patch_size, self.patch_size),
                 (self.patch_size, self.patch_size), padding='VALID',
-                dtype=self.dtype, name='patch_embed')(x)
+                name='patch_embed', **precision.conv_options(self.dtype))(x)
     n, h, w, dim = x.shape
     x = x.reshape(n, h * w, dim)
 
@@ -253,6 +255,6 @@ class VisionTransformer(nn.Module):
       x = Block(self.num_heads, self.mlp_ratio, self.layer_norm_eps,
                 self.dtype, name=f'blocks_{i}')(x)
       x = expose_feature(self, f'block{i}', x)
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
-                     name='norm')(x)
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps,
+                     dtype=precision.activation_dtype(self.dtype), name='norm')(x)
     return x[:, 0].astype(jnp.float32)
