@@ -44,6 +44,7 @@ def _reference(x, w, stride, padding):
     ((2, 15, 15, 8), 3, (1, 1), ((1, 1), (1, 1)), 'conv'),  # a map too large for the dots
     ((2, 14, 14, 8), 3, (2, 2), ((1, 1), (1, 1)), 'conv'),  # strided
     ((2, 16, 16, 3), 7, (2, 2), ((3, 3), (3, 3)), 'conv'),  # the stem
+    ((2, 16, 16, 3), 4, (4, 4), 'SAME', 'conv'),  # a padded patch embedding
 ])
 def test_the_dot_convolutions_equal_a_float64_convolution(shape, kernel, stride, padding, path):
   rng = np.random.default_rng(0)

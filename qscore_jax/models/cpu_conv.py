@@ -49,9 +49,10 @@ def _bf16_dot(x: jax.Array, w: jax.Array) -> jax.Array:
                          preferred_element_type=jnp.float32)
 
 
-def _is_zero_padding(padding: Any) -> bool:
+def _is_zero_padding(padding: Any, kernel: tuple[int, int]) -> bool:
+  """Whether ``padding`` adds nothing for ``kernel`` ("same" adds nothing to a 1x1)."""
   if isinstance(padding, str):
-    return padding.upper() in ('VALID', 'SAME')  # the same for a 1x1 kernel
+    return padding.upper() == 'VALID' or (padding.upper() == 'SAME' and kernel == (1, 1))
   return all(tuple(p) == (0, 0) for p in padding)
 
 
@@ -157,10 +158,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                 or dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
                                                                    _NHWC)))
   kernel = tuple(rhs.shape[:2])
-  if plain and kernel == (1, 1) and _is_zero_padding(padding):
+  if plain and kernel == (1, 1) and _is_zero_padding(padding, kernel):
     return conv_1x1(lhs, rhs, window_strides)
   if (plain and kernel[0] == kernel[1] > 1 and tuple(window_strides) == kernel
-      and padding in ('VALID', 'valid', ((0, 0), (0, 0)), [(0, 0), (0, 0)])):
+      and _is_zero_padding(padding, kernel)):
     return conv_patches(lhs, rhs)
   if (plain and kernel == (3, 3) and tuple(window_strides) == (1, 1) and _is_same_3x3(padding)
       and max(lhs.shape[1:3]) <= MAX_DOT_3X3_SIZE):

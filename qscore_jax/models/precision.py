@@ -16,7 +16,7 @@ an explicit ``bfloat16`` takes another path, :func:`uses_cpu_dots`: the
 convolutions that pay are written as bfloat16 dot products accumulating in float32
 (``qscore_jax.models.cpu_conv``), the only bfloat16 work XLA:CPU hands to those
 units, and the activations between them stay float32. ``QSCORE_JAX_CPU_BF16_DOTS=0``
-turns that path off (bfloat16 activations as on other CPUs);
+(read when a model is traced, so set it before the first compilation) turns that path off (bfloat16 activations as on other CPUs);
 ``QSCORE_JAX_CPU_FLAGS`` replaces the flags read from ``/proc/cpuinfo`` (to
 simulate another CPU). What a run computed in is recorded, resolved
 (never ``'auto'``): in every store's metadata (``compute_dtype``, one of the fields a
