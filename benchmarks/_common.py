@@ -1,7 +1,10 @@
-"""What every benchmark needs: the machine it ran on (lscpu's fields) and a median timing."""
+"""What every benchmark needs: the machine it ran on (lscpu's fields), a median timing, a
+JSON result file."""
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
 import subprocess
@@ -39,3 +42,10 @@ def median_seconds(fn: Callable[[], object], rounds: int, warmup: int = 0) -> fl
     fn()
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def write_json(path: str, result: object) -> None:
+  """Writes a benchmark's ``result`` to ``path`` (its folder created), indented."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(result, f, indent=2)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import time
@@ -175,12 +174,11 @@ def main() -> None:
   print(header + '\n')
   print(table(rows))
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w', encoding='utf-8') as f:
-      json.dump({'cpu': _common.cpu_name(), 'cores': os.cpu_count(), 'bf16_units': units,
-                 'flags': sorted(precision.cpu_flags() & {'avx2', 'avx512f', 'avx512_bf16',
-                                                         'amx_bf16', 'amx_tile'}),
-                 'gemm_gflops': peaks, 'results': rows}, f, indent=2)
+    _common.write_json(args.out, {
+        'cpu': _common.cpu_name(), 'cores': os.cpu_count(), 'bf16_units': units,
+        'flags': sorted(precision.cpu_flags() & {'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16',
+                                                'amx_tile'}),
+        'gemm_gflops': peaks, 'results': rows})
 
 
 if __name__ == '__main__':

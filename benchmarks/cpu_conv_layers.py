@@ -15,7 +15,6 @@ what decides the threshold. About 2 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import jax
@@ -106,10 +105,9 @@ def main() -> None:
         f"{', '.join(precision.cpu_bf16_units()) or 'none'}; jax {jax.__version__}.\n")
   print(table(rows))
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w', encoding='utf-8') as f:
-      json.dump({'cpu': _common.cpu_name(), 'bf16_units': precision.cpu_bf16_units(),
-                 'batch': args.batch, 'results': rows}, f, indent=2)
+    _common.write_json(args.out, {'cpu': _common.cpu_name(),
+                                  'bf16_units': precision.cpu_bf16_units(),
+                                  'batch': args.batch, 'results': rows})
 
 
 if __name__ == '__main__':

@@ -726,6 +726,9 @@ REMOTE_INPUTS = {'analyze': ('train', 'eval'), 'convert': ('file',)}
 REMOTE_OUTPUTS = {'demo': 'out', 'convert': 'out', 'embed': 'out', 'analyze': 'out',
                   'train-supervised': 'out', 'experiment': 'workdir', 'compare': 'out',
                   'interpret': 'out'}
+# Outputs whose command works on the URL's local copy itself (finetune pushes after every
+# checkpoint): only named in messages here.
+REMOTE_SELF_SYNCED = {'finetune': 'workdir'}
 
 
 @contextlib.contextmanager
@@ -734,16 +737,16 @@ def _local_paths(args: argparse.Namespace, copies: dict[str, str]) -> Iterator[N
   pushed back when it ends, whether it succeeded or not); records each copy in
   ``copies`` (local path -> URL) so that error messages can name the URL."""
   names = [*REMOTE_INPUTS.get(args.command, ()), REMOTE_OUTPUTS.get(args.command),
-           'workdir' if args.command == 'finetune' else None]
+           REMOTE_SELF_SYNCED.get(args.command)]
   # A cheap look first: importing qscore_jax.remote imports the package (seconds).
   if not any('://' in str(getattr(args, name, None) or '') for name in names if name):
     yield
     return
   # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import remote  # pylint: disable=import-outside-toplevel
-  if args.command == 'finetune' and remote.is_url(args.workdir):
-    # finetune.loop.run works on the URL's local copy itself (it pushes per checkpoint).
-    copies[str(remote.local_path(args.workdir))] = str(args.workdir)
+  synced = getattr(args, REMOTE_SELF_SYNCED.get(args.command, ''), None)
+  if remote.is_url(synced):
+    copies[str(remote.local_path(synced))] = str(synced)
   for name in REMOTE_INPUTS.get(args.command, ()):
     url = getattr(args, name)
     setattr(args, name, remote.local_input(url))

@@ -20,9 +20,10 @@ float32 result, and leaves the rest to XLA's float32 convolution:
   im2col (K = 3 x channels): XLA's copies that build the columns are slow, so
   on larger maps the float32 convolution is faster (measured), and stays.
 
-:func:`dot_general` does the same for dense layers (Flax's ``nn.Dense(dot_general=...)``,
-a ViT's projections and MLPs). Activations stay float32 between the convolutions (BatchNorm, ReLU, residual
-adds: XLA:CPU converts bfloat16 element-wise work to float32 anyway), so only
+:func:`dot_general` does the same for dense layers (Flax's
+``nn.Dense(dot_general=...)``, a ViT's projections and MLPs). Activations stay float32
+between the convolutions (BatchNorm, ReLU, residual adds: XLA:CPU converts bfloat16
+element-wise work to float32 anyway), so only
 the operands of the dots are rounded to bfloat16. Gradients are those of the
 dots (JAX differentiates them); the values equal the float32 convolution up to
 that rounding.
@@ -44,9 +45,7 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 def _bf16_dot(x: jax.Array, w: jax.Array) -> jax.Array:
   """(..., K) x (K, O) -> (..., O) float32, operands rounded to bfloat16."""
-  return lax.dot_general(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
-                         (((x.ndim - 1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
+  return dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def _is_zero_padding(padding: Any, kernel: tuple[int, int]) -> bool:

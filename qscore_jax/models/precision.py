@@ -16,9 +16,9 @@ an explicit ``bfloat16`` takes another path, :func:`uses_cpu_dots`: the
 convolutions that pay are written as bfloat16 dot products accumulating in float32
 (``qscore_jax.models.cpu_conv``), the only bfloat16 work XLA:CPU hands to those
 units, and the activations between them stay float32. ``QSCORE_JAX_CPU_BF16_DOTS=0``
-(read when a model is traced, so set it before the first compilation) turns that path off (bfloat16 activations as on other CPUs);
-``QSCORE_JAX_CPU_FLAGS`` replaces the flags read from ``/proc/cpuinfo`` (to
-simulate another CPU). What a run computed in is recorded, resolved
+(read when a model is traced, so set it before the first compilation) turns that path
+off (bfloat16 activations as on other CPUs); ``QSCORE_JAX_CPU_FLAGS`` replaces the
+flags read from ``/proc/cpuinfo`` (to simulate another CPU). What a run computed in is recorded, resolved
 (never ``'auto'``): in every store's metadata (``compute_dtype``, one of the fields a
 store is compared on) and in a fine-tuning run's ``run.json``.
 """
@@ -93,15 +93,21 @@ def activation_dtype(dtype: Any) -> Any:
   return jnp.float32 if uses_cpu_dots(dtype) else dtype
 
 
+def _layer_options(dtype: Any, **cpu_functions: Any) -> dict[str, Any]:
+  """A Flax layer's dtype, and on the CPU matrix-unit path float32 with ``cpu_functions``
+  (its products written as :mod:`qscore_jax.models.cpu_conv`'s bfloat16 dots)."""
+  if uses_cpu_dots(dtype):
+    return {'dtype': jnp.float32, **cpu_functions}
+  return {'dtype': dtype}
+
+
 def conv_options(dtype: Any) -> dict[str, Any]:
   """Keyword arguments of ``flax.linen.Conv`` for a model computing in ``dtype``.
 
   Args:
     dtype: the model's computation dtype.
   """
-  if uses_cpu_dots(dtype):
-    return {'dtype': jnp.float32, 'conv_general_dilated': cpu_conv.conv_general_dilated}
-  return {'dtype': dtype}
+  return _layer_options(dtype, conv_general_dilated=cpu_conv.conv_general_dilated)
 
 
 def dense_options(dtype: Any) -> dict[str, Any]:
@@ -110,9 +116,7 @@ def dense_options(dtype: Any) -> dict[str, Any]:
   Args:
     dtype: the model's computation dtype.
   """
-  if uses_cpu_dots(dtype):
-    return {'dtype': jnp.float32, 'dot_general': cpu_conv.dot_general}
-  return {'dtype': dtype}
+  return _layer_options(dtype, dot_general=cpu_conv.dot_general)
 
 
 def attention_options(dtype: Any) -> dict[str, Any]:
@@ -123,10 +127,8 @@ def attention_options(dtype: Any) -> dict[str, Any]:
   Args:
     dtype: the model's computation dtype.
   """
-  if uses_cpu_dots(dtype):
-    return {'dtype': jnp.float32, 'qkv_dot_general': cpu_conv.dot_general,
-            'out_dot_general': cpu_conv.dot_general}
-  return {'dtype': dtype}
+  return _layer_options(dtype, qkv_dot_general=cpu_conv.dot_general,
+                        out_dot_general=cpu_conv.dot_general)
 
 
 def resolve(name: str | None = 'auto', backend: str | None = None) -> str:
