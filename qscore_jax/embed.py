@@ -129,6 +129,8 @@ def embed_dataset(model: nn.Module, variables: Any, dataset: str, split: str,
          'image_size': image_size, 'batch_size': batch_size,
          # Rows computed in bfloat16 are other rows: a store of one is never resumed as the other.
          'compute_dtype': precision.name_of(getattr(model, 'dtype', None)),
+         # ... and so are rows of the CPU matrix-unit path against bfloat16 activations.
+         'compute_path': precision.compute_path(getattr(model, 'dtype', None)),
          **dict(metadata or {})}
   run.setdefault('model', None)
   dim = model.num_features

@@ -65,9 +65,9 @@ class StoreError(ValueError):
 # every one of them is the same (the model's weights by their content fingerprint; the
 # preprocessing and image size that make the pixels).
 MODEL_FIELDS = ('model', 'model_fingerprint', 'arch', 'arch_options', 'compute_dtype',
-                'preprocessing', 'image_size', 'dim')
+                'compute_path', 'preprocessing', 'image_size', 'dim')
 # What a field means in the metadata of a store written before it was recorded.
-LEGACY_DEFAULTS = {'compute_dtype': 'float32'}
+LEGACY_DEFAULTS = {'compute_dtype': 'float32', 'compute_path': 'standard'}
 RUN_FIELDS = MODEL_FIELDS + ('dataset', 'dataset_version', 'split', 'split_size', 'shard_count')
 
 

@@ -169,3 +169,27 @@ def test_a_vit_on_the_matrix_unit_path_stays_close_to_float32(monkeypatch):
   for name in ('dots', 'bf16'):
     relative = np.abs(out[name] - out['fp32']).max() / np.abs(out['fp32']).max()
     assert 0 < relative < 2e-2, (name, relative)
+
+
+def test_stores_of_the_two_bfloat16_paths_are_never_mixed(tmp_path, tiny_data_dir, monkeypatch,
+                                                          capsys):
+  from qscore_jax import cli  # pylint: disable=import-outside-toplevel
+  from qscore_jax.store import LEGACY_DEFAULTS, differences  # pylint: disable=import-outside-toplevel
+  common = ['demo-simclr-r18w025', '--dataset', 'synthetic_shapes/tiny', '--split', 'test',
+            '--data-dir', tiny_data_dir, '--no-progress', '--batch-size', '64',
+            '--dtype', 'bfloat16', '--out', str(tmp_path / 'store')]
+  monkeypatch.setenv(precision.FLAGS_ENV, 'avx2 amx_bf16')
+  monkeypatch.delenv(precision.DOTS_ENV, raising=False)
+  jax.clear_caches()
+  assert cli.main(['embed', *common]) == 0
+  assert RepresentationStore.open(tmp_path / 'store').metadata['compute_path'] == 'cpu_bf16_dots'
+  # The same command where the path is off (another CPU, or the opt-out) is another run.
+  monkeypatch.setenv(precision.DOTS_ENV, '0')
+  jax.clear_caches()
+  capsys.readouterr()
+  assert cli.main(['embed', *common]) == 2
+  assert "compute_path: stored 'cpu_bf16_dots', now 'standard'" in capsys.readouterr().err
+  jax.clear_caches()
+  # A store written before the field existed computed the standard way.
+  assert LEGACY_DEFAULTS['compute_path'] == precision.STANDARD_PATH
+  assert differences({'compute_path': precision.STANDARD_PATH}, {}, ('compute_path',)) == {}

@@ -99,7 +99,8 @@ class Encoder:
     return {'model': self.name, 'method': self.metadata.get('method'),
             'arch': self.metadata.get('arch'),
             'arch_options': dict(self.metadata.get('arch_options') or {}),
-            'model_fingerprint': self.fingerprint, 'compute_dtype': self.compute_dtype}
+            'model_fingerprint': self.fingerprint, 'compute_dtype': self.compute_dtype,
+            'compute_path': precision.compute_path(getattr(self.module, 'dtype', None))}
 
   def embed(self, images) -> jax.Array:
     """Jitted inference-mode representations, (N, H, W, 3) -> (N, d) float32.

@@ -83,6 +83,21 @@ def uses_cpu_dots(dtype: Any, backend: str | None = None) -> bool:
   return bool(cpu_bf16_units())
 
 
+STANDARD_PATH = 'standard'
+CPU_DOTS_PATH = 'cpu_bf16_dots'
+
+
+def compute_path(dtype: Any) -> str:
+  """How a model computing in ``dtype`` computes here: :data:`CPU_DOTS_PATH` on the CPU
+  matrix-unit path (:func:`uses_cpu_dots`), else :data:`STANDARD_PATH`. Recorded beside
+  the dtype: the two bfloat16 paths round differently, so their rows are never mixed.
+
+  Args:
+    dtype: the model's computation dtype.
+  """
+  return CPU_DOTS_PATH if uses_cpu_dots(dtype) else STANDARD_PATH
+
+
 def activation_dtype(dtype: Any) -> Any:
   """The dtype of a model's activations: ``dtype``, or float32 on the CPU
   matrix-unit path (:func:`uses_cpu_dots`).
@@ -169,6 +184,7 @@ def name_of(dtype: Any) -> str:
   return 'float32' if dtype is None else jnp.dtype(dtype).name
 
 
-__all__ = ['BF16_UNIT_FLAGS', 'CHOICES', 'DTYPES', 'activation_dtype', 'as_jnp',
-           'attention_options', 'conv_options', 'dense_options',
+__all__ = ['BF16_UNIT_FLAGS', 'CHOICES', 'CPU_DOTS_PATH', 'DTYPES', 'STANDARD_PATH',
+           'activation_dtype', 'as_jnp', 'attention_options', 'compute_path', 'conv_options',
+           'dense_options',
            'cpu_bf16_units', 'cpu_flags', 'name_of', 'resolve', 'uses_cpu_dots']
