@@ -32,6 +32,19 @@ def cpu_name() -> str:
   return name
 
 
+# The instruction-set features that change what the tables measure (vector width,
+# bfloat16 arithmetic, matrix units), in the order a table names them.
+NOTED_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16',
+               'amx_int8')
+
+
+def cpu_flag_summary() -> str:
+  """The cores and :data:`NOTED_FLAGS` of this CPU, e.g. ``2 cores; avx2, fma, avx512f``."""
+  flags = set(lscpu().get('Flags', '').split())
+  present = [flag for flag in NOTED_FLAGS if flag in flags]
+  return f"{os.cpu_count()} cores; {', '.join(present) or 'none of ' + ', '.join(NOTED_FLAGS)}"
+
+
 def median_seconds(fn: Callable[[], object], rounds: int, warmup: int = 0) -> float:
   """The median wall time of ``rounds`` calls of ``fn`` after ``warmup`` untimed ones."""
   for _ in range(warmup):

@@ -172,7 +172,7 @@ def main() -> None:
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w', encoding='utf-8') as f:
-      json.dump({'cpu': _common.cpu_name(), 'cores': os.cpu_count(), 'results': results}, f, indent=2)
+      json.dump({'cpu': _common.cpu_name(), 'cpu_flags': _common.cpu_flag_summary(), 'cores': os.cpu_count(), 'results': results}, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+import _common  # benchmarks/_common.py (the scripts run from benchmarks/)
+
 
 def _rate(iterable, images_per_item, passes=2, warmup=1):
   """Images per second over ``passes`` full iterations after ``warmup`` ones."""
@@ -166,7 +168,8 @@ def main() -> None:
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w', encoding='utf-8') as f:
-      json.dump(results, f, indent=2)
+      json.dump(results | {'cpu': _common.cpu_name(), 'cpu_flags': _common.cpu_flag_summary()},
+                f, indent=2)
 
 
 if __name__ == '__main__':

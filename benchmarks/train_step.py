@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+import _common  # benchmarks/_common.py (the scripts run from benchmarks/)
+
 _YNN = '--xla_cpu_experimental_ynn_fusion_type'
 # name -> (environment, model changes undone in the worker).
 CONFIGS = {
@@ -209,7 +211,8 @@ def main() -> None:
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w', encoding='utf-8') as f:
-      json.dump({'cores': os.cpu_count(), 'results': results}, f, indent=2)
+      json.dump({'cpu': _common.cpu_name(), 'cpu_flags': _common.cpu_flag_summary(),
+                 'cores': os.cpu_count(), 'results': results}, f, indent=2)
 
 
 if __name__ == '__main__':

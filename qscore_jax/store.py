@@ -33,8 +33,11 @@ checks everything in one pass.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import json
+import mmap
 import os
 import pathlib
 import warnings
@@ -54,6 +57,8 @@ FORMAT_VERSION = 2
 # Rows per checksummed block. The readers' chunk sizes are multiples of it, so verifying
 # costs no extra reads.
 BLOCK_ROWS = 1024
+# Reads that bypass the page cache (O_DIRECT) start, end and land on this boundary.
+DIRECT_ALIGNMENT = 4096
 COLUMNS = (('representations.npy', np.float32), ('labels.npy', np.int32), ('ids.npy', np.int64))
 
 
@@ -583,26 +588,79 @@ class RepresentationStore:
       shard_start += rows
     return done
 
-  def prefetch(self, first: int, count: int) -> None:
-    """Asks the kernel to start reading representations ``[first, first + count)`` now.
+  def read_chunk(self, first: int, landing: np.ndarray, rows: int) -> tuple[np.ndarray, int]:
+    """Reads up to ``rows`` representations from row ``first`` into ``landing``; the streaming read.
 
-    A sequential reader calls it for its next chunk before it reads (and verifies) the
-    current one, so the disk keeps reading while the checksums are computed.
-    Returns at once; rows past the end are ignored.
+    Rows that are not in the page cache are read with ``O_DIRECT``, straight from the
+    disk into ``landing``: a buffered read of a cold file costs a core on some machines
+    (2.3 s of CPU for 2 GB on the 2-core VM of benchmarks/README.md; direct, the disk
+    does the work), which the statistics that run beside it need. A chunk whose pages
+    are all in the page cache (``mincore``) is copied from it, as :meth:`read_rows`
+    would, so a store that fits in memory is not read from the disk again. Either way every block is verified; a chunk
+    that spans two shards, starts or ends off a checksum block, or a file system
+    without ``O_DIRECT``, falls back to :meth:`read_rows`.
 
     Args:
       first: index of the first row.
-      count: rows.
+      landing: a :func:`landing_buffer` for ``rows`` rows of this store.
+      rows: rows of the chunk (fewer are read at the end of the store).
+    Returns:
+      ``(values, count)``: ``values`` a 64-byte aligned (rows, d) float32 view of
+      ``landing`` whose first ``count`` rows were read (the rest are left as they were).
+    Raises:
+      StoreError: a truncated file, or rows that do not match their checksum.
     """
+    count = max(0, min(rows, self.num_rows - first))
+    row_bytes = self.dim * 4
+    if landing.dtype != np.uint8 or len(landing) < rows * row_bytes + 2 * DIRECT_ALIGNMENT:
+      raise ValueError('landing must be a landing_buffer(rows, dim) of this store.')
+    values = self._read_direct(first, count, landing, rows)
+    if values is None:
+      values = landing[:rows * row_bytes].view(np.float32).reshape(rows, self.dim)
+      self.read_rows(first, values[:count])
+    return values, count
+
+  def _read_direct(self, first: int, count: int, landing: np.ndarray, rows: int
+                   ) -> np.ndarray | None:
+    """:meth:`read_chunk`'s direct read; None where it cannot be done (the caller reads buffered)."""
+    if not count or not all(hasattr(os, name) for name in ('O_DIRECT', 'preadv')):
+      return None
     shard_start = 0
-    for shard, rows in zip(self.shards, self.shard_rows()):
-      begin, end = max(first - shard_start, 0), min(first + count - shard_start, rows)
-      if begin < end:
-        with open(shard / 'representations.npy', 'rb', buffering=0) as f:
-          offset = _npy_data_offset(f)
-          os.posix_fadvise(f.fileno(), offset + begin * self.dim * 4,
-                           (end - begin) * self.dim * 4, os.POSIX_FADV_WILLNEED)
-      shard_start += rows
+    for index, (shard, shard_rows) in enumerate(zip(self.shards, self.shard_rows())):
+      if shard_start <= first < shard_start + shard_rows:
+        break
+      shard_start += shard_rows
+    else:
+      return None
+    local = first - shard_start
+    ends_block = (local + count) % BLOCK_ROWS == 0 or local + count == shard_rows
+    if local + count > shard_rows or (self.verify_checksums and
+                                      (local % BLOCK_ROWS or not ends_block)):
+      return None
+    path, row_bytes = shard / 'representations.npy', self.dim * 4
+    with open(path, 'rb', buffering=0) as f:
+      start = _npy_data_offset(f) + local * row_bytes
+      phase = start % DIRECT_ALIGNMENT
+      if phase % 64:  # not aliasable by a device array; .npy headers are 64-byte multiples
+        return None
+      need = count * row_bytes
+      view = memoryview(landing)
+      done, wanted = phase, phase + need  # byte offsets in landing
+      if _in_page_cache(f.fileno(), start - phase, phase + need):
+        done += _read_buffered_range(f, view[phase:wanted], start)
+      else:
+        # From the disk, page-aligned: landing maps file offsets linearly, so the margin
+        # bytes before and after the rows are the file's neighbouring bytes.
+        end = -(-wanted // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        done = max(done, _read_direct_range(path, view[:end], start - phase))
+      if done < wanted:  # no O_DIRECT on this file system (or it failed midway)
+        done += _read_buffered_range(f, view[done:wanted], start - phase + done)
+      if done < wanted:
+        raise StoreError(f'{path} is truncated: row {local + (done - phase) // row_bytes} '
+                         f'cannot be read. {_REEMBED}')
+    values = landing[phase:phase + rows * row_bytes].view(np.float32).reshape(rows, self.dim)
+    self._verify(index, shard_rows, 'representations.npy', local, values[:count])
+    return values
 
   def _read_representations(self, shard: pathlib.Path, first: int, target: np.ndarray) -> None:
     with open(shard / 'representations.npy', 'rb', buffering=0) as f:
@@ -627,8 +685,9 @@ class RepresentationStore:
       StoreError: naming the first damaged file and row range.
     """
     self.labels, self.ids  # pylint: disable=pointless-statement  # verified as they are read
-    for _ in self.iter_chunks(chunk_rows):
-      pass
+    landing = landing_buffer(chunk_rows, self.dim)
+    for first in range(0, self.num_rows, chunk_rows):
+      self.read_chunk(first, landing, chunk_rows)  # direct from the disk where it can
     return self.num_rows
 
   def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
@@ -686,6 +745,100 @@ def _npy_data_offset(f) -> int:
   if dtype != np.dtype('<f4') or len(shape) != 2:
     raise StoreError(f'{f.name} is not a float32 matrix.')
   return offset
+
+
+def landing_buffer(rows: int, dim: int) -> np.ndarray:
+  """A page-aligned uint8 buffer for :meth:`RepresentationStore.read_chunk` of ``rows`` rows.
+
+  It holds the rows and a margin of :data:`DIRECT_ALIGNMENT` bytes on each side: a direct
+  read starts and ends on a page boundary, so it may write up to a page before and after
+  the rows.
+
+  Args:
+    rows: rows of a chunk.
+    dim: the store's representation width d.
+  Returns:
+    uint8 (rows * dim * 4 + 2 * DIRECT_ALIGNMENT,), its first byte page-aligned.
+  """
+  size = rows * dim * 4 + 2 * DIRECT_ALIGNMENT
+  raw = np.empty(size + DIRECT_ALIGNMENT, np.uint8)
+  offset = -raw.ctypes.data % DIRECT_ALIGNMENT
+  return raw[offset:offset + size]
+
+
+def _in_page_cache(fd: int, offset: int, length: int) -> bool:
+  """Whether every page of a file's bytes [offset, offset + length) is in the page cache.
+
+  Asks ``mincore`` about a mapping of the range that is never touched, so nothing is
+  read (a non-blocking read, ``RWF_NOWAIT``, would start the kernel's readahead of the
+  rest). ``offset`` is page-aligned. False where it cannot tell.
+  """
+  libc = _libc()
+  if libc is None or length <= 0:
+    return False
+  address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+  if address in (None, ctypes.c_void_p(-1).value):
+    return False
+  try:
+    pages = -(-length // mmap.PAGESIZE)
+    resident = (ctypes.c_ubyte * pages)()
+    if libc.mincore(ctypes.c_void_p(address), length, resident) != 0:
+      return False
+    return bool((np.frombuffer(resident, np.uint8) & 1).all())
+  finally:
+    libc.munmap(ctypes.c_void_p(address), length)
+
+
+@functools.cache
+def _libc():
+  """The C library's mmap, mincore and munmap through ctypes (None where there is none)."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    return libc
+  except (OSError, AttributeError):
+    return None
+
+
+def _read_direct_range(path: pathlib.Path, target: memoryview, offset: int) -> int:
+  """Reads ``target`` (page-aligned) from ``offset`` (page-aligned) with O_DIRECT.
+
+  Returns the bytes read: fewer at the end of the file, and 0 (or as far as it got)
+  where the file system refuses O_DIRECT (tmpfs on older kernels, some network and
+  FUSE file systems); the caller reads the rest buffered.
+  """
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+  except OSError:
+    return 0
+  try:
+    got = 0
+    while got < len(target):
+      try:
+        n = os.preadv(fd, [target[got:]], offset + got)
+      except OSError:
+        break
+      if not n:
+        break
+      got += n
+    return got
+  finally:
+    os.close(fd)
+
+
+def _read_buffered_range(f, target: memoryview, offset: int) -> int:
+  """Reads ``target`` from ``offset`` of the open file ``f``; returns the bytes read."""
+  got = 0
+  while got < len(target):
+    n = os.preadv(f.fileno(), [target[got:]], offset + got)
+    if not n:
+      break
+    got += n
+  return got
 
 
 def _allocated(shard: pathlib.Path) -> int:

@@ -3,22 +3,28 @@
 :func:`feature_stats` (activation counts, A_j, the discriminative set D) and
 :func:`sample_scores` (Q-Score and the per-sample baselines) stream a
 :class:`~qscore_jax.store.RepresentationStore` (or an in-memory array) in
-fixed-size chunks: a background thread reads the next chunk from disk while
-the jitted kernel of :mod:`qscore_jax.stats` processes the current one on the
+fixed-size chunks: two background threads read the next chunks from disk
+(``O_DIRECT`` where they are not in the page cache,
+:meth:`~qscore_jax.store.RepresentationStore.read_chunk`) while a jitted kernel
+computes the statistics of :mod:`qscore_jax.stats` on the current one on the
 devices (rows split over the mesh). Memory stays at a few chunks whatever N;
 every chunk has the same shape (the last is padded and masked), so each kernel
 compiles once. Results do not depend on the chunk size or the device layout:
 counts are integers, and everything else is computed row by row.
 
 Options are checked before the pass (:mod:`qscore_jax.validation`: eps > 0,
-0 <= lo < hi <= 100, D of the representations' width). NaN and inf are counted
-by the kernel on the device as part of the pass; only a chunk that has some is
-looked at on the host, to name the first bad rows (and, for an in-memory float64
-array, to tell values beyond float32 from NaN/inf). No second pass.
+0 <= lo < hi <= 100, D of the representations' width). NaN and inf are found
+by the kernel on the device as part of the pass (from the row sums it computes
+anyway); only a chunk it flags is looked at on the host, to name the bad rows
+exactly (and, for an in-memory float64 array, to tell values beyond float32 from
+NaN/inf). No second pass.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import itertools
 import queue
 import threading
 from typing import Callable, Iterator
@@ -30,6 +36,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qscore_jax import parallel, stats, validation
+from qscore_jax import store as store_lib
 from qscore_jax.stats import FeatureStats
 from qscore_jax.store import RepresentationStore
 
@@ -73,56 +80,53 @@ def _aligned_empty(shape: tuple[int, int], alignment: int = 64) -> np.ndarray:
   return raw[offset:offset + size].view(np.float32).reshape(shape)
 
 
-def _prefetched(source, rows: int, dim: int, depth: int = 2
+def _prefetched(source, rows: int, dim: int, readers: int = 2
                 ) -> Iterator[tuple[int, int, np.ndarray, Callable[[], None]]]:
-  """Fixed-size chunks filled by a background thread while the caller works on the last.
+  """Fixed-size chunks read by background threads while the caller works on the last.
 
-  Yields ``(first_row, valid_rows, buffer (rows, d), release)``: rows past
-  ``valid_rows`` are zero; call ``release()`` once the buffer's contents are no
-  longer needed (the results fetched), which returns it to a pool of
-  ``depth + 1`` buffers: memory stays at a few chunks and pages are reused. The
-  buffers may be aliased by device arrays (CPU), hence the explicit release.
+  Yields ``(first_row, valid_rows, buffer (rows, d), release)`` in row order: rows past
+  ``valid_rows`` are zero; call ``release()`` once the buffer's contents are no longer
+  needed (the results fetched), which returns it to a pool of ``readers + 1`` buffers:
+  memory stays at a few chunks and pages are reused. The buffers may be aliased by
+  device arrays (CPU), hence the explicit release. ``readers`` threads read successive
+  chunks, so that one reads from the disk while another verifies the checksums of the
+  chunk it has read (a store's direct reads do not overlap the disk by themselves).
   """
   total, read = _reader(source)
-  # A store reads its next chunk ahead while this one is read and checked (checksums).
-  prefetch = source.prefetch if isinstance(source, RepresentationStore) else None
+  store = source if isinstance(source, RepresentationStore) else None
+  readers = readers if store else 1  # an array in memory has no disk to overlap
   free: queue.Queue = queue.Queue()
-  for _ in range(depth + 1):
-    free.put(_aligned_empty((rows, dim)))
-  ready: queue.Queue = queue.Queue()
-  done = object()
+  for _ in range(readers + 1):
+    free.put(store_lib.landing_buffer(rows, dim) if store else _aligned_empty((rows, dim)))
   stop = threading.Event()
 
-  def fill():
-    try:
-      for first in range(0, total, rows):
-        buffer = free.get()
-        if stop.is_set():
-          return
-        if prefetch and first + rows < total:
-          prefetch(first + rows, rows)
-        count = read(first, buffer)
-        buffer[count:] = 0
-        ready.put((first, count, buffer))
-    except BaseException as error:  # pylint: disable=broad-except  # re-raised below
-      ready.put(error)
-    ready.put(done)
+  def load(first):
+    landing = free.get()
+    if stop.is_set():
+      return None
+    if store:
+      buffer, count = store.read_chunk(first, landing, rows)
+    else:
+      buffer, count = landing, read(first, landing)
+    buffer[count:] = 0
+    return first, count, buffer, landing
 
-  thread = threading.Thread(target=fill, daemon=True)
-  thread.start()
+  firsts = iter(range(0, total, rows))
+  pool = concurrent.futures.ThreadPoolExecutor(readers, thread_name_prefix='qscore-reader')
+  pending = collections.deque(pool.submit(load, first)
+                              for first in itertools.islice(firsts, readers))
   try:
-    while True:
-      item = ready.get()
-      if item is done:
-        break
-      if isinstance(item, BaseException):
-        raise item
-      first, count, buffer = item
-      yield first, count, buffer, lambda b=buffer: free.put(b)
+    while pending:
+      first, count, buffer, landing = pending.popleft().result()
+      following = next(firsts, None)
+      if following is not None:
+        pending.append(pool.submit(load, following))
+      yield first, count, buffer, lambda b=landing: free.put(b)
   finally:
     stop.set()
-    free.put(np.empty((0, dim), np.float32))  # unblock the reader if it waits
-    thread.join()
+    for _ in range(readers):
+      free.put(np.empty(0, np.uint8))  # unblock readers waiting for a buffer
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _row_sharding(mesh):
@@ -173,6 +177,24 @@ def _num_rows(source) -> int:
   return source.num_rows if isinstance(source, RepresentationStore) else len(source)
 
 
+def _active_counts(h, valid, eps):
+  """:func:`stats.activation_counts` of a block (B, d) and its :func:`_maybe_nonfinite` count.
+
+  The same counts, arranged for XLA:CPU as :func:`_row_scores` is: moments from plain
+  row reductions, the block's counts as a float sum over its rows (exact: at most B),
+  made integers before they are summed over blocks.
+  """
+  d = h.shape[-1]
+  total = jnp.sum(h, axis=-1)
+  mu = total / d
+  sigma = jnp.sqrt(jnp.sum(jnp.square(h - mu[:, None]), axis=-1) / d)
+  sigma = jnp.where(jnp.max(h, axis=-1) > jnp.min(h, axis=-1), sigma, 0.0)  # as stats._moments
+  counted = valid & (sigma > 0)  # as stats._active_given: constant rows have no active feature
+  active = (h > (mu + eps * sigma)[:, None]) & counted[:, None]
+  counts = jnp.sum(jnp.where(active, 1.0, 0.0), axis=0).astype(jnp.int32)
+  return counts, _maybe_nonfinite(total, valid)
+
+
 def feature_stats(source, *, eps: float = stats.DEFAULT_EPS,
                   band: tuple[float, float] = stats.DEFAULT_BAND, nonzero_only: bool = True,
                   chunk_rows: int = DEFAULT_CHUNK_ROWS, mesh=None) -> FeatureStats:
@@ -196,8 +218,7 @@ def feature_stats(source, *, eps: float = stats.DEFAULT_EPS,
   rows = _chunk_size(chunk_rows, mesh)
   sharding = _row_sharding(mesh)
 
-  kernel = _blockwise(mesh, lambda h, valid: (stats.activation_counts(h, eps, valid),
-                                              stats.nonfinite_rows(h, valid)), row_outputs=False)
+  kernel = _blockwise(mesh, lambda h, valid: _active_counts(h, valid, eps), row_outputs=False)
 
   counts, bad, total = None, validation.BadRows(), 0
   for first, count, buffer, release in _prefetched(source, rows, _dim(source)):
@@ -221,21 +242,51 @@ SCORES = ('qscore', 'qscore_v1', 'num_active', 'num_active_discriminative', 'l2_
           'hoyer_sparsity', 'mean', 'std')
 
 
-def _row_scores(h, discriminative, eps):
-  # Moments, active sets and norms once per row, shared by every score.
-  # pylint: disable=protected-access
-  mu, sigma = stats._moments(h)
-  active = stats._active_given(h, mu, sigma, eps)
+def _maybe_nonfinite(row_sums, valid):
+  """Number of valid rows whose sum is NaN or inf: a superset of the rows holding NaN/inf.
+
+  A NaN or an infinity in a row always makes its sum non-finite; a finite row
+  only does so when its sum overflows float32. Reusing a sum the kernel needs
+  anyway saves a pass over the rows; a chunk it flags is checked exactly on the
+  host (:class:`validation.BadRows`), which names only the truly bad rows.
+  """
+  return jnp.sum(~jnp.isfinite(row_sums) & valid, dtype=jnp.int32)
+
+
+def _row_scores(h, valid, discriminative, eps):
+  """The :data:`SCORES` of a block of rows (B, d) and its :func:`_maybe_nonfinite` count.
+
+  The same values as :mod:`qscore_jax.stats` (two-pass variance, sigma = 0 for
+  constant rows), arranged for XLA:CPU: every full-width pass is a plain row
+  reduction of ``h`` or of one broadcast expression, counts are float sums
+  (exact below 2**24; integer reductions are not vectorised there), and the
+  two D-only scores work on the |D| columns of D alone.
+  """
+  d = h.shape[-1]
+  total = jnp.sum(h, axis=-1)
+  high, low = jnp.max(h, axis=-1), jnp.min(h, axis=-1)
   l1 = jnp.sum(jnp.abs(h), axis=-1)
   l2 = jnp.sqrt(jnp.sum(jnp.square(h), axis=-1))
-  root_d = jnp.sqrt(jnp.float32(h.shape[-1]))
-  hoyer = jnp.where(l2 > 0, (root_d - l1 / jnp.where(l2 > 0, l2, 1.0)) / jnp.maximum(root_d - 1, 1e-12), 0.0)
-  return {'qscore': stats._qscore_given(h, mu, active, discriminative),
-          'qscore_v1': stats._qscore_v1_given(h, mu, sigma, l1),
-          'num_active': jnp.sum(active, axis=-1, dtype=jnp.int32),
-          'num_active_discriminative': jnp.sum(active & discriminative[None], axis=-1,
-                                               dtype=jnp.int32),
-          'l2_norm': l2, 'hoyer_sparsity': hoyer, 'mean': mu, 'std': sigma}
+  mu = total / d
+  sigma = jnp.sqrt(jnp.sum(jnp.square(h - mu[:, None]), axis=-1) / d)
+  sigma = jnp.where(high > low, sigma, 0.0)  # exactly 0 for constant rows (see stats._moments)
+  varies = sigma > 0
+  threshold = mu + eps * sigma
+  num_active = jnp.where(varies, jnp.sum(jnp.where(h > threshold[:, None], 1.0, 0.0), axis=-1), 0.0)
+  h_d = h[:, np.flatnonzero(discriminative)]  # static columns: (B, |D|)
+  selected = (h_d > threshold[:, None]) & varies[:, None]
+  count = jnp.sum(jnp.where(selected, 1.0, 0.0), axis=-1)
+  qscore = jnp.sum(jnp.where(selected, h_d - mu[:, None], 0.0), axis=-1)
+  qscore = jnp.where(count > 0, qscore / jnp.maximum(count, 1.0), 0.0)
+  root_d = jnp.sqrt(jnp.float32(d))
+  hoyer = jnp.where(l2 > 0, (root_d - l1 / jnp.where(l2 > 0, l2, 1.0))
+                    / jnp.maximum(root_d - 1, 1e-12), 0.0)
+  ok = varies & (l1 > 0)  # as stats._qscore_v1_given
+  qscore_v1 = jnp.where(ok, (high - mu) / jnp.where(ok, sigma, 1.0) / jnp.where(ok, l1, 1.0), 0.0)
+  scores = {'qscore': qscore, 'qscore_v1': qscore_v1, 'num_active': num_active.astype(jnp.int32),
+            'num_active_discriminative': count.astype(jnp.int32),
+            'l2_norm': l2, 'hoyer_sparsity': hoyer, 'mean': mu, 'std': sigma}
+  return scores, _maybe_nonfinite(total, valid)
 
 
 def sample_scores(source, feature: FeatureStats, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
@@ -262,8 +313,8 @@ def sample_scores(source, feature: FeatureStats, *, chunk_rows: int = DEFAULT_CH
   mesh = mesh or parallel.data_mesh(jax.local_devices())
   rows = _chunk_size(chunk_rows, mesh)
   sharding = _row_sharding(mesh)
-  kernel = _blockwise(mesh, lambda h, valid: (_row_scores(h, discriminative, eps),
-                                              stats.nonfinite_rows(h, valid)), row_outputs=True)
+  kernel = _blockwise(mesh, lambda h, valid: _row_scores(h, valid, discriminative, eps),
+                      row_outputs=True)
   total = _num_rows(source)
   out = {name: np.zeros(total, np.float32 if name not in ('num_active', 'num_active_discriminative')
                         else np.int32) for name in SCORES}

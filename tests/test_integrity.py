@@ -25,6 +25,7 @@ import pytest
 import xxhash
 
 from qscore_jax import cli, streaming
+from qscore_jax import store as store_lib
 from qscore_jax.store import (BLOCK_ROWS, LOCK_FILE, RepresentationStore, ShardWriter,
                               StoreError, shard_name)
 
@@ -110,6 +111,70 @@ def test_an_intact_store_reads_back_exactly(pristine):
   assert store.read_rows(BLOCK_ROWS - 5, out) == len(out)
   np.testing.assert_array_equal(out, reps[BLOCK_ROWS - 5:2 * BLOCK_ROWS + 72])
   assert np.isfinite(scores['qscore']).all()
+
+
+def _cached(file, offset, length):
+  """Whether the page cache holds ``file``'s bytes [offset, offset + length)."""
+  fd = os.open(file, os.O_RDONLY)
+  try:
+    return os.preadv(fd, [bytearray(length)], offset, os.RWF_NOWAIT) == length
+  except BlockingIOError:
+    return False
+  finally:
+    os.close(fd)
+
+
+@pytest.mark.parametrize('rows', [2 * BLOCK_ROWS, 256, sum(SHARD_ROWS)])
+def test_streaming_chunks_read_exactly_by_every_path(pristine, tmp_path, monkeypatch, rows):
+  """read_chunk (direct from the disk, from the page cache, or buffered where a chunk spans
+  shards or starts off a block) gives exactly the rows, 64-byte aligned; without O_DIRECT
+  it falls back to buffered reads, with the same rows."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(shutil.copytree(pristine[0], tmp_path / 'store'))
+  reps, _ = _data()
+  data = _shard(path) / 'representations.npy'
+
+  def read_all():
+    store = RepresentationStore.open(path)
+    for first in range(0, len(reps), rows):
+      values, count = store.read_chunk(first, store_lib.landing_buffer(rows, DIM), rows)
+      assert values.shape == (rows, DIM) and values.ctypes.data % 64 == 0
+      np.testing.assert_array_equal(values[:count], reps[first:first + count])
+      assert count == min(rows, len(reps) - first)
+
+  fd = os.open(data, os.O_RDONLY)
+  os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+  os.close(fd)
+  evicted = not _cached(data, _data_offset(data), 2 * BLOCK_ROWS * DIM * 4)
+  fd = os.open(data, os.O_RDONLY)
+  assert store_lib._in_page_cache(fd, 0, data.stat().st_size) is not evicted  # pylint: disable=protected-access
+  os.close(fd)
+  read_all()
+  if evicted and rows == 2 * BLOCK_ROWS and store_lib._read_direct_range(  # pylint: disable=protected-access
+      data, memoryview(store_lib.landing_buffer(1, DIM))[:store_lib.DIRECT_ALIGNMENT], 0):
+    # The first chunk was read with O_DIRECT: the page cache still does not hold it.
+    assert not _cached(data, _data_offset(data), 2 * BLOCK_ROWS * DIM * 4)
+  read_all()
+  np.fromfile(data, np.uint8)  # every page in the page cache: copied from it
+  fd = os.open(data, os.O_RDONLY)
+  assert store_lib._in_page_cache(fd, 0, data.stat().st_size)  # pylint: disable=protected-access
+  os.close(fd)
+  read_all()
+  monkeypatch.setattr(store_lib, '_in_page_cache', lambda *args: False)  # O_DIRECT, cached or not
+  read_all()
+  monkeypatch.setattr(store_lib, '_read_direct_range', lambda *args: 0)  # a file system without it
+  read_all()
+  monkeypatch.delattr(os, 'O_DIRECT')  # another OS: read_rows
+  read_all()
+
+
+def test_a_file_truncated_while_it_is_read_is_an_error(store):
+  """A representations file cut short after the store was opened (by another process)."""
+  opened = RepresentationStore.open(store)
+  data = _shard(store) / 'representations.npy'
+  os.truncate(data, _data_offset(data) + (BLOCK_ROWS + 10) * DIM * 4)
+  with pytest.raises(StoreError, match=r'representations.npy is truncated: row 1034 cannot'):
+    opened.read_chunk(0, store_lib.landing_buffer(2 * BLOCK_ROWS, DIM), 2 * BLOCK_ROWS)
 
 
 # Each damage: (what is done to the store, the error it must give, a regex).

@@ -134,6 +134,36 @@ def test_streaming_equals_in_memory(chunk_rows):
                              rtol=1e-5)
 
 
+def test_streaming_scores_all_equal_float64():
+  """Every score of pass 2 against float64, on ReLU-like and signed rows with constant rows,
+  and its non-finite check: exact on NaN/inf rows, silent on finite rows whose sum overflows."""
+  h = np.concatenate([_representations(n=200, d=96), _representations(seed=1, n=200, d=96,
+                                                                       signed=True)])
+  h[3] = 0.0
+  h[7] = 2.5  # constant, nonzero
+  ref = reference(h)
+  feature = streaming.feature_stats(h, chunk_rows=256)
+  scores = streaming.sample_scores(h, feature, chunk_rows=256)
+  h64 = h.astype(np.float64)
+  l1, l2 = np.abs(h64).sum(1), np.linalg.norm(h64, axis=1)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    hoyer = np.where(l2 > 0, (np.sqrt(96) - l1 / l2) / (np.sqrt(96) - 1), 0.0)
+  expected = {'qscore': ref['q'], 'qscore_v1': ref['v1'], 'l2_norm': l2, 'hoyer_sparsity': hoyer,
+              'mean': ref['mu'], 'std': ref['sigma']}
+  for name, value in expected.items():
+    np.testing.assert_allclose(scores[name], value, rtol=2e-5, atol=1e-6, err_msg=name)
+  np.testing.assert_array_equal(scores['num_active'], ref['active'].sum(1))
+  np.testing.assert_array_equal(scores['num_active_discriminative'],
+                                (ref['active'] & feature.discriminative).sum(1))
+  assert scores['std'][3] == scores['std'][7] == 0 and scores['num_active'][7] == 0
+  huge = h.copy()
+  huge[10] = 3e38  # finite, but its sum overflows float32: not a bad row
+  assert np.isfinite(streaming.sample_scores(huge, feature, chunk_rows=256)['mean']).sum() == 399
+  huge[12, 5], huge[13, 0], huge[13, 1] = np.nan, np.inf, -np.inf
+  with pytest.raises(ValueError, match=r'2 of 400 rows .*NaN or inf.* 12, 13'):
+    streaming.sample_scores(huge, feature, chunk_rows=256)
+
+
 def test_misclassification_metrics_equal_sklearn():
   rng = np.random.default_rng(0)
   correct = rng.random(500) < 0.7
