@@ -19,17 +19,25 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
 import _common  # benchmarks/_common.py (the scripts run from benchmarks/)
 
 
+def _qscore() -> str:
+  """The ``qscore`` command of the Python running this script (its environment need not be
+  activated), else the one on PATH."""
+  beside = pathlib.Path(sys.executable).with_name('qscore')
+  return str(beside) if beside.exists() else shutil.which('qscore') or 'qscore'
+
+
 def one_round(work: pathlib.Path) -> dict:
   """Runs ``qscore demo`` once in ``work``; its wall time and headline numbers."""
   env = dict(os.environ, QSCORE_JAX_DATA_DIR=str(work / 'tfds'))
   start = time.perf_counter()
-  result = subprocess.run([shutil.which('qscore') or 'qscore', 'demo', '--out',
+  result = subprocess.run([_qscore(), 'demo', '--out',
                            str(work / 'demo'), '--no-progress'], env=env, capture_output=True,
                           text=True, check=False)
   seconds = time.perf_counter() - start
