@@ -19,7 +19,8 @@ probability (uses the probe, trained with labels), the representation L2 norm,
 Hoyer sparsity, and k-NN agreement — the fraction of a sample's k nearest
 neighbours (cosine, same split) to which the probe assigns the same class as to
 the sample (label-free at evaluation time). Dataset-level, label-free:
-RankMe (Garrido et al., 2023) and alpha-ReQ (Agrawal et al., 2022).
+RankMe (Garrido et al., 2023), alpha-ReQ (Agrawal et al., 2022) and LiDAR
+(Thilak et al., 2024; it needs several augmented views of each sample).
 """
 
 from __future__ import annotations
@@ -242,6 +243,73 @@ def knn_agreement(h: np.ndarray, predictions: np.ndarray, k: int = 10,
   return out
 
 
+def nearest_neighbours(h: np.ndarray, k: int, chunk_rows: int = 1024) -> np.ndarray:
+  """Each sample's k nearest neighbours by cosine similarity, excluding itself; (N, k) int.
+
+  Computed in float64 on the host, ``chunk_rows`` rows at a time (memory O(chunk x N));
+  neighbours in order of decreasing similarity, ties broken by the lower index.
+
+  Args:
+    h: representations (N, d).
+    k: number of neighbours, 1 <= k <= N - 1.
+    chunk_rows: rows whose similarities are computed at once (default 1024).
+  Returns:
+    (N, k) int64 row indices.
+  Raises:
+    ValueError: k outside [1, N - 1].
+  """
+  h = np.asarray(h, np.float64)
+  n = len(h)
+  if not 1 <= k <= n - 1:
+    raise ValueError(f'k nearest neighbours need 1 <= k <= N - 1 = {n - 1}, got k = {k}.')
+  normed = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-300)
+  out = np.zeros((n, k), np.int64)
+  for start in range(0, n, chunk_rows):
+    similarity = normed[start:start + chunk_rows] @ normed.T
+    rows = np.arange(similarity.shape[0])
+    similarity[rows, start + rows] = -np.inf  # not itself
+    out[start:start + len(rows)] = np.argsort(-similarity, axis=1, kind='stable')[:, :k]
+  return out
+
+
+def neighbourhood_consistency(representations, k: int = 10, chunk_rows: int = 1024
+                              ) -> np.ndarray:
+  """How much the encoders agree on each sample's neighbours; (N,) float64 in [0, 1].
+
+  For every pair of encoders (a, b), the share of sample i's k nearest neighbours
+  (cosine, same split) in a's space that are also among its k nearest in b's,
+  averaged over the pairs. Label-free; a sample whose neighbourhood depends on the
+  encoder is one none of them represents reliably.
+
+  Args:
+    representations: a sequence of at least two (N, d_m) arrays, the same N samples in
+      the same order, embedded by different encoders (widths may differ).
+    k: neighbours per sample (default 10; at most N - 1).
+    chunk_rows: rows whose similarities are computed at once (default 1024).
+  Returns:
+    (N,) float64.
+  Raises:
+    ValueError: fewer than two encoders, or different numbers of samples.
+  """
+  spaces = [np.asarray(h) for h in representations]
+  if len(spaces) < 2:
+    raise ValueError(f'neighbourhood consistency compares encoders: it needs at least two, '
+                     f'got {len(spaces)}.')
+  sizes = {len(h) for h in spaces}
+  if len(sizes) != 1:
+    raise ValueError(f'neighbourhood consistency needs the same samples from every encoder, '
+                     f'got {sorted(sizes)} rows.')
+  neighbours = [nearest_neighbours(h, k, chunk_rows) for h in spaces]
+  total = np.zeros(len(spaces[0]))
+  pairs = [(a, b) for a in range(len(spaces)) for b in range(a + 1, len(spaces))]
+  for a, b in pairs:
+    # Each row's two neighbour lists hold no repeats, so the values that occur twice in
+    # their sorted concatenation are the shared neighbours.
+    both = np.sort(np.concatenate([neighbours[a], neighbours[b]], axis=1), axis=1)
+    total += np.sum(both[:, 1:] == both[:, :-1], axis=1) / k
+  return total / len(pairs)
+
+
 def _spectrum(h: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
   h = np.asarray(h, np.float64)
   if len(h) > max_rows:
@@ -267,6 +335,51 @@ def rankme(h: np.ndarray, *, max_rows: int = 25600, eps: float = 1e-7, seed: int
   if singular.sum() == 0:
     return 1.0
   p = singular / singular.sum() + eps
+  return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def lidar(views: np.ndarray, *, delta: float = 1e-4, eps: float = 1e-7) -> float:
+  """LiDAR (Thilak et al., 2024): the effective rank of the LDA matrix of the SSL task.
+
+  Each of n samples is a surrogate class whose members are its q augmented views.
+  With mu_i the mean of sample i's views and mu the mean of the mu_i::
+
+      Sigma_b = 1/(n-1) sum_i (mu_i - mu)(mu_i - mu)^T
+      Sigma_w = 1/(n(q-1)) sum_i sum_j (e_ij - mu_i)(e_ij - mu_i)^T + delta I
+      Sigma   = Sigma_w^(-1/2) Sigma_b Sigma_w^(-1/2)
+
+  and, with lambda the eigenvalues of Sigma, ``p_k = lambda_k / ||lambda||_1 + eps``,
+  LiDAR = exp(-sum_k p_k log p_k), between 1 and min(n - 1, d). The eigenvalues of
+  Sigma are those of the symmetric-definite pencil (Sigma_b, Sigma_w), which is how
+  they are computed.
+
+  Args:
+    views: (n, q, d) embeddings of q >= 2 augmented views of each of n >= 2 samples
+      (computed in float64).
+    delta: the ridge added to Sigma_w (default 1e-4).
+    eps: added to every p_k (default 1e-7, as RankMe).
+  Returns:
+    LiDAR as a float (1.0 when the sample means do not vary).
+  Raises:
+    ValueError: ``views`` not (n, q, d) with n >= 2 and q >= 2, or not finite.
+  """
+  # scipy (installed with scikit-learn) only for this score's generalised eigenproblem.
+  from scipy import linalg  # pylint: disable=import-outside-toplevel
+  views = np.asarray(views, np.float64)
+  if views.ndim != 3 or views.shape[0] < 2 or views.shape[1] < 2:
+    raise ValueError(f'LiDAR needs views of shape (n, q, d) with n >= 2 samples and q >= 2 '
+                     f'views each, got {views.shape}.')
+  if not np.isfinite(views).all():
+    raise ValueError('LiDAR: the views hold NaN or inf.')
+  n, q, d = views.shape
+  means = views.mean(axis=1)
+  between = np.cov(means, rowvar=False, ddof=1).reshape(d, d)
+  spread = (views - means[:, None]).reshape(n * q, d)
+  within = spread.T @ spread / (n * (q - 1)) + delta * np.eye(d)
+  eigenvalues = np.clip(linalg.eigh(between, within, eigvals_only=True), 0, None)
+  if eigenvalues.sum() == 0:
+    return 1.0
+  p = eigenvalues / eigenvalues.sum() + eps
   return float(np.exp(-np.sum(p * np.log(p))))
 
 

@@ -1,5 +1,6 @@
 """The data layer: built-in datasets, tfds, image folders, preprocessing, augmentations."""
 
+import dataclasses
 import hashlib
 import pathlib
 
@@ -84,6 +85,107 @@ def test_fixed_colours_change_only_the_colours():
     assert red[0] > red[1] + 60 and red[0] > red[2] + 60
   with pytest.raises(ValueError, match="colours must be 'random' or 'fixed'"):
     synthetic.ShapesParams(colours='pastel')
+
+
+# The images of the configurations before difficulty labels (sha256 of the first 20 examples
+# of each split, taken before the change): the demo's and experiment's numbers depend on them.
+GOLDEN = {'default': ('57cf06fbb309883b4f471a9e0ffe58605d09b38dc1406603a2b2c316367d522d',
+                      synthetic.ShapesParams()),
+          'fixed_colours_small': ('e2b8a2f461994532b4359c77b5be74e8c8a2fc57a2d6e74ee01451e128a5de97',
+                                  synthetic.ShapesParams(image_size=32, colours='fixed'))}
+
+
+@pytest.mark.parametrize('name', list(GOLDEN))
+def test_difficulty_labels_left_the_earlier_images_unchanged(name):
+  digest, params = GOLDEN[name]
+  h = hashlib.sha256()
+  for split in ('train', 'test'):
+    for i in range(20):
+      example = synthetic.generate(params, 0, split, i)
+      for key in ('image', 'core_mask', 'spurious_mask'):
+        h.update(example[key].tobytes())
+      h.update(bytes([example['label'], example['texture'], example['misleading']]))
+      assert example['occlusion'] == 0
+  assert h.hexdigest() == digest
+  config = {c.name: c for c in synthetic.SyntheticShapes.BUILDER_CONFIGS}['spurious']
+  assert config.params() == synthetic.ShapesParams(image_size=32, colours='fixed')
+
+
+def _eroded(mask):
+  """Pixels whose 3x3 neighbourhood is all in ``mask`` (away from anti-aliased edges)."""
+  padded = np.pad(mask, 1)
+  return np.all([padded[1 + dy:1 + dy + mask.shape[0], 1 + dx:1 + dx + mask.shape[1]]
+                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+
+
+@pytest.mark.parametrize('colours', ['fixed', 'random'])
+def test_difficulty_labels_are_exact(colours):
+  """object_area and occlusion from the masks: the same example rendered without clutter (every
+  other draw identical) gives the whole object; contrast from noise-free pixels."""
+  occluded = synthetic.ShapesParams(image_size=48, noise=0.0, colours=colours,
+                                    scale_range=(0.12, 0.3), contrast_range=(0.3, 1.0),
+                                    occlusion_range=(0.2, 0.5))
+  whole = dataclasses.replace(occluded, occlusion_range=(0.0, 0.0))
+  for i in range(40):
+    a, b = synthetic.generate(occluded, 3, 'train', i), synthetic.generate(whole, 3, 'train', i)
+    visible, full = a['core_mask'][..., 0] > 0, b['core_mask'][..., 0] > 0
+    assert b['occlusion'] == 0 and a['object_area'] == b['object_area']
+    assert a['object_area'] == np.float32(full.mean())
+    assert not (visible & ~full).any()
+    assert a['occlusion'] == np.float32((full & ~visible).sum() / full.sum())
+    assert 0.2 - 2 / full.sum() <= a['occlusion'] <= 0.5 + 2 / full.sum()  # the drawn share
+    assert not (a['spurious_mask'][..., 0] > 0)[full & ~visible].any()
+    # Contrast: noise-free pixels well inside the object against the plain background.
+    inside = _eroded(full & visible)
+    plain = _eroded(~full & ~(a['spurious_mask'][..., 0] > 0) & ~_occluded_or_patch(a, b))
+    if inside.sum() >= 4 and plain.sum() >= 4:
+      image = a['image'].astype(np.float64) / 255
+      measured = np.abs(image[inside].mean(0) - image[plain].mean(0)).mean()
+      assert abs(measured - a['contrast']) < 2 / 255, (i, measured, a['contrast'])
+
+
+def _occluded_or_patch(a, b):
+  """Pixels that differ between the cluttered and the clean rendering (the clutter), or
+  belong to the textured patch (under or beside the object)."""
+  return np.any(a['image'] != b['image'], axis=-1) | (b['spurious_mask'][..., 0] > 0)
+
+
+def test_the_study_configurations_separate_the_sources_of_error():
+  configs = {c.name: c.params() for c in synthetic.SyntheticShapes.BUILDER_CONFIGS}
+  stats = {}
+  for name in ('weak_evidence', 'spurious', 'mixed'):
+    examples = [synthetic.generate(configs[name], 0, 'train', i) for i in range(500)]
+    stats[name] = {key: np.array([e[key] for e in examples])
+                   for key in ('label', 'texture', 'misleading', 'object_area', 'occlusion',
+                               'contrast')}
+  weak, spurious, mixed = stats['weak_evidence'], stats['spurious'], stats['mixed']
+  # weak_evidence: the texture says nothing about the class; difficulty varies widely.
+  assert abs(weak['misleading'].mean() - 0.9) < 0.04
+  assert np.ptp(weak['object_area']) > 0.2 and np.ptp(weak['occlusion']) > 0.5
+  assert weak['contrast'].min() < 0.06 < 0.25 < weak['contrast'].max()
+  # spurious: easy, unoccluded objects at full contrast; the class's texture 80% of the time.
+  assert abs(spurious['misleading'].mean() - 0.2) < 0.05 and (spurious['occlusion'] == 0).all()
+  assert spurious['contrast'].min() > 0.2
+  # mixed: both.
+  assert abs(mixed['misleading'].mean() - 0.2) < 0.05 and np.ptp(mixed['occlusion']) > 0.5
+  with pytest.raises(ValueError, match=r'occlusion_range must be \(lo, hi\) with 0 <= lo <= hi'):
+    synthetic.ShapesParams(occlusion_range=(0.5, 0.2))
+
+
+def test_difficulty_labels_reach_the_tfds_dataset(tmp_path):
+  config = synthetic.ShapesConfig(name='tiny_difficult', image_size=32, num_train=6, num_test=4,
+                                  colours='fixed', occlusion_range=(0.1, 0.4),
+                                  contrast_range=(0.2, 1.0))
+  builder = synthetic.SyntheticShapes(config=config, data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  examples = list(tfds.as_numpy(builder.as_dataset(split='test')))  # in generation order
+  assert len(examples) == 4
+  for index, example in enumerate(examples):
+    truth = synthetic.generate(config.params(), 0, 'test', index)
+    for key in ('object_area', 'occlusion', 'contrast'):
+      assert example[key] == truth[key]
+    np.testing.assert_array_equal(example['image'], truth['image'])
+  assert str(builder.info.version) == '1.1.0'
 
 
 # ------------------------------------------------------------------- digits

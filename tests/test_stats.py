@@ -164,6 +164,67 @@ def test_streaming_scores_all_equal_float64():
     streaming.sample_scores(huge, feature, chunk_rows=256)
 
 
+def _lidar_reference(views, delta=1e-4, eps=1e-7):
+  """LiDAR from the paper's definition, in float64, written independently of qscore_jax:
+  the explicit inverse square root of Sigma_w and the eigenvalues of the product."""
+  views = np.asarray(views, np.float64)
+  n, q, d = views.shape
+  mu_i = views.mean(1)
+  mu = mu_i.mean(0)
+  sigma_b = sum(np.outer(m - mu, m - mu) for m in mu_i) / (n - 1)
+  sigma_w = sum(np.outer(e - mu_i[i], e - mu_i[i]) for i in range(n) for e in views[i])
+  sigma_w = sigma_w / (n * (q - 1)) + delta * np.eye(d)
+  w_eig, w_vec = np.linalg.eigh(sigma_w)
+  inv_sqrt = w_vec @ np.diag(w_eig ** -0.5) @ w_vec.T
+  lam = np.linalg.eigvalsh(inv_sqrt @ sigma_b @ inv_sqrt)
+  lam = np.clip(lam, 0, None)
+  p = lam / lam.sum() + eps
+  return np.exp(-np.sum(p * np.log(p)))
+
+
+def test_lidar_equals_its_definition_in_float64():
+  rng = np.random.default_rng(0)
+  for n, q, d in ((40, 2, 8), (64, 4, 16), (30, 3, 48)):  # the last: d > n, a singular Sigma_b
+    centres = rng.standard_normal((n, d)) * rng.gamma(1.0, 1.0, d)
+    views = centres[:, None] + 0.3 * rng.standard_normal((n, q, d))
+    assert np.isclose(metrics.lidar(views), _lidar_reference(views), rtol=1e-5)
+  # Views that agree perfectly in k directions and are noise elsewhere: LiDAR sees about k.
+  k, d = 5, 32
+  signal = np.zeros((200, 1, d))
+  signal[..., :k] = rng.standard_normal((200, 1, k)) * 3
+  views = signal + 0.05 * rng.standard_normal((200, 4, d)) * (np.arange(d) >= k)
+  assert abs(metrics.lidar(views) - k) < 0.6
+  assert metrics.lidar(np.ones((10, 2, 4))) == 1.0
+  with pytest.raises(ValueError, match=r'n >= 2 samples and q >= 2 views'):
+    metrics.lidar(rng.standard_normal((10, 1, 4)))
+
+
+def test_neighbourhood_consistency_equals_a_float64_reference():
+  rng = np.random.default_rng(0)
+  n, k = 120, 7
+  base = rng.standard_normal((n, 12))
+  spaces = [base @ rng.standard_normal((12, 16)), base + 0.5 * rng.standard_normal((n, 12)),
+            rng.standard_normal((n, 9))]  # two related encoders and an unrelated one
+
+  def neighbours(h):  # brute force, float64, independently of qscore_jax
+    normed = h / np.linalg.norm(h, axis=1, keepdims=True)
+    return [set(sorted((j for j in range(n) if j != i), key=lambda j: -normed[i] @ normed[j])[:k])
+            for i in range(n)]
+
+  sets = [neighbours(h) for h in spaces]
+  expected = np.array([np.mean([len(sets[a][i] & sets[b][i]) / k
+                                for a, b in ((0, 1), (0, 2), (1, 2))]) for i in range(n)])
+  got = metrics.neighbourhood_consistency(spaces, k=k, chunk_rows=50)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  related = metrics.neighbourhood_consistency(spaces[:2], k=k)
+  assert related.mean() > 0.3 > metrics.neighbourhood_consistency([spaces[0], spaces[2]], k=k).mean()
+  assert (metrics.neighbourhood_consistency([spaces[0], spaces[0]], k=k) == 1).all()
+  with pytest.raises(ValueError, match='at least two'):
+    metrics.neighbourhood_consistency(spaces[:1])
+  with pytest.raises(ValueError, match=r'same samples .*\[60, 120\]'):
+    metrics.neighbourhood_consistency([spaces[0][:60], spaces[1]])
+
+
 def test_misclassification_metrics_equal_sklearn():
   rng = np.random.default_rng(0)
   correct = rng.random(500) < 0.7

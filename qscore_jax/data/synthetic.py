@@ -11,12 +11,22 @@ cue. Every example stores its ground truth:
 * ``core_mask``: the object's pixels, uint8 (H, W, 1), 255 inside, 0 outside;
 * ``spurious_mask``: the visible textured patch, likewise;
 * ``texture``: the texture drawn, and ``misleading``: whether it is *not*
-  the class's own texture.
+  the class's own texture;
+* the example's *difficulty*: ``object_area`` (the share of the image the
+  whole object covers), ``occlusion`` (the share of the object's pixels hidden
+  by clutter; ``core_mask`` is the visible rest) and ``contrast`` (the mean
+  absolute RGB difference between object and background colours, in [0, 1], as
+  the image shows them before noise: after its brightness factor and clipping),
+  all exact.
 
 Configs: ``default`` (64 px, 4,000 / 1,000), ``small`` (32 px), ``tiny`` (for
 tests), and ``fixed_colours`` / ``fixed_colours_small``: the same images with
 one colour scheme for all (see :class:`ShapesParams`), the data for
-self-supervised pre-training from scratch.
+self-supervised pre-training from scratch. Three configurations separate the
+sources of a probe's errors (32 px, fixed colours): ``weak_evidence`` (small,
+faint or occluded objects; a texture unrelated to the class), ``spurious`` (the
+images of ``fixed_colours_small``: easy objects, a texture that is the class's
+80% of the time) and ``mixed`` (both).
 
 Generation is deterministic: example ``i`` of split ``s`` is drawn from
 ``numpy.random.default_rng([seed, s, i])``, independent of any other example,
@@ -154,6 +164,11 @@ class ShapesParams:
       apart is solved by their palettes (SimCLR/BYOL encoders trained on them
       stay at chance on shapes and textures), with fixed colours only shape,
       texture, size and position are left to learn.
+    contrast_range: range of the object's contrast factor c: its colour is
+      ``background + c * (object colour - background)`` (1: today's images;
+      small: a faint object).
+    occlusion_range: range of the share of the object's pixels hidden by
+      clutter, a blob drawn over it (0: none).
   """
   image_size: int = 64
   spurious_rate: float = 0.8
@@ -161,15 +176,29 @@ class ShapesParams:
   patch_area: tuple[float, float] = (0.3, 0.6)
   noise: float = 0.06
   colours: str = 'random'
+  contrast_range: tuple[float, float] = (1.0, 1.0)
+  occlusion_range: tuple[float, float] = (0.0, 0.0)
 
   def __post_init__(self):
     if self.colours not in ('random', 'fixed'):
       raise ValueError(f"colours must be 'random' or 'fixed', got {self.colours!r}.")
+    for name, (lo, hi), top in (('contrast_range', self.contrast_range, 1.0),
+                                ('occlusion_range', self.occlusion_range, 0.95),
+                                ('scale_range', self.scale_range, 0.5)):
+      if not 0 <= lo <= hi <= top:
+        raise ValueError(f'{name} must be (lo, hi) with 0 <= lo <= hi <= {top}, got {(lo, hi)}.')
+
+  @property
+  def varies_difficulty(self) -> bool:
+    """Whether contrast or occlusion are drawn (draws the default images never make)."""
+    return self.contrast_range != (1.0, 1.0) or self.occlusion_range != (0.0, 0.0)
 
 
 # background, texture colour a, texture colour b, object ('fixed' colours).
 FIXED_COLOURS = tuple(np.array(c, np.float32) for c in
                       ((0.5, 0.5, 0.5), (0.95, 0.95, 0.95), (0.1, 0.1, 0.1), (0.9, 0.3, 0.2)))
+# The clutter over an occluded object ('fixed' colours).
+FIXED_CLUTTER_COLOUR = np.array((0.3, 0.3, 0.3), np.float32)
 
 
 def render_example(params: ShapesParams, rng: np.random.Generator, label: int | None = None):
@@ -225,19 +254,66 @@ def render_example(params: ShapesParams, rng: np.random.Generator, label: int | 
   colour_object = _hsv_colour(rng)
   if params.colours == 'fixed':
     background, colour_a, colour_b, colour_object = FIXED_COLOURS
+  # Difficulty: drawn only where the configuration varies it, so that the images of the
+  # other configurations keep their bytes.
+  contrast, occluder = 1.0, np.zeros((size, size), bool)
+  if params.varies_difficulty:
+    contrast = rng.uniform(*params.contrast_range)
+    colour_object = background + contrast * (colour_object - background)
+    occluder = _occluder(core, rng.uniform(*params.occlusion_range), rng.uniform(0, 2 * math.pi),
+                         (cx, cy), radius, y, x)
+    colour_clutter = _hsv_colour(rng, saturation=(0.0, 0.6), value=(0.2, 0.9))
+    if params.colours == 'fixed':  # no colour that tells two images apart (see ShapesParams)
+      colour_clutter = FIXED_CLUTTER_COLOUR
   image = np.broadcast_to(background, (size, size, 3)).copy()
   image = np.where(patch[..., None], pattern * colour_a + (1 - pattern) * colour_b, image)
   image = (1 - alpha[..., None]) * image + alpha[..., None] * colour_object
-  image = image * rng.uniform(0.8, 1.2) + rng.normal(0, params.noise, image.shape)
+  if occluder.any():
+    image = np.where(occluder[..., None], colour_clutter, image)
+  brightness = rng.uniform(0.8, 1.2)
+  image = image * brightness + rng.normal(0, params.noise, image.shape)
   image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+  visible = core & ~occluder
   return {
       'image': image,
       'label': label,
       'texture': texture,
       'misleading': texture != label,
-      'core_mask': (core * 255).astype(np.uint8)[..., None],
-      'spurious_mask': ((patch & ~core) * 255).astype(np.uint8)[..., None],
+      'core_mask': (visible * 255).astype(np.uint8)[..., None],
+      'spurious_mask': ((patch & ~core & ~occluder) * 255).astype(np.uint8)[..., None],
+      # Difficulty, exact: from the masks and the colours drawn (before noise).
+      'object_area': np.float32(core.mean()),
+      'occlusion': np.float32((core & occluder).sum() / max(core.sum(), 1)),
+      'contrast': np.float32(np.abs(np.clip(brightness * colour_object, 0, 1)
+                                    - np.clip(brightness * background, 0, 1)).mean()),
   }
+
+
+def _occluder(core: np.ndarray, share: float, direction: float, centre: tuple[float, float],
+              radius: float, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """Clutter over the object: the part of a disk around it beyond a line across it.
+
+  The line is perpendicular to ``direction`` and placed so that ``share`` of the
+  object's pixels lie beyond it (the quantile of their positions along
+  ``direction``); the disk (1.4 object radii) keeps the clutter near the object.
+
+  Args:
+    core: (S, S) bool, the object's pixels.
+    share: target share of them to hide, in [0, 1).
+    direction: angle of the line's normal, radians.
+    centre: the object's centre (x, y), in image units.
+    radius: the object's radius, in image units.
+    y: (S, S) pixel-centre rows, in image units.
+    x: (S, S) pixel-centre columns, likewise.
+  Returns:
+    (S, S) bool: the clutter's pixels (none if ``share`` is 0 or the object is empty).
+  """
+  if share <= 0 or not core.any():
+    return np.zeros_like(core)
+  along = (x - centre[0]) * math.cos(direction) + (y - centre[1]) * math.sin(direction)
+  cut = np.quantile(along[core], 1 - share)
+  near = np.hypot(x - centre[0], y - centre[1]) <= 1.4 * radius
+  return near & (along > cut)
 
 
 def generate(params: ShapesParams, seed: int, split: str, index: int):
@@ -268,6 +344,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_test: examples of the test split (default 1000).
     seed: generation seed (default 0).
     colours: ``'random'`` (default) or ``'fixed'`` (:class:`ShapesParams`).
+    scale_range: object radius range, as a fraction of the side (:class:`ShapesParams`).
+    contrast_range: range of the object's contrast factor (default (1, 1): full).
+    occlusion_range: range of the share of the object hidden by clutter (default none).
   """
   image_size: int = 64
   spurious_rate: float = 0.8
@@ -275,18 +354,31 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_test: int = 1000
   seed: int = 0
   colours: str = 'random'
+  scale_range: tuple[float, float] = ShapesParams.scale_range
+  contrast_range: tuple[float, float] = (1.0, 1.0)
+  occlusion_range: tuple[float, float] = (0.0, 0.0)
 
   def params(self) -> ShapesParams:
     """The :class:`ShapesParams` of this configuration (other parameters at their defaults)."""
     return ShapesParams(image_size=self.image_size, spurious_rate=self.spurious_rate,
-                        colours=self.colours)
+                        colours=self.colours, scale_range=self.scale_range,
+                        contrast_range=self.contrast_range, occlusion_range=self.occlusion_range)
+
+
+# The difficulty ranges of weak_evidence and mixed: objects from tiny to large, from faint
+# to full contrast, up to 60% hidden by clutter.
+WEAK_EVIDENCE = {'scale_range': (0.08, 0.32), 'contrast_range': (0.12, 1.0),
+                 'occlusion_range': (0.0, 0.6)}
 
 
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
   """10 shapes over spurious textured patches, with core and spurious masks."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '1.1.0': 'Difficulty labels (object_area, occlusion, contrast) and the '
+                            'weak_evidence, spurious and mixed configurations; the images of '
+                            'the earlier configurations are unchanged.'}
   BUILDER_CONFIGS = [
       ShapesConfig(name='default', description='64x64, 4000 train / 1000 test, spurious rate 0.8.'),
       ShapesConfig(name='small', image_size=32, num_train=2000, num_test=500,
@@ -300,6 +392,20 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
                    colours='fixed',
                    description='32x32, 2000 train / 500 test, fixed colours (the data of '
                                '`qscore demo`).'),
+      # The study's configurations (`qscore study`): 32 px, fixed colours, errors of known source.
+      ShapesConfig(name='weak_evidence', image_size=32, num_train=2000, num_test=500,
+                   colours='fixed', spurious_rate=0.1, **WEAK_EVIDENCE,
+                   description='32x32, 2000 train / 500 test, fixed colours; objects of widely '
+                               'varying size, contrast and occlusion; the texture is independent '
+                               'of the class (errors from weak evidence).'),
+      ShapesConfig(name='spurious', image_size=32, num_train=2000, num_test=500, colours='fixed',
+                   description='32x32, 2000 train / 500 test, fixed colours: the images of '
+                               'fixed_colours_small (easy objects, texture = class for 80%; '
+                               'errors from the misleading cue), with difficulty labels.'),
+      ShapesConfig(name='mixed', image_size=32, num_train=2000, num_test=500, colours='fixed',
+                   **WEAK_EVIDENCE,
+                   description='32x32, 2000 train / 500 test, fixed colours: the difficulty of '
+                               'weak_evidence and the texture cue of spurious (both sources).'),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -313,6 +419,9 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
             'misleading': tfds.features.Scalar(dtype=np.bool_),
             'core_mask': tfds.features.Image(shape=(size, size, 1)),
             'spurious_mask': tfds.features.Image(shape=(size, size, 1)),
+            'object_area': tfds.features.Scalar(dtype=np.float32),
+            'occlusion': tfds.features.Scalar(dtype=np.float32),
+            'contrast': tfds.features.Scalar(dtype=np.float32),
         }),
         supervised_keys=('image', 'label'),
         # Keep generation order, so that example i of a split is the i-th generated.
