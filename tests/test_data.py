@@ -188,6 +188,19 @@ def test_difficulty_labels_reach_the_tfds_dataset(tmp_path):
   assert str(builder.info.version) == '1.1.0'
 
 
+def test_split_attributes_give_the_ground_truth_by_id(data_dir):
+  attributes = datasets.split_attributes('synthetic_shapes/tiny', 'test', data_dir=data_dir)
+  assert set(attributes) == set(datasets.DIFFICULTY_FEATURES)
+  assert all(len(v) == 128 for v in attributes.values())
+  params = synthetic.ShapesParams(image_size=32)
+  for i in (0, 5, 127):
+    truth = synthetic.generate(params, 0, 'test', i)
+    for key, values in attributes.items():
+      assert values[i] == truth[key], (key, i)
+  with pytest.raises(DatasetError, match=r'no feature colour; its scalar features are .*contrast'):
+    datasets.split_attributes('synthetic_shapes/tiny', 'test', ['colour'], data_dir=data_dir)
+
+
 # ------------------------------------------------------------------- digits
 
 def test_sklearn_digits_are_the_real_scans(data_dir):

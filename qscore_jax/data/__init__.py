@@ -36,6 +36,7 @@ _EXPORTS = {
     'read_split': 'datasets',
     'recipe': 'augment',
     'shard_bounds': 'pipeline',
+    'split_attributes': 'datasets',
     'split_size': 'datasets',
     'ssl_batches': 'pipeline',
 }
@@ -46,7 +47,7 @@ _SUBMODULES = ('augment', 'datasets', 'digits', 'errors', 'folder', 'imagenet100
 __all__ = ['BUILT_IN', 'Batches', 'DatasetError', 'DatasetInfo', 'Preprocessing', 'Recipe',
            'ViewSpec', 'dataset_info', 'decode_image', 'ensure_prepared', 'eval_batches',
            'imagenet100_wnids', 'iterate_global', 'native_preprocessing', 'prepare', 'read_split',
-           'recipe', 'shard_bounds', 'split_size', 'ssl_batches']
+           'recipe', 'shard_bounds', 'split_attributes', 'split_size', 'ssl_batches']
 
 
 def __getattr__(name: str):

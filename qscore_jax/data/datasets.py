@@ -30,6 +30,7 @@ import re
 from typing import Any
 
 from etils import epath
+import numpy as np
 
 from qscore_jax._text import did_you_mean
 from qscore_jax.data._tensorflow import tf  # before tfds: TF imported quietly, off accelerators
@@ -47,6 +48,8 @@ BUILT_IN = ('synthetic_shapes', 'sklearn_digits', 'imagenet100', 'salient_imagen
 GENERATED = ('synthetic_shapes', 'sklearn_digits')
 FOLDER_PREFIX = 'folder:'
 MASK_FEATURES = ('core_mask', 'spurious_mask')
+# Per-example ground truth of synthetic_shapes: the source of a probe's error and its difficulty.
+DIFFICULTY_FEATURES = ('misleading', 'object_area', 'occlusion', 'contrast')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,3 +435,45 @@ def read_split(name: str, split: str, *, data_dir: str | None = None, start: int
     ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ids = tf.data.Dataset.range(start, end)
   return tf.data.Dataset.zip((ids, ds)).map(lambda i, ex: {**ex, 'id': i})
+
+
+def split_attributes(name: str, split: str, keys=DIFFICULTY_FEATURES, *,
+                     data_dir: str | None = None) -> dict[str, np.ndarray]:
+  """Per-example scalar features of a whole split, in canonical order (row i = id i).
+
+  Reads only the named features (images and masks are not decoded), so that results
+  keyed by id (a representation store's ``ids``) can be joined with the examples'
+  ground truth: for ``synthetic_shapes``, :data:`DIFFICULTY_FEATURES`.
+
+  Args:
+    name: a tfds dataset name (not a ``folder:``).
+    split: e.g. ``'test'``.
+    keys: the scalar features to read (default :data:`DIFFICULTY_FEATURES`).
+    data_dir: tfds data directory (default :func:`default_data_dir`).
+  Returns:
+    ``{key: (split size,) array}``.
+  Raises:
+    DatasetError: a folder dataset, or a feature the dataset does not have (naming
+      those it has).
+  """
+  if is_folder(name):
+    raise DatasetError(f'{name} is an image folder: its examples carry no features besides '
+                       'image and label.')
+  b = ensure_prepared(name, data_dir)
+  features = b.info.features
+  missing = [k for k in keys if k not in features]
+  if missing:
+    scalars = sorted(k for k, f in features.items() if not f.shape)
+    raise DatasetError(f'{name} has no feature {", ".join(missing)}; its scalar features are '
+                       f'{", ".join(scalars)}. Difficulty labels are in synthetic_shapes 1.1.0 and '
+                       'later (delete an older prepared copy to regenerate it).')
+  skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
+          if k not in keys and isinstance(f, tfds.features.Image)}
+  ds = b.as_dataset(split=split, shuffle_files=False, decoders=skip,
+                    read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  ds = ds.map(lambda example: {k: example[k] for k in keys})
+  columns = {k: [] for k in keys}
+  for batch in tfds.as_numpy(ds.batch(4096)):
+    for k in keys:
+      columns[k].append(batch[k])
+  return {k: np.concatenate(v) if v else np.zeros(0) for k, v in columns.items()}
