@@ -400,8 +400,8 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
                                'of the class (errors from weak evidence).'),
       ShapesConfig(name='spurious', image_size=32, num_train=2000, num_test=500, colours='fixed',
                    description='32x32, 2000 train / 500 test, fixed colours: the images of '
-                               'fixed_colours_small (easy objects, texture = class for 80%; '
-                               'errors from the misleading cue), with difficulty labels.'),
+                               'fixed_colours_small under the study\'s name (easy objects, '
+                               'texture = class for 80%; errors from the misleading cue).'),
       ShapesConfig(name='mixed', image_size=32, num_train=2000, num_test=500, colours='fixed',
                    **WEAK_EVIDENCE,
                    description='32x32, 2000 train / 500 test, fixed colours: the difficulty of '

@@ -322,13 +322,19 @@ def restore_newest_intact(workdir: pathlib.Path, target, periodic: ocp.Checkpoin
   failures: list[tuple[pathlib.Path, int, str]] = []
   for step in sorted(where, reverse=True):
     for manager in where[step]:
-      try:
-        state = restore(manager, target, step, require_integrity=require_integrity)
-      # orbax and TensorStore raise many kinds of error on damaged or missing files.
-      except Exception as error:  # pylint: disable=broad-except
-        failures.append((pathlib.Path(manager.directory) / str(step), step, _reason(error)))
-        _silence_restore_debris()
-        continue
+      with warnings.catch_warnings():
+        # A failed restore leaves orbax coroutines that are never awaited (see
+        # _is_restore_debris); Python warns about each when it is collected, which is
+        # noise beside the one paragraph that reports the damaged checkpoint.
+        warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
+                                category=RuntimeWarning)
+        try:
+          state = restore(manager, target, step, require_integrity=require_integrity)
+        # orbax and TensorStore raise many kinds of error on damaged or missing files.
+        except Exception as error:  # pylint: disable=broad-except
+          failures.append((pathlib.Path(manager.directory) / str(step), step, _reason(error)))
+          _silence_restore_debris()
+          continue
       if jax.process_count() > 1:  # every process restored the same step
         multihost_utils.assert_equal(np.int64(step), 'processes restored different steps')
       _report_fallback(workdir, failures, step, (periodic, best))
