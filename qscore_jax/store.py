@@ -665,14 +665,11 @@ class RepresentationStore:
   def _read_representations(self, shard: pathlib.Path, first: int, target: np.ndarray) -> None:
     with open(shard / 'representations.npy', 'rb', buffering=0) as f:
       os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-      f.seek(_npy_data_offset(f) + first * self.dim * 4)
-      view, read = memoryview(target).cast('B'), 0
-      while read < target.nbytes:
-        n = f.readinto(view[read:])
-        if not n:
-          raise StoreError(f'{shard / "representations.npy"} is truncated: row '
-                           f'{first + read // (self.dim * 4)} cannot be read. {_REEMBED}')
-        read += n
+      read = _read_buffered_range(f, memoryview(target).cast('B'),
+                                  _npy_data_offset(f) + first * self.dim * 4)
+      if read < target.nbytes:
+        raise StoreError(f'{shard / "representations.npy"} is truncated: row '
+                         f'{first + read // (self.dim * 4)} cannot be read. {_REEMBED}')
 
   def verify(self, chunk_rows: int = 64 * BLOCK_ROWS) -> int:
     """Reads every row once and checks it against its checksum (one pass over the store).

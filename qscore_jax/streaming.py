@@ -177,6 +177,16 @@ def _num_rows(source) -> int:
   return source.num_rows if isinstance(source, RepresentationStore) else len(source)
 
 
+def _block_moments(h):
+  """Row sums, means, stds (two-pass; exactly 0 for constant rows, as ``stats._moments``),
+  maxima and minima of a block (B, d), each a plain row reduction for XLA:CPU."""
+  total = jnp.sum(h, axis=-1)
+  high, low = jnp.max(h, axis=-1), jnp.min(h, axis=-1)
+  mu = total / h.shape[-1]
+  sigma = jnp.sqrt(jnp.sum(jnp.square(h - mu[:, None]), axis=-1) / h.shape[-1])
+  return total, mu, jnp.where(high > low, sigma, 0.0), high, low
+
+
 def _active_counts(h, valid, eps):
   """:func:`stats.activation_counts` of a block (B, d) and its :func:`_maybe_nonfinite` count.
 
@@ -184,11 +194,7 @@ def _active_counts(h, valid, eps):
   row reductions, the block's counts as a float sum over its rows (exact: at most B),
   made integers before they are summed over blocks.
   """
-  d = h.shape[-1]
-  total = jnp.sum(h, axis=-1)
-  mu = total / d
-  sigma = jnp.sqrt(jnp.sum(jnp.square(h - mu[:, None]), axis=-1) / d)
-  sigma = jnp.where(jnp.max(h, axis=-1) > jnp.min(h, axis=-1), sigma, 0.0)  # as stats._moments
+  total, mu, sigma, _, _ = _block_moments(h)
   counted = valid & (sigma > 0)  # as stats._active_given: constant rows have no active feature
   active = (h > (mu + eps * sigma)[:, None]) & counted[:, None]
   counts = jnp.sum(jnp.where(active, 1.0, 0.0), axis=0).astype(jnp.int32)
@@ -263,13 +269,9 @@ def _row_scores(h, valid, discriminative, eps):
   two D-only scores work on the |D| columns of D alone.
   """
   d = h.shape[-1]
-  total = jnp.sum(h, axis=-1)
-  high, low = jnp.max(h, axis=-1), jnp.min(h, axis=-1)
+  total, mu, sigma, high, _ = _block_moments(h)
   l1 = jnp.sum(jnp.abs(h), axis=-1)
   l2 = jnp.sqrt(jnp.sum(jnp.square(h), axis=-1))
-  mu = total / d
-  sigma = jnp.sqrt(jnp.sum(jnp.square(h - mu[:, None]), axis=-1) / d)
-  sigma = jnp.where(high > low, sigma, 0.0)  # exactly 0 for constant rows (see stats._moments)
   varies = sigma > 0
   threshold = mu + eps * sigma
   num_active = jnp.where(varies, jnp.sum(jnp.where(h > threshold[:, None], 1.0, 0.0), axis=-1), 0.0)
