@@ -161,13 +161,14 @@ def test_the_study_configurations_separate_the_sources_of_error():
   weak, spurious, mixed = stats['weak_evidence'], stats['spurious'], stats['mixed']
   # weak_evidence: the texture says nothing about the class; difficulty varies widely.
   assert abs(weak['misleading'].mean() - 0.9) < 0.04
-  assert np.ptp(weak['object_area']) > 0.2 and np.ptp(weak['occlusion']) > 0.5
-  assert weak['contrast'].min() < 0.06 < 0.25 < weak['contrast'].max()
+  assert np.ptp(weak['object_area']) > 0.2 and np.ptp(weak['occlusion']) > 0.4
+  # Fixed colours: the object differs from the background by 0.3 at full contrast.
+  assert weak['contrast'].min() < 0.1 < 0.25 < weak['contrast'].max()
   # spurious: easy, unoccluded objects at full contrast; the class's texture 80% of the time.
   assert abs(spurious['misleading'].mean() - 0.2) < 0.05 and (spurious['occlusion'] == 0).all()
   assert spurious['contrast'].min() > 0.2
   # mixed: both.
-  assert abs(mixed['misleading'].mean() - 0.2) < 0.05 and np.ptp(mixed['occlusion']) > 0.5
+  assert abs(mixed['misleading'].mean() - 0.2) < 0.05 and np.ptp(mixed['occlusion']) > 0.4
   with pytest.raises(ValueError, match=r'occlusion_range must be \(lo, hi\) with 0 <= lo <= hi'):
     synthetic.ShapesParams(occlusion_range=(0.5, 0.2))
 
@@ -185,7 +186,7 @@ def test_difficulty_labels_reach_the_tfds_dataset(tmp_path):
     for key in ('object_area', 'occlusion', 'contrast'):
       assert example[key] == truth[key]
     np.testing.assert_array_equal(example['image'], truth['image'])
-  assert str(builder.info.version) == '1.1.0'
+  assert str(builder.info.version) == '1.2.0'
 
 
 def test_split_attributes_give_the_ground_truth_by_id(data_dir):

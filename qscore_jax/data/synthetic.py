@@ -365,20 +365,28 @@ class ShapesConfig(tfds.core.BuilderConfig):
                         contrast_range=self.contrast_range, occlusion_range=self.occlusion_range)
 
 
-# The difficulty ranges of weak_evidence and mixed: objects from tiny to large, from faint
-# to full contrast, up to 60% hidden by clutter.
-WEAK_EVIDENCE = {'scale_range': (0.08, 0.32), 'contrast_range': (0.12, 1.0),
-                 'occlusion_range': (0.0, 0.6)}
+# The difficulty ranges of weak_evidence and mixed: objects from small to large, from faint
+# to full contrast, up to half hidden by clutter. Chosen so that the network of the study
+# can learn them: a supervised ResNet-18 x0.25 (3,000 steps of 64) reaches 75% on the test
+# split, 55% on the quarter of images with the least visible evidence and 90% on the quarter
+# with the most. The ranges of 1.1.0 (radius 0.08-0.32, contrast 0.12-1, occlusion 0-0.6)
+# left it at 13% after 800 steps: chance is 10%.
+WEAK_EVIDENCE = {'scale_range': (0.18, 0.45), 'contrast_range': (0.25, 1.0),
+                 'occlusion_range': (0.0, 0.5)}
 
 
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
   """10 shapes over spurious textured patches, with core and spurious masks."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {'1.0.0': 'First release.',
                    '1.1.0': 'Difficulty labels (object_area, occlusion, contrast) and the '
                             'weak_evidence, spurious and mixed configurations; the images of '
-                            'the earlier configurations are unchanged.'}
+                            'the earlier configurations are unchanged.',
+                   '1.2.0': 'weak_evidence and mixed: objects larger and less faint or occluded '
+                            '(radius 0.18-0.45, contrast 0.25-1, occlusion 0-0.5), so that a '
+                            'network of the study\'s size can learn them; the other '
+                            'configurations are unchanged.'}
   BUILDER_CONFIGS = [
       ShapesConfig(name='default', description='64x64, 4000 train / 1000 test, spurious rate 0.8.'),
       ShapesConfig(name='small', image_size=32, num_train=2000, num_test=500,
