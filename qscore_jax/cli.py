@@ -264,6 +264,48 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
   return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
+  from qscore_jax import study  # pylint: disable=import-outside-toplevel
+  from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
+  config = load_config(args.config, args.set or ())
+  try:
+    results = study.run_study(config, args.workdir)
+  except loop.TrainingError as error:
+    print(f'qscore study: error: {error}', file=sys.stderr)
+    return 1
+  print('\n'.join(study.table_lines(results)))
+  print(f"took         {results['seconds']:.0f} s; results in {args.workdir}/results.json, "
+        f"table.md, study.png")
+  return 0
+
+
+def _cmd_track(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
+  from qscore_jax import track  # pylint: disable=import-outside-toplevel
+  from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
+  if '://' in str(args.workdir):
+    raise ValueError(f'qscore track reads a local workdir; {args.workdir} is a URL. Copy it '
+                     'first (e.g. gsutil -m cp -r URL DIR) and track DIR.')
+  config = track.TrackConfig(dataset=args.dataset, split=args.split,
+                             reference_split=args.reference_split,
+                             lidar_examples=args.lidar_examples, lidar_views=args.lidar_views,
+                             batch_size=args.batch_size, probe_epochs=args.probe_epochs)
+  try:
+    result = track.track(args.workdir, args.out, config=config, data_dir=args.data_dir,
+                         keep_stores=args.keep_stores)
+  except loop.TrainingError as error:
+    print(f'qscore track: error: {error}', file=sys.stderr)
+    return 1
+  print('\n'.join(track.table_lines(result)))
+  out = args.out or f'{args.workdir}/track'
+  print(f'written      {out}/track.json, track.md, track.png')
+  if result['skipped']:
+    print(f"skipped      {len(result['skipped'])} checkpoint(s) that cannot be restored: "
+          + ', '.join(str(s['step']) for s in result['skipped']))
+  return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
   # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import analysis, models  # pylint: disable=import-outside-toplevel
@@ -603,6 +645,53 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument('--workdir', required=True, help='every run, its evaluation, and results')
   exp.set_defaults(func=_cmd_experiment)
 
+  study = commands.add_parser(
+      'study', help='when does Q-Score find mistakes: every per-sample score against errors '
+                    'of known source, on synthetic data (pre-trains its own encoders)',
+      description='Pre-trains SimCLR and BYOL encoders on synthetic-shapes configurations whose '
+                  'errors have a known source (weak evidence, a misleading background cue, '
+                  'both), then reports for every per-sample score (Q-Score, Q v1, kNN '
+                  'agreement, neighbourhood consistency, L2 norm, sparsity, max-softmax) its '
+                  'AUPRC/AUROC for finding the probe\'s errors, by source, and its rank '
+                  'correlation with the images\' difficulty, with bootstrap intervals. Rerun to '
+                  'resume. Config fields: qscore_jax/configs/study.py.')
+  study.add_argument('--config', default='study',
+                     help='NAME[:k=v,...] or FILE.py[:arg] (default study)')
+  study.add_argument('--set', action='append', metavar='KEY=VALUE',
+                     help='override a config field (repeatable), e.g. pretrain_steps=400')
+  study.add_argument('--workdir', required=True, help='every run, its evaluation, and results')
+  study.set_defaults(func=_cmd_study)
+
+  track = commands.add_parser(
+      'track', help='label-free scores (RankMe, alpha-ReQ, LiDAR, mean Q) and linear accuracy '
+                    'at every checkpoint of a run, and how well each ranks them',
+      description='For step 0 and every checkpoint a qscore finetune / experiment / study run '
+                  'saved: RankMe, alpha-ReQ, LiDAR, mean Q-Score, the size of D and the linear '
+                  'probe\'s accuracy; then Kendall tau between each score and the accuracy, as '
+                  'a table (track.md), JSON and a plot (track.png). Rerun to add new '
+                  'checkpoints: finished steps are read back.')
+  track.add_argument('workdir', help='the run\'s workdir (local)')
+  track.add_argument('--out', help='output directory (default WORKDIR/track)')
+  track.add_argument('--dataset', help="data to score (default: the run's training dataset)")
+  track.add_argument('--split', default='test',
+                     help='split that is scored and whose accuracy is reported (default test)')
+  track.add_argument('--reference-split', default='train',
+                     help='split giving D and training the probe (default train)')
+  track.add_argument('--lidar-examples', type=int, default=512,
+                     help='examples whose views enter LiDAR (default 512)')
+  track.add_argument('--lidar-views', type=int, default=8,
+                     help='augmented views of each (default 8)')
+  track.add_argument('--batch-size', type=int, default=256,
+                     help='global embedding batch, a multiple of the device count (default 256)')
+  track.add_argument('--probe-epochs', type=int,
+                     help='epochs of the linear probe (default: the analysis default, 100)')
+  track.add_argument('--keep-stores', action='store_true',
+                     help="keep every step's representation stores (default: deleted once the "
+                          "step's row is written)")
+  track.add_argument('--data-dir', help='tfds data directory (default '
+                     '$QSCORE_JAX_DATA_DIR or ~/tensorflow_datasets)')
+  track.set_defaults(func=_cmd_track)
+
   compare = commands.add_parser(
       'compare', help='embed and probe several models on the same data, side by side',
       description='Embed the train and eval splits with each model (saved model directory, '
@@ -724,7 +813,8 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
 # after every checkpoint); tfds data directories are read and written by TensorFlow itself.
 REMOTE_INPUTS = {'analyze': ('train', 'eval'), 'convert': ('file',)}
 REMOTE_OUTPUTS = {'demo': 'out', 'convert': 'out', 'embed': 'out', 'analyze': 'out',
-                  'train-supervised': 'out', 'experiment': 'workdir', 'compare': 'out',
+                  'train-supervised': 'out', 'experiment': 'workdir', 'study': 'workdir',
+                  'compare': 'out',
                   'interpret': 'out'}
 # Outputs whose command works on the URL's local copy itself (finetune pushes after every
 # checkpoint): only named in messages here.

@@ -37,8 +37,8 @@ VARIANTS = ('plain', 'qscore')
 
 
 def run_config(config: ml_collections.ConfigDict, method: str, *, steps: int, seed: int,
-               regularizer: str, learning_rate: float,
-               warmup_epochs: float) -> ml_collections.ConfigDict:
+               regularizer: str, learning_rate: float, warmup_epochs: float,
+               dataset: str | None = None) -> ml_collections.ConfigDict:
   """The ``qscore finetune`` config of one run of the experiment ``config``.
 
   Args:
@@ -49,9 +49,10 @@ def run_config(config: ml_collections.ConfigDict, method: str, *, steps: int, se
     regularizer: ``'none'`` or ``'qscore'``.
     learning_rate: peak learning rate (cosine schedule).
     warmup_epochs: linear warm-up length in epochs.
+    dataset: the training data (default ``config.dataset``).
   """
   c = finetune.get_config(f'method={method}')
-  c.dataset = config.dataset
+  c.dataset = dataset or config.dataset
   c.arch = config.arch
   with c.unlocked():
     c.arch_options.width_multiplier = float(config.width_multiplier)
@@ -81,7 +82,15 @@ def pretrain_config(config: ml_collections.ConfigDict, method: str) -> ml_collec
                     learning_rate=config.learning_rate, warmup_epochs=1.0)
 
 
-def _train(config, workdir: pathlib.Path, init: str, log) -> pathlib.Path:
+def train_run(config, workdir: pathlib.Path, init: str, log) -> pathlib.Path:
+  """Trains (or resumes, or reuses when its ``model/`` exists) one run; returns its model.
+
+  Args:
+    config: the run's ``qscore finetune`` config.
+    workdir: its workdir.
+    init: ``'random'`` or a model reference.
+    log: called with a progress line.
+  """
   if (workdir / 'model').is_dir():
     log(f'  {workdir.name}: done earlier, reused')
     return workdir / 'model'
@@ -154,7 +163,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   runs: list[dict[str, Any]] = []
   for method in config.methods:
     log(f'{method}: pre-training {config.pretrain_steps} steps from scratch')
-    pretrain = _train(pretrain_config(config, method), root / f'{method}-pretrain', 'random',
+    pretrain = train_run(pretrain_config(config, method), root / f'{method}-pretrain', 'random',
                       log)
     runs.append({'method': method, 'variant': 'pretrained', 'seed': None,
                  'metrics': _evaluate(config, pretrain, root / f'{method}-pretrain' / 'eval')})
@@ -163,7 +172,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
       for variant in VARIANTS:
         name = f'{method}-{variant}-seed{seed}'
         log(f'{method}: fine-tuning {config.finetune_steps} steps, {variant}, seed {seed}')
-        model = _train(run_config(config, method, steps=config.finetune_steps, seed=seed,
+        model = train_run(run_config(config, method, steps=config.finetune_steps, seed=seed,
                                   regularizer='qscore' if variant == 'qscore' else 'none',
                                   learning_rate=learning_rate, warmup_epochs=0.0),
                        root / name, str(pretrain), log)
@@ -229,4 +238,5 @@ def table_lines(results: dict[str, Any]) -> list[str]:
   return lines
 
 
-__all__ = ['pretrain_config', 'run_config', 'run_experiment', 'summarize', 'table_lines']
+__all__ = ['pretrain_config', 'run_config', 'run_experiment', 'summarize', 'table_lines',
+           'train_run']

@@ -204,6 +204,48 @@ def bootstrap_mean(values, *, resamples: int = DEFAULT_RESAMPLES,
   return _percentile_interval(means, confidence)
 
 
+def spearman(x, y, *, resamples: int = DEFAULT_RESAMPLES, confidence: float = DEFAULT_CONFIDENCE,
+             seed: int = 0) -> dict[str, Any]:
+  """Spearman's rank correlation of two samples, with a bootstrap percentile interval.
+
+  Ranks are averaged over ties (as :func:`scipy.stats.spearmanr`); each resample draws
+  the N pairs with replacement and ranks them again.
+
+  Args:
+    x: (N,) finite values.
+    y: (N,) finite values.
+    resamples: bootstrap resamples (0: no interval).
+    confidence: the interval's coverage (default 0.95).
+    seed: NumPy seed of the resampling.
+  Returns:
+    ``{'rho', 'interval': [lo, hi] or None, 'n'}``; rho is NaN when either sample is
+    constant.
+  """
+  # scipy (installed with scikit-learn) only for these rank statistics.
+  from scipy import stats as scipy_stats  # pylint: disable=import-outside-toplevel
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.shape != y.shape or x.ndim != 1:
+    raise ValueError(f'spearman needs two (N,) samples of equal length, got {x.shape} and '
+                     f'{y.shape}.')
+  if not (np.isfinite(x).all() and np.isfinite(y).all()):
+    raise ValueError('spearman: the samples hold NaN or inf.')
+
+  def rho(a, b):  # rows are samples: (R, N) -> (R,)
+    ra, rb = scipy_stats.rankdata(a, axis=-1), scipy_stats.rankdata(b, axis=-1)
+    ra, rb = ra - ra.mean(-1, keepdims=True), rb - rb.mean(-1, keepdims=True)
+    scale = np.sqrt((ra ** 2).sum(-1) * (rb ** 2).sum(-1))
+    with np.errstate(invalid='ignore', divide='ignore'):
+      return np.where(scale > 0, (ra * rb).sum(-1) / np.where(scale > 0, scale, 1), np.nan)
+
+  value = float(rho(x[None], y[None])[0]) if len(x) > 1 else float('nan')
+  interval = None
+  if resamples and len(x) > 1:
+    draws = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    values = rho(x[draws], y[draws])
+    interval = _percentile_interval(values[np.isfinite(values)], confidence)
+  return {'rho': value, 'interval': interval, 'n': int(len(x))}
+
+
 def knn_agreement(h: np.ndarray, predictions: np.ndarray, k: int = 10,
                   chunk_rows: int = 2048) -> np.ndarray:
   """Fraction of each sample's k nearest neighbours (cosine, excluding itself) that the

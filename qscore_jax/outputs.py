@@ -70,7 +70,8 @@ _SHOWN, _COUNTED = 5, 10_000
 
 KINDS = {'model': 'a saved model', 'store': 'a representation store',
          'analysis': 'an analysis report', 'interpretation': 'an interpretation',
-         'finetune': 'a fine-tuning workdir'}
+         'finetune': 'a fine-tuning workdir', 'track': 'a tracking report (qscore track)',
+         'study': 'a study (qscore study)'}
 
 
 class OutputError(FileExistsError):
@@ -270,7 +271,8 @@ def _look(directory: pathlib.Path, kind: str) -> _Found:
   entries = _entries(directory)
   if not entries:
     return _Found('empty')
-  if _LEGACY[kind](directory, {p.name for p in entries}):
+  legacy = _LEGACY.get(kind)  # kinds newer than the markers have no unmarked layout
+  if legacy is not None and legacy(directory, {p.name for p in entries}):
     return _Found('same', kind)
   if all(_made_by_tool(p) for p in entries):
     return _Found('contents')

@@ -124,6 +124,81 @@ def plot_precision_recall(scores: Mapping[str, np.ndarray], correct: np.ndarray,
   return _save(fig, path)
 
 
+def plot_tracking(rows, scores, taus: Mapping[str, Mapping[str, Any]], path: pathlib.Path, *,
+                  title: str = '') -> pathlib.Path:
+  """Each dataset-level score (one panel each) against the step, with the linear accuracy.
+
+  Args:
+    rows: ``[{'step', 'top1', <score>: value}]`` per checkpoint (:func:`qscore_jax.track.track`).
+    scores: ``[(key, title)]`` of the panels.
+    taus: ``{key: {'tau': ...}}``, Kendall's tau of each score with the accuracy (in the titles).
+    path: the PNG file to write.
+    title: the figure's title.
+  Returns:
+    ``path``.
+  """
+  columns = min(3, len(scores))
+  lines = math.ceil(len(scores) / columns)
+  fig, axes = _subplots(lines, columns, figsize=(4.2 * columns, 3.2 * lines), squeeze=False)
+  steps = [r['step'] for r in rows]
+  accuracy = [100 * r['top1'] for r in rows]
+  for ax, (key, name) in zip(axes.flat, scores):
+    ax.plot(steps, [r[key] for r in rows], 'o-', color='C0', lw=1.5)
+    ax.set_ylabel(name, color='C0')
+    ax.set_xlabel('step')
+    other = ax.twinx()
+    other.plot(steps, accuracy, 's--', color='C3', lw=1)
+    other.set_ylabel('linear top-1 %', color='C3')
+    tau = taus[key]['tau']
+    ax.set_title(f"{name}: Kendall tau {'–' if tau is None else f'{tau:+.2f}'}", fontsize=9)
+  for ax in list(axes.flat)[len(scores):]:
+    ax.set_visible(False)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return _save(fig, path)
+
+
+def plot_study(rows, path: pathlib.Path, *, title: str = '') -> pathlib.Path:
+  """AUPRC (error = positive) of every score over its chance level, by error source.
+
+  Args:
+    rows: ``[{'label', 'score', 'source', 'auprc', 'interval', 'chance'}]``; one panel per
+      ``label`` (a dataset and encoder), bars grouped by score and coloured by source.
+    path: the PNG file to write.
+    title: the figure's title.
+  Returns:
+    ``path``.
+  """
+  labels = list(dict.fromkeys(r['label'] for r in rows))
+  names = list(dict.fromkeys(r['score'] for r in rows))
+  sources = list(dict.fromkeys(r['source'] for r in rows))
+  columns = min(2, len(labels))
+  lines = math.ceil(len(labels) / columns)
+  fig, axes = _subplots(lines, columns, figsize=(7 * columns, 3.4 * lines), squeeze=False)
+  width = 0.8 / max(len(sources), 1)
+  for ax, label in zip(axes.flat, labels):
+    for k, source in enumerate(sources):
+      cells = {r['score']: r for r in rows if r['label'] == label and r['source'] == source}
+      x = [i + (k - (len(sources) - 1) / 2) * width for i, n in enumerate(names) if n in cells]
+      lift = [cells[n]['auprc'] / cells[n]['chance'] for n in names if n in cells]
+      err = [[(cells[n]['auprc'] - (cells[n]['interval'] or [cells[n]['auprc']] * 2)[0])
+              / cells[n]['chance'] for n in names if n in cells],
+             [((cells[n]['interval'] or [cells[n]['auprc']] * 2)[1] - cells[n]['auprc'])
+              / cells[n]['chance'] for n in names if n in cells]]
+      ax.bar(x, lift, width, yerr=err, capsize=2, color=f'C{k}', label=source)
+    ax.axhline(1.0, color='0.4', ls='--', lw=1)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha='right', fontsize=7)
+    ax.set_ylabel('AUPRC / chance (errors)')
+    ax.set_title(label, fontsize=9)
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(labels):]:
+    ax.set_visible(False)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return _save(fig, path)
+
+
 def plot_compression(curve: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path:
   """Linear accuracy vs fraction removed: ranked, random (mean ± std), and only D.
 

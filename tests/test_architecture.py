@@ -43,7 +43,8 @@ LAYERS = {
          'qscore_jax.data.salient', 'qscore_jax.data.synthetic', 'qscore_jax.finetune.workdir'},
     # What runs the method end to end, and the configs that describe runs.
     DRIVER: {'qscore_jax.embed', 'qscore_jax.analysis', 'qscore_jax.interpret',
-             'qscore_jax.demo', 'qscore_jax.experiment', 'qscore_jax.summary',
+             'qscore_jax.demo', 'qscore_jax.experiment', 'qscore_jax.study', 'qscore_jax.track',
+             'qscore_jax.summary',
              'qscore_jax.supervised', 'qscore_jax.finetune.loop', 'qscore_jax.configs',
              'qscore_jax.configs.*'},
     CLI: {'qscore_jax.cli'},

@@ -198,7 +198,7 @@ def apply_overrides(config: ml_collections.ConfigDict, items) -> ml_collections.
   return check_config(config)
 
 
-# The range of each numeric field of the finetune and experiment configs (dotted path ->
+# The range of each numeric field of the finetune, experiment and study configs (dotted path ->
 # keyword arguments of validation.check_number). None is allowed only where the field's
 # default is None ("the method's official value"); num_steps, seeds, band and the
 # regularizer's own fields are checked below.
@@ -211,6 +211,8 @@ _RANGES = {
     'pretrain_steps': _POSITIVE_INT, 'finetune_steps': _POSITIVE_INT,
     'learning_rate': {'above': 0}, 'finetune_lr_fraction': {'above': 0},
     'regularizer.reference_examples': _POSITIVE_INT,
+    'checkpoints': _POSITIVE_INT, 'supervised_steps': _POSITIVE_INT, 'knn_k': _POSITIVE_INT, 'consistency_k': _POSITIVE_INT,
+    'bootstrap_resamples': _COUNT,
     'optimizer.momentum': {'minimum': 0, 'below': 1},
     'optimizer.warmup_epochs': {'minimum': 0},
 }

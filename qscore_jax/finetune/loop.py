@@ -23,6 +23,7 @@ restored step, so each step is logged once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -39,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from qscore_jax import outputs, parallel, regularizer, remote, stats
-from qscore_jax.configs.finetune import check_config
+from qscore_jax.configs.finetune import check_config, get_config
 from qscore_jax.data import augment, dataset_info, eval_batches, native_preprocessing, ssl_batches
 from qscore_jax.data.preprocessing import Preprocessing
 from qscore_jax.embed import make_embed_step
@@ -444,6 +445,87 @@ def _train(config, workdir: pathlib.Path, built: Setup, stop_after: int | None, 
   return {'step': int(state.step), 'metrics': last, 'model': exported}
 
 
+def run_config_of(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """The config and provenance a workdir's ``run.json`` records (what :func:`run` started with).
+
+  The config is the default of its method with every recorded field set; the fields
+  ``run.json`` leaves out (:data:`RESUMABLE_FIELDS`) keep their defaults, and ``dtype`` is
+  the recorded ``compute_dtype``.
+
+  Args:
+    workdir: a ``qscore finetune`` workdir (local).
+  Returns:
+    ``(config, provenance)``, provenance the rest of ``run.json`` (``init``,
+    ``init_fingerprint``, ``compute_dtype``, ``dataset_version``, ...).
+  Raises:
+    TrainingError: there is no readable ``run.json`` (not a workdir of ``qscore finetune``).
+  """
+  run_file = pathlib.Path(workdir) / files.RUN_FILE
+  try:
+    recorded = json.loads(run_file.read_text())
+  except (OSError, ValueError) as error:
+    raise TrainingError(f'{workdir} is not a readable qscore finetune workdir: {run_file} '
+                        f'cannot be read ({error}). Give the --workdir of a qscore finetune '
+                        'or pre-training run.') from None
+  recorded = {**files.LEGACY_RUN_FIELDS, **recorded}
+  fields = recorded.pop('config')
+  config = get_config(f"method={fields['method']}")
+
+  def assign(target, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(target.get(key), ml_collections.ConfigDict):
+        with target[key].unlocked():
+          assign(target[key], value)
+      else:
+        with target.unlocked():
+          target[key] = tuple(value) if isinstance(value, list) else value
+
+  assign(config, fields)
+  config.dtype = recorded['compute_dtype']
+  return config, recorded
+
+
+def saved_states(workdir: str | pathlib.Path, *, encoder: Encoder | None = None
+                 ) -> tuple[Setup, dict[int, Callable[[], core.TrainState]]]:
+  """A workdir's run rebuilt (:func:`setup` of its ``run.json``) and its checkpoints.
+
+  Nothing in the workdir is changed: checkpoints are opened read-only, a damaged one
+  raises when it is restored (it is not moved, unlike a resume).
+
+  Args:
+    workdir: a local ``qscore finetune`` workdir.
+    encoder: the run's ``init`` already loaded (default: loaded from ``run.json``'s
+      reference when the run did not start from scratch).
+  Returns:
+    ``(setup, {step: restore})``: ``setup.state`` is step 0 (the initialisation), and
+    ``restore()`` returns the state of a saved step (its periodic copy, else its copy
+    in ``best/``; raises :class:`~qscore_jax.finetune.workdir.DamagedCheckpoint` or
+    orbax's error when no copy restores).
+  Raises:
+    TrainingError: no ``run.json``.
+    FileNotFoundError: the run's ``init`` model cannot be loaded any more.
+  """
+  directory = pathlib.Path(workdir).expanduser().resolve()
+  config, recorded = run_config_of(directory)
+  try:
+    built = setup(config, recorded['init'], encoder=encoder)
+  except FileNotFoundError as error:
+    raise FileNotFoundError(f"{directory} was started from {recorded['init']}, which is needed "
+                            f'to rebuild its state and cannot be loaded: {error}') from None
+  require_integrity = 'checkpoint_digest' in recorded
+  copies: dict[int, list[Callable[[], core.TrainState]]] = {}
+  for name in (files.CHECKPOINTS_DIR, files.BEST_DIR):  # the periodic copy first
+    if not (directory / name).is_dir():
+      continue
+    manager = files.read_only_manager(directory / name)
+    for step in manager.all_steps():
+      copies.setdefault(int(step), []).append(functools.partial(
+          files.restore, manager, built.state, step, require_integrity=require_integrity))
+  restorers = {step: functools.partial(files.restore_any, attempts)
+               for step, attempts in copies.items()}
+  return built, dict(sorted(restorers.items()))
+
+
 def read_metrics(metrics) -> dict[str, float]:
   """A step's metrics as Python floats (this waits until that step has run).
 
@@ -492,4 +574,4 @@ def export_model(built: Setup, state: core.TrainState, directory: pathlib.Path,
 
 
 __all__ = ['RESUMABLE_FIELDS', 'Setup', 'TrainingError', 'compute_dtype', 'export_model', 'read_metrics',
-           'reference_discriminative', 'run', 'setup']
+           'reference_discriminative', 'run', 'run_config_of', 'saved_states', 'setup']

@@ -48,6 +48,8 @@ LOCK_FILE = 'lock'
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 DAMAGED_DIR = 'damaged'
+CHECKPOINTS_DIR = 'checkpoints'  # the periodic checkpoints, the last `keep_checkpoints`
+BEST_DIR = 'best'  # the one with the lowest `best_metric`
 # The item saved beside the state in every checkpoint: {'state_digest': ..., 'step': ...}.
 INTEGRITY_ITEM = 'integrity'
 
@@ -141,15 +143,40 @@ def managers(workdir: pathlib.Path, *, keep: int, best_metric: str
     best_metric: the logged metric whose mean since the last checkpoint ranks ``best/``.
   """
   periodic = ocp.CheckpointManager(
-      workdir / 'checkpoints',
+      workdir / CHECKPOINTS_DIR,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            cleanup_tmp_directories=True))
   best = ocp.CheckpointManager(
-      workdir / 'best',
+      workdir / BEST_DIR,
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, create=True, best_fn=lambda m: m[best_metric], best_mode='min',
           keep_checkpoints_without_metrics=False, cleanup_tmp_directories=True))
   return periodic, best
+
+
+def read_only_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+  """A checkpoint manager that only reads ``directory`` (``checkpoints/`` or ``best/``).
+
+  Opening it neither creates, prunes nor cleans anything, so a run that is training in
+  the workdir is not disturbed.
+
+  Args:
+    directory: a manager's directory.
+  """
+  chatter = logging.getLogger('absl')
+  quiet = _NotReadOnlyNotice()
+  # orbax logs three warnings per read-only manager that only restate the option.
+  chatter.addFilter(quiet)
+  try:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  finally:
+    chatter.removeFilter(quiet)
+
+
+class _NotReadOnlyNotice(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ('read_only=True' in message or message.startswith('Given directory is read only'))
 
 
 def _host_array(leaf) -> np.ndarray:
@@ -348,6 +375,29 @@ def restore_newest_intact(workdir: pathlib.Path, target, periodic: ocp.Checkpoin
         'version that wrote them; otherwise start again in a new --workdir (or move '
         'checkpoints/ and best/ out of this one to start it again from step 0).')
   return target, None
+
+
+def restore_any(attempts):
+  """The result of the first of ``attempts`` that succeeds (copies of one checkpoint).
+
+  Args:
+    attempts: zero-argument callables, each restoring one copy (:func:`restore`).
+  Raises:
+    Exception: the first attempt's error, when every one fails (nothing is moved).
+  """
+  errors = []
+  for attempt in attempts:
+    with warnings.catch_warnings():
+      # See restore_newest_intact: a failed restore's never-awaited coroutines.
+      warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
+                              category=RuntimeWarning)
+      try:
+        return attempt()
+      # orbax and TensorStore raise many kinds of error on damaged or missing files.
+      except Exception as error:  # pylint: disable=broad-except
+        errors.append(error)
+        _silence_restore_debris()
+  raise errors[0]
 
 
 def _report_fallback(workdir: pathlib.Path, failures, restored: int, all_managers) -> None:
