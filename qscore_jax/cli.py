@@ -248,13 +248,18 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
   return 0
 
 
+def _progress(line: str) -> None:
+  """A long command's progress line, shown at once even when stdout is a file or a pipe."""
+  print(line, flush=True)
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
   # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import experiment  # pylint: disable=import-outside-toplevel
   from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
   config = load_config(args.config, args.set or ())
   try:
-    results = experiment.run_experiment(config, args.workdir)
+    results = experiment.run_experiment(config, args.workdir, log=_progress)
   except loop.TrainingError as error:
     print(f'qscore experiment: error: {error}', file=sys.stderr)
     return 1
@@ -270,7 +275,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
   from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
   config = load_config(args.config, args.set or ())
   try:
-    results = study.run_study(config, args.workdir)
+    results = study.run_study(config, args.workdir, log=_progress)
   except loop.TrainingError as error:
     print(f'qscore study: error: {error}', file=sys.stderr)
     return 1
@@ -293,7 +298,7 @@ def _cmd_track(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, probe_epochs=args.probe_epochs)
   try:
     result = track.track(args.workdir, args.out, config=config, data_dir=args.data_dir,
-                         keep_stores=args.keep_stores)
+                         keep_stores=args.keep_stores, log=_progress)
   except loop.TrainingError as error:
     print(f'qscore track: error: {error}', file=sys.stderr)
     return 1
@@ -673,8 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
   track.add_argument('workdir', help='the run\'s workdir (local)')
   track.add_argument('--out', help='output directory (default WORKDIR/track)')
   track.add_argument('--dataset', help="data to score (default: the run's training dataset)")
-  track.add_argument('--split', default='test',
-                     help='split that is scored and whose accuracy is reported (default test)')
+  track.add_argument('--split',
+                     help='split that is scored and whose accuracy is reported (default test, '
+                          'or validation for a dataset without a test split)')
   track.add_argument('--reference-split', default='train',
                      help='split giving D and training the probe (default train)')
   track.add_argument('--lidar-examples', type=int, default=512,

@@ -159,11 +159,12 @@ def plot_tracking(rows, scores, taus: Mapping[str, Mapping[str, Any]], path: pat
 
 
 def plot_study(rows, path: pathlib.Path, *, title: str = '') -> pathlib.Path:
-  """AUPRC (error = positive) of every score over its chance level, by error source.
+  """AUROC of every score for telling the probe's errors from its correct samples, by source.
 
   Args:
-    rows: ``[{'label', 'score', 'source', 'auprc', 'interval', 'chance'}]``; one panel per
-      ``label`` (a dataset and encoder), bars grouped by score and coloured by source.
+    rows: ``[{'label', 'score', 'source', 'auroc', 'interval'}]``; one panel per ``label``
+      (a dataset and encoder), bars grouped by score and coloured by source (the same
+      colour for a source in every panel), chance (0.5) dashed.
     path: the PNG file to write.
     title: the figure's title.
   Returns:
@@ -172,26 +173,28 @@ def plot_study(rows, path: pathlib.Path, *, title: str = '') -> pathlib.Path:
   labels = list(dict.fromkeys(r['label'] for r in rows))
   names = list(dict.fromkeys(r['score'] for r in rows))
   sources = list(dict.fromkeys(r['source'] for r in rows))
-  columns = min(2, len(labels))
+  columns = min(3, len(labels))  # the study's three encoders of a dataset side by side
   lines = math.ceil(len(labels) / columns)
-  fig, axes = _subplots(lines, columns, figsize=(7 * columns, 3.4 * lines), squeeze=False)
+  fig, axes = _subplots(lines, columns, figsize=(5.6 * columns, 3.4 * lines), squeeze=False)
   width = 0.8 / max(len(sources), 1)
   for ax, label in zip(axes.flat, labels):
     for k, source in enumerate(sources):
       cells = {r['score']: r for r in rows if r['label'] == label and r['source'] == source}
-      x = [i + (k - (len(sources) - 1) / 2) * width for i, n in enumerate(names) if n in cells]
-      lift = [cells[n]['auprc'] / cells[n]['chance'] for n in names if n in cells]
-      err = [[(cells[n]['auprc'] - (cells[n]['interval'] or [cells[n]['auprc']] * 2)[0])
-              / cells[n]['chance'] for n in names if n in cells],
-             [((cells[n]['interval'] or [cells[n]['auprc']] * 2)[1] - cells[n]['auprc'])
-              / cells[n]['chance'] for n in names if n in cells]]
-      ax.bar(x, lift, width, yerr=err, capsize=2, color=f'C{k}', label=source)
-    ax.axhline(1.0, color='0.4', ls='--', lw=1)
+      if not cells:  # no error of this source here
+        continue
+      shown = [n for n in names if n in cells]
+      x = [names.index(n) + (k - (len(sources) - 1) / 2) * width for n in shown]
+      values = [cells[n]['auroc'] for n in shown]
+      bounds = [cells[n]['interval'] or [cells[n]['auroc']] * 2 for n in shown]
+      err = [[v - b[0] for v, b in zip(values, bounds)], [b[1] - v for v, b in zip(values, bounds)]]
+      ax.bar(x, values, width, yerr=err, capsize=2, color=f'C{k}', label=source)
+    ax.axhline(0.5, color='0.4', ls='--', lw=1)
+    ax.set_ylim(0, 1)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha='right', fontsize=7)
-    ax.set_ylabel('AUPRC / chance (errors)')
+    ax.set_ylabel('AUROC, errors vs correct')
     ax.set_title(label, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc='lower right')
   for ax in list(axes.flat)[len(labels):]:
     ax.set_visible(False)
   if title:

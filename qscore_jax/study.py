@@ -58,11 +58,14 @@ from qscore_jax.models.weights import read_metadata
 SUPERVISED = 'supervised'
 
 # The per-sample scores, in table order: (key in the analysis' scores.npz or added here,
-# name in the table). Higher = predicted correct for every one.
-SCORES = (('qscore', 'Q-Score'), ('qscore_v1', 'Q v1'), ('knn_agreement', 'kNN agreement'),
+# name in the table). Higher = predicted correct for every one. kNN agreement and max-softmax
+# use the probe's predictions (hence the labels); the others use the representation alone.
+SCORES = (('qscore', 'Q-Score'), ('qscore_v1', 'Q v1'),
+          ('knn_agreement', 'kNN agreement (uses the probe)'),
           ('neighbourhood_consistency', 'neighbourhood consistency'), ('l2_norm', 'L2 norm'),
           ('hoyer_sparsity', 'Hoyer sparsity'), ('max_softmax', 'max-softmax (uses the probe)'))
 SOURCES = ('all', 'weak evidence', 'cue conflict')
+LABEL_FREE = ('qscore', 'qscore_v1', 'neighbourhood_consistency', 'l2_norm', 'hoyer_sparsity')
 DIFFICULTY = ('evidence', 'object_area', 'occlusion', 'contrast')
 # A background cue "predicts the class" when it agrees with the label on more than this
 # many times the chance rate (1 / classes) of the training images.
@@ -193,7 +196,7 @@ def measure(scores: dict[str, np.ndarray], correct: np.ndarray, sources: dict[st
 
 
 def _evaluate(config, model_dir: pathlib.Path, dataset: str, out: pathlib.Path):
-  analysis_config = analysis.AnalysisConfig(compression=None, knn_k=config.knn_k,
+  analysis_config = analysis.AnalysisConfig(eps=config.eps, compression=None, knn_k=config.knn_k,
                                             bootstrap_resamples=0)
   return analysis.analyze_encoder(
       load_encoder(model_dir), dataset, out, split='test', reference_split='train',
@@ -248,6 +251,8 @@ def dataset_results(config, dataset: str, evaluations: dict[str, Any]) -> dict[s
         'top1': result.report['probe']['top1'],
         'errors': {source: int((~correct & rows).sum()) for source, rows in sources.items()},
         'num_correct': int(correct.sum()),
+        'num_discriminative': result.report['feature_stats']['num_discriminative'],
+        'qscore_zero_fraction': result.report['qscore_summary']['zero_fraction'],
         'model_fingerprint': result.encoder.fingerprint,
         'scores': measure(scores, correct, sources, factors, resamples=config.bootstrap_resamples)}
   return {'dataset': dataset, 'cue_agreement': agreement, 'cue_predictive': bool(predictive),
@@ -299,7 +304,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   report.write_json(results, root / 'results.json')
   (root / 'table.md').write_text('\n'.join(table_lines(results)) + '\n')
   report.plot_study(figure_rows(results), root / 'study.png',
-                    title='AUPRC of each score for finding the probe\'s errors, over chance')
+                    title=f"AUROC of each score for telling the probe's errors from its correct "
+                          f"samples, by the errors' source (Q-Score eps = {config.eps:g})")
   return results
 
 
@@ -310,6 +316,61 @@ def _cell(row: dict[str, Any], key: str, digits: int = 3) -> str:
   interval = row.get(f'{key}_interval')
   return f'{value:.{digits}f}' + (f' [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]'
                                   if interval else '')
+
+
+def _interval(value: float, interval, digits: int = 2) -> str:
+  if value is None or not np.isfinite(value):
+    return '–'
+  return f'{value:.{digits}f}' + (f' [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]'
+                                  if interval else '')
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+  """The README's condensed table: per dataset and encoder, Q-Score by error source beside
+  the best label-free rival and the probe's max-softmax.
+
+  Args:
+    results: :func:`run_study`'s result (``results.json``).
+  """
+  names = dict(SCORES)
+  lines = ['| data | encoder | top-1 % | errors: weak / cue | D; Q = 0 | Q-Score AUROC | '
+           'Q-Score AUPRC, weak evidence (chance) | Q-Score AUPRC, cue conflict (chance) | '
+           'best label-free rival, AUROC | max-softmax AUROC | rho(Q-Score, evidence) | '
+           'best label-free rho with evidence |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  for entry in results['datasets']:
+    for method, encoder in entry['encoders'].items():
+      scores = encoder['scores']
+
+      def auroc(key):
+        cell = scores[key]['by_source']['all']
+        return _interval(cell['auroc'], cell.get('auroc_interval'))
+
+      def auprc(key, source):
+        cell = scores[key]['by_source'][source]
+        if not cell['num_errors']:
+          return '– (no errors)'
+        return (f"{_interval(cell['auprc_error_positive'], cell.get('auprc_error_positive_interval'))}"
+                f" ({cell['chance_auprc_error_positive']:.2f})")
+
+      def rho(key):
+        cell = scores[key]['spearman']['evidence']
+        return _interval(cell['rho'], cell['interval'])
+
+      rivals = [k for k in LABEL_FREE if k != 'qscore' and k in scores]
+      best = max(rivals, key=lambda k: np.nan_to_num(scores[k]['by_source']['all']['auroc'],
+                                                     nan=-1))
+      best_rho = max(LABEL_FREE, key=lambda k: np.nan_to_num(
+          scores[k]['spearman']['evidence']['rho'], nan=-2) if k in scores else -2)
+      errors = encoder['errors']
+      lines.append(
+          f"| {entry['dataset'].split('/')[-1]} | {method} | {100 * encoder['top1']:.1f} | "
+          f"{errors['weak evidence']} / {errors['cue conflict']} | "
+          f"{encoder['num_discriminative']}; {100 * encoder['qscore_zero_fraction']:.0f}% | "
+          f"{auroc('qscore')} | {auprc('qscore', 'weak evidence')} | "
+          f"{auprc('qscore', 'cue conflict')} | {names[best]}: {auroc(best)} | "
+          f"{auroc('max_softmax')} | {rho('qscore')} | {names[best_rho]}: {rho(best_rho)} |")
+  return lines
 
 
 def figure_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -325,12 +386,10 @@ def figure_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         if key not in encoder['scores']:
           continue
         for source, cell in encoder['scores'][key]['by_source'].items():
-          if cell['num_errors'] and np.isfinite(cell['auprc_error_positive']):
+          if cell['num_errors'] and np.isfinite(cell['auroc']):
             rows.append({'label': f"{entry['dataset'].split('/')[-1]}, {method}",
                          'score': name.split(' (')[0], 'source': source,
-                         'auprc': cell['auprc_error_positive'],
-                         'interval': cell.get('auprc_error_positive_interval'),
-                         'chance': cell['chance_auprc_error_positive']})
+                         'auroc': cell['auroc'], 'interval': cell.get('auroc_interval')})
   return rows
 
 
@@ -340,7 +399,11 @@ def table_lines(results: dict[str, Any]) -> list[str]:
   Args:
     results: :func:`run_study`'s result (``results.json``).
   """
-  lines = []
+  config = results['config']
+  lines = [f"Q-Score with eps = {config['eps']:g}; {config['pretrain_steps']} pre-training steps, "
+           f"{config['supervised_steps']} supervised; kNN agreement k = {config['knn_k']}, "
+           f"neighbourhood consistency k = {config['consistency_k']} across "
+           f"{', '.join(config['methods'])}.", '']
   for entry in results['datasets']:
     cue = ('predicts the class' if entry['cue_predictive'] else 'is unrelated to the class')
     lines += [f"### {entry['dataset']}", '',
@@ -350,7 +413,9 @@ def table_lines(results: dict[str, Any]) -> list[str]:
       errors = encoder['errors']
       lines.append(f"- {method}: linear top-1 {100 * encoder['top1']:.1f}%; errors: "
                    f"{errors['weak evidence']} of weak evidence, {errors['cue conflict']} of "
-                   f"cue conflict ({encoder['num_correct']} correct).")
+                   f"cue conflict ({encoder['num_correct']} correct); {encoder['num_discriminative']}"
+                   f" discriminative features, Q = 0 on "
+                   f"{100 * encoder['qscore_zero_fraction']:.0f}% of the test images.")
     lines += ['', '| encoder | score | AUPRC, all errors (chance) | AUPRC, weak evidence (chance) '
               '| AUPRC, cue conflict (chance) | AUROC, all | rho with evidence |',
               '|---|---|---|---|---|---|---|']
@@ -378,4 +443,5 @@ def table_lines(results: dict[str, Any]) -> list[str]:
 
 
 __all__ = ['SCORES', 'SOURCES', 'SUPERVISED', 'difficulty', 'error_sources', 'measure',
-           'pretrain_config', 'run_name', 'run_study', 'supervised_config', 'table_lines']
+           'pretrain_config', 'run_name', 'run_study', 'summary_lines', 'supervised_config',
+           'table_lines']

@@ -55,7 +55,8 @@ class TrackConfig:
 
   Attributes:
     dataset: the data the scores and the probe use (None: the run's training dataset).
-    split: the scored split, whose linear accuracy is reported (default ``'test'``).
+    split: the scored split, whose linear accuracy is reported (None, the default:
+      ``'test'``, or ``'validation'`` for a dataset without one, as ImageNet).
     reference_split: the split that trains the probe and gives D (default ``'train'``).
     lidar_examples: examples whose views enter LiDAR (default 512).
     lidar_views: augmented views of each (default 8; the run's method's first view).
@@ -65,7 +66,7 @@ class TrackConfig:
       analysis default).
   """
   dataset: str | None = None
-  split: str = 'test'
+  split: str | None = None
   reference_split: str = 'train'
   lidar_examples: int = 512
   lidar_views: int = 8
@@ -218,8 +219,8 @@ def table_lines(result: dict[str, Any]) -> list[str]:
   lines += ['', f"{result['workdir']}: {result['method']} on {result['dataset']}, scored on "
             f"{result['settings']['split']} (probe and D from "
             f"{result['settings']['reference_split']}); LiDAR from "
-            f"{result['settings']['lidar_views']} views of {result['settings']['lidar_examples']} "
-            f"examples. Step 0 is the initialisation ({result['init']}). tau over "
+            f"{result['settings']['lidar_views']} views of "
+            f"{min(r['lidar_examples_used'] for r in result['rows'])} examples. Step 0 is the initialisation ({result['init']}). tau over "
             f"{len(result['rows'])} checkpoints; with so few, |tau| < 1 is weak evidence."]
   return lines
 
@@ -248,6 +249,12 @@ def track(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None, *,
   source = pathlib.Path(workdir).expanduser().resolve()
   target = pathlib.Path(out).expanduser().resolve() if out else source / 'track'
   outputs.check_output(target, 'track')  # before the run is rebuilt
+  previous = target / 'track.json'
+  if previous.is_file():
+    recorded_workdir = json.loads(previous.read_text()).get('workdir')
+    if recorded_workdir != str(source):
+      raise outputs.OutputError(f'{target} holds the tracking of another run ({recorded_workdir}); '
+                                f'give another --out for {source}.')
   built, restorers = loop.saved_states(source)
   run_config, recorded = loop.run_config_of(source)
   if not restorers:
@@ -256,6 +263,10 @@ def track(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None, *,
                              'checkpoint).')
   outputs.prepare_output(target, 'track')
   dataset = config.dataset or run_config.dataset
+  if config.split is None:
+    splits = dataset_info(dataset, data_dir).splits
+    config = dataclasses.replace(config, split='test' if 'test' in splits or
+                                 'validation' not in splits else 'validation')
   settings = _settings(config, dataset)
   recipe = augment.recipe(built.trainer.method.augmentation, image_size=built.image_size,
                           min_crop_scale=run_config.min_crop_scale)

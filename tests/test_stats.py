@@ -199,6 +199,26 @@ def test_lidar_equals_its_definition_in_float64():
     metrics.lidar(rng.standard_normal((10, 1, 4)))
 
 
+def test_rankme_and_alpha_req_equal_their_definitions_in_float64():
+  """RankMe (Garrido et al., 2023): exp of the entropy of p_k = sigma_k / ||sigma||_1 + eps
+  over the singular values of H; alpha-ReQ (Agrawal et al., 2022): minus the least-squares
+  slope of log lambda_k against log k over the covariance's eigenvalues. Here from the
+  eigenvalues of H^T H and of the covariance (not an SVD), and the slope in closed form."""
+  rng = np.random.default_rng(3)
+  for n, d in ((300, 12), (50, 80)):  # the second: fewer rows than features
+    h = rng.standard_normal((n, d)) * rng.gamma(1.0, 1.0, d) + rng.standard_normal(d)
+    gram = np.linalg.eigvalsh(h.T @ h) if n >= d else np.linalg.eigvalsh(h @ h.T)
+    sigma = np.sqrt(np.clip(gram, 0, None))[::-1]
+    p = sigma / sigma.sum() + 1e-7
+    assert np.isclose(metrics.rankme(h), np.exp(-np.sum(p * np.log(p))), rtol=1e-5)
+    centred = h - h.mean(0)
+    eigen = np.sort(np.linalg.eigvalsh(centred.T @ centred / (n - 1)))[::-1]
+    eigen = eigen[eigen > eigen[0] * 1e-10]
+    x, y = np.log(np.arange(1, len(eigen) + 1)), np.log(eigen)
+    slope = np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2)
+    assert np.isclose(metrics.alpha_req(h), -slope, rtol=1e-5)
+
+
 def test_neighbourhood_consistency_equals_a_float64_reference():
   rng = np.random.default_rng(0)
   n, k = 120, 7

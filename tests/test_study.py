@@ -3,7 +3,9 @@ along a run's checkpoints), end to end on tiny settings, checked against sklearn
 
 import dataclasses
 import json
+import pathlib
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -219,6 +221,8 @@ def test_track_command_prints_the_table_and_refuses_what_it_cannot_track(tiny_st
   assert 'at least 2 examples and 2 views' in capsys.readouterr().err
   assert cli.main(['track', 'gs://bucket/run']) == 2
   assert 'local workdir' in capsys.readouterr().err
+  code = cli.main(['track', str(root / 'tiny-simclr'), '--out', str(tmp_path / 'byol')])
+  assert code == 2 and 'holds the tracking of another run' in capsys.readouterr().err
 
 
 def test_track_refuses_a_workdir_without_checkpoints(tiny_study, tmp_path):  # pylint: disable=redefined-outer-name
@@ -228,3 +232,47 @@ def test_track_refuses_a_workdir_without_checkpoints(tiny_study, tmp_path):  # p
                   ignore=shutil.ignore_patterns('eval', 'track*', 'checkpoints', 'best', 'model'))
   with pytest.raises(loop.TrainingError, match='no checkpoint yet'):
     track.track(run, config=TRACK, log=lambda _: None)
+
+
+RESULTS = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'results' / 'study' / \
+    '2026-12-03-Intel-R-Xeon-R-Processor'
+
+
+@pytest.mark.parametrize('name', ['results.json', 'results_eps2.json'])
+def test_readme_shows_the_committed_study_tables(name):
+  """The README's condensed tables are summary_lines of the committed full-size run."""
+  results = json.loads((RESULTS / name).read_text())
+  readme = (pathlib.Path(__file__).parents[1] / 'README.md').read_text()
+  for line in study.summary_lines(results):
+    assert line in readme, line
+  assert results['config']['eps'] == (4.0 if name == 'results.json' else 2.0)
+
+
+@pytest.mark.slow
+def test_shipped_study_runs_in_45_minutes_and_supports_the_readme(tmp_path):
+  """The README's command from scratch, then eps = 2 on the same encoders: the time, and the
+  claims its reading makes (on another CPU the encoders differ; a failure here says which
+  claim does not carry over)."""
+  start = time.perf_counter()
+  assert cli.main(['study', '--workdir', str(tmp_path)]) == 0
+  assert time.perf_counter() - start < 45 * 60
+  at4 = json.loads((tmp_path / 'results.json').read_text())
+  assert cli.main(['study', '--workdir', str(tmp_path), '--set', 'eps=2']) == 0
+  at2 = json.loads((tmp_path / 'results.json').read_text())
+  for results in (at4, at2):
+    for entry in results['datasets']:
+      for method, encoder in entry['encoders'].items():
+        q = encoder['scores']['qscore']['by_source']['all']
+        soft = encoder['scores']['max_softmax']['by_source']['all']
+        if method != 'supervised' and results is at4:
+          lo, hi = q['auroc_interval']
+          assert lo <= 0.55 and hi >= 0.45, (entry['dataset'], method, q['auroc'])
+          assert encoder['qscore_zero_fraction'] > 0.5, (entry['dataset'], method)
+        assert soft['auroc'] >= q['auroc'] - 0.02, (entry['dataset'], method)
+  weak = {e['dataset']: e for e in at2['datasets']}['synthetic_shapes/weak_evidence']
+  control = weak['encoders']['supervised']
+  assert control['top1'] > 0.6 and all(weak['encoders'][m]['top1'] < 0.35
+                                        for m in ('simclr', 'byol'))
+  q = control['scores']['qscore']
+  assert q['by_source']['all']['auroc_interval'][0] > 0.6
+  assert q['spearman']['evidence']['rho'] > 0.3

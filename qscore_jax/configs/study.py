@@ -16,8 +16,23 @@ each score follows the images' ground-truth difficulty (``qscore_jax.study``):
 * ``mixed``: both.
 
 Fields are documented inline; ``--config study:pretrain_steps=400`` etc. override
-them. The results of the shipped config and their reading are in the README's
-"When does Q-Score find mistakes?" section.
+them (``--set eps=2`` reuses every trained encoder and reruns only the analyses).
+
+What the shipped config measured (2026-12-03, 2-core Intel Xeon, 1,093 s; tables in the
+README's "When does Q-Score find mistakes?" section, files in
+``benchmarks/results/study/2026-12-03-Intel-R-Xeon-R-Processor/``):
+
+* The self-supervised encoders do not learn the shapes (17-20% on ``weak_evidence``,
+  chance 10%; the supervised control 75%), and on them Q-Score is at or near chance for
+  either source of error (AUROC 0.49-0.53 at eps 4, 0.50-0.60 at eps 2).
+* At the paper's eps = 4, Q is 0 on 78-99% of their test images: it cannot rank them.
+* Where the representation encodes the object (the control) and the errors come from
+  weak evidence, Q-Score at eps = 2 finds them (AUROC 0.74 [0.69, 0.79]) and follows the
+  visible evidence (Spearman 0.57); cue-conflict errors it hardly finds (AUPRC 0.17 against
+  chance 0.14 on ``mixed``).
+* The L2 norm does better than Q-Score on the control, neighbourhood consistency does best
+  among label-free scores on the self-supervised encoders, and the probe's max-softmax
+  beats them all on 8 of 9 encoders.
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.regularizer = recipe.regularizer   # not used: pre-training has no regularizer
   c.supervised_steps = 3000            # the control's steps (cross-entropy, batch_size)
   c.checkpoints = 4                    # evenly spaced checkpoints kept (qscore track)
+  c.eps = 4.0                          # Q-Score's highly-active threshold (the paper's; demo: 2)
   c.knn_k = 10                         # neighbours of kNN agreement
   c.consistency_k = 10                 # neighbours of neighbourhood consistency
   c.bootstrap_resamples = 1000         # intervals of every AUPRC/AUROC and rho
