@@ -253,36 +253,32 @@ def _progress(line: str) -> None:
   print(line, flush=True)
 
 
-def _cmd_experiment(args: argparse.Namespace) -> int:
+def _run_config_driver(args: argparse.Namespace, run, table_lines, written: str) -> int:
+  """Loads ``--config`` with ``--set``, runs ``run(config, workdir)``, prints its table."""
   # Imported here, not at the top: `qscore --help` stays fast.
-  from qscore_jax import experiment  # pylint: disable=import-outside-toplevel
   from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
   config = load_config(args.config, args.set or ())
   try:
-    results = experiment.run_experiment(config, args.workdir, log=_progress)
+    results = run(config, args.workdir, log=_progress)
   except loop.TrainingError as error:
-    print(f'qscore experiment: error: {error}', file=sys.stderr)
+    print(f'qscore {args.command}: error: {error}', file=sys.stderr)
     return 1
-  print('\n'.join(experiment.table_lines(results)))
+  print('\n'.join(table_lines(results)))
   print(f"took         {results['seconds']:.0f} s; results in {args.workdir}/results.json, "
-        f"table.md")
+        f"{written}")
   return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+  # Imported here, not at the top: `qscore --help` stays fast.
+  from qscore_jax import experiment  # pylint: disable=import-outside-toplevel
+  return _run_config_driver(args, experiment.run_experiment, experiment.table_lines, 'table.md')
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
   # Imported here, not at the top: `qscore --help` stays fast.
   from qscore_jax import study  # pylint: disable=import-outside-toplevel
-  from qscore_jax.finetune import loop  # pylint: disable=import-outside-toplevel
-  config = load_config(args.config, args.set or ())
-  try:
-    results = study.run_study(config, args.workdir, log=_progress)
-  except loop.TrainingError as error:
-    print(f'qscore study: error: {error}', file=sys.stderr)
-    return 1
-  print('\n'.join(study.table_lines(results)))
-  print(f"took         {results['seconds']:.0f} s; results in {args.workdir}/results.json, "
-        f"table.md, study.png")
-  return 0
+  return _run_config_driver(args, study.run_study, study.table_lines, 'table.md, study.png')
 
 
 def _cmd_track(args: argparse.Namespace) -> int:

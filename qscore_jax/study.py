@@ -48,7 +48,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qscore_jax import analysis, experiment, metrics, outputs, report, supervised
+from qscore_jax import analysis, experiment, findings, metrics, outputs, report, supervised
 from qscore_jax.configs import finetune
 from qscore_jax.data import dataset_info, split_attributes
 from qscore_jax.models import load_encoder
@@ -204,11 +204,6 @@ def _evaluate(config, model_dir: pathlib.Path, dataset: str, out: pathlib.Path):
       store_dirs={'reference': out / 'store_train', 'evaluated': out / 'store_test'})
 
 
-def _in_id_order(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
-  order = np.argsort(ids, kind='stable')
-  return np.asarray(values)[order]
-
-
 def dataset_results(config, dataset: str, evaluations: dict[str, Any]) -> dict[str, Any]:
   """The study's measurements on one dataset from its encoders' analyses.
 
@@ -226,22 +221,23 @@ def dataset_results(config, dataset: str, evaluations: dict[str, Any]) -> dict[s
   attributes = split_attributes(dataset, 'test')
   factors = difficulty(attributes)
   misleading = attributes['misleading'].astype(bool)
-  spaces = {}
+  spaces, orders = {}, {}
   for method, result in evaluations.items():
     ids = np.asarray(result.scores['ids'])
     if not np.array_equal(np.sort(ids), np.arange(len(misleading))):
       raise ValueError(f'the test store of {method} on {dataset} does not hold every test '
                        f'example once ({len(ids)} rows for {len(misleading)} examples): '
                        'delete its eval/ directory and run the study again.')
-    spaces[method] = _in_id_order(analysis.Split.from_store(
-        result.stores['evaluated']).representations[:], ids)
+    orders[method] = np.argsort(ids, kind='stable')  # store rows -> id order
+    spaces[method] = np.asarray(analysis.Split.from_store(
+        result.stores['evaluated']).representations[:])[orders[method]]
   consistency = (metrics.neighbourhood_consistency(list(spaces.values()), config.consistency_k)
                  if len(spaces) > 1 else None)
   encoders = {}
   for method, result in evaluations.items():
-    ids = np.asarray(result.scores['ids'])
-    correct = _in_id_order(result.scores['correct'], ids).astype(bool)
-    scores = {key: _in_id_order(result.scores[f'score_{key}'], ids).astype(np.float64)
+    order = orders[method]
+    correct = result.scores['correct'][order].astype(bool)
+    scores = {key: result.scores[f'score_{key}'][order].astype(np.float64)
               for key, _ in SCORES if f'score_{key}' in result.scores}
     if consistency is not None:
       scores['neighbourhood_consistency'] = consistency
@@ -309,20 +305,16 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   return results
 
 
+def _estimate(value: float | None, interval, digits: int = 2) -> str:
+  """``0.74 [0.69, 0.79]``; ``–`` for a missing or NaN value."""
+  if value is None or not np.isfinite(value):
+    return '–'
+  return f'{value:.{digits}f}' + (f' {findings.format_interval(interval, digits)}' if interval
+                                  else '')
+
+
 def _cell(row: dict[str, Any], key: str, digits: int = 3) -> str:
-  value = row[key]
-  if value is None or not np.isfinite(value):
-    return '–'
-  interval = row.get(f'{key}_interval')
-  return f'{value:.{digits}f}' + (f' [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]'
-                                  if interval else '')
-
-
-def _interval(value: float, interval, digits: int = 2) -> str:
-  if value is None or not np.isfinite(value):
-    return '–'
-  return f'{value:.{digits}f}' + (f' [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]'
-                                  if interval else '')
+  return _estimate(row[key], row.get(f'{key}_interval'), digits)
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
@@ -344,18 +336,18 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
 
       def auroc(key):
         cell = scores[key]['by_source']['all']
-        return _interval(cell['auroc'], cell.get('auroc_interval'))
+        return _estimate(cell['auroc'], cell.get('auroc_interval'))
 
       def auprc(key, source):
         cell = scores[key]['by_source'][source]
         if not cell['num_errors']:
           return '– (no errors)'
-        return (f"{_interval(cell['auprc_error_positive'], cell.get('auprc_error_positive_interval'))}"
+        return (f"{_cell(cell, 'auprc_error_positive', 2)}"
                 f" ({cell['chance_auprc_error_positive']:.2f})")
 
       def rho(key):
         cell = scores[key]['spearman']['evidence']
-        return _interval(cell['rho'], cell['interval'])
+        return _estimate(cell['rho'], cell['interval'])
 
       rivals = [k for k in LABEL_FREE if k != 'qscore' and k in scores]
       best = max(rivals, key=lambda k: np.nan_to_num(scores[k]['by_source']['all']['auroc'],
@@ -432,7 +424,7 @@ def table_lines(results: dict[str, Any]) -> list[str]:
                      else '– (no errors)')
         row.append(_cell(cells['by_source']['all'], 'auroc'))
         rho = cells['spearman']['evidence']
-        row.append(_cell({'rho': rho['rho'], 'rho_interval': rho['interval']}, 'rho', 2))
+        row.append(_estimate(rho['rho'], rho['interval']))
         lines.append('| ' + ' | '.join(row) + ' |')
     lines.append('')
   lines += ['AUPRC with the errors as positives, ranked by a low score first; the chance level '

@@ -255,8 +255,8 @@ def track(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None, *,
     if recorded_workdir != str(source):
       raise outputs.OutputError(f'{target} holds the tracking of another run ({recorded_workdir}); '
                                 f'give another --out for {source}.')
-  built, restorers = loop.saved_states(source)
-  run_config, recorded = loop.run_config_of(source)
+  saved_run = loop.saved_states(source)
+  built, restorers, run_config = saved_run.setup, saved_run.restorers, saved_run.config
   if not restorers:
     raise loop.TrainingError(f'{source} holds no checkpoint yet: there is nothing to track. '
                              'Run qscore finetune in it first (or wait for its first '
@@ -310,7 +310,8 @@ def track(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None, *,
       if analysis_of_step.is_dir():
         shutil.rmtree(analysis_of_step)
   result = {'track_version': TRACK_VERSION, 'workdir': str(source), 'method': run_config.method,
-            'dataset': dataset, 'init': recorded['init'], 'settings': settings, 'rows': rows,
+            'dataset': dataset, 'init': saved_run.provenance['init'], 'settings': settings,
+            'rows': rows,
             'kendall': kendall(rows), 'skipped': skipped}
   report.write_json(result, target / 'track.json')
   (target / 'track.md').write_text('\n'.join(table_lines(result)) + '\n')

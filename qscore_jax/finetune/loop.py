@@ -485,8 +485,23 @@ def run_config_of(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDic
   return config, recorded
 
 
-def saved_states(workdir: str | pathlib.Path, *, encoder: Encoder | None = None
-                 ) -> tuple[Setup, dict[int, Callable[[], core.TrainState]]]:
+@dataclasses.dataclass
+class SavedRun:
+  """A workdir's run as :func:`saved_states` rebuilds it.
+
+  Attributes:
+    config: the run's config (:func:`run_config_of`).
+    provenance: the rest of its ``run.json`` (``init``, fingerprints, dataset version).
+    setup: :func:`setup` of the config; ``setup.state`` is step 0 (the initialisation).
+    restorers: ``{step: restore()}`` of every saved checkpoint, in step order.
+  """
+  config: ml_collections.ConfigDict
+  provenance: dict[str, Any]
+  setup: Setup
+  restorers: dict[int, Callable[[], core.TrainState]]
+
+
+def saved_states(workdir: str | pathlib.Path, *, encoder: Encoder | None = None) -> SavedRun:
   """A workdir's run rebuilt (:func:`setup` of its ``run.json``) and its checkpoints.
 
   Nothing in the workdir is changed: checkpoints are opened read-only, a damaged one
@@ -497,10 +512,10 @@ def saved_states(workdir: str | pathlib.Path, *, encoder: Encoder | None = None
     encoder: the run's ``init`` already loaded (default: loaded from ``run.json``'s
       reference when the run did not start from scratch).
   Returns:
-    ``(setup, {step: restore})``: ``setup.state`` is step 0 (the initialisation), and
-    ``restore()`` returns the state of a saved step (its periodic copy, else its copy
-    in ``best/``; raises :class:`~qscore_jax.finetune.workdir.DamagedCheckpoint` or
-    orbax's error when no copy restores).
+    The :class:`SavedRun`; each ``restore()`` returns the state of a saved step (its
+    periodic copy, else its copy in ``best/``; raises
+    :class:`~qscore_jax.finetune.workdir.DamagedCheckpoint` or orbax's error when no
+    copy restores).
   Raises:
     TrainingError: no ``run.json``.
     FileNotFoundError: the run's ``init`` model cannot be loaded any more.
@@ -523,7 +538,7 @@ def saved_states(workdir: str | pathlib.Path, *, encoder: Encoder | None = None
           files.restore, manager, built.state, step, require_integrity=require_integrity))
   restorers = {step: functools.partial(files.restore_any, attempts)
                for step, attempts in copies.items()}
-  return built, dict(sorted(restorers.items()))
+  return SavedRun(config, recorded, built, dict(sorted(restorers.items())))
 
 
 def read_metrics(metrics) -> dict[str, float]:
@@ -574,4 +589,4 @@ def export_model(built: Setup, state: core.TrainState, directory: pathlib.Path,
 
 
 __all__ = ['RESUMABLE_FIELDS', 'Setup', 'TrainingError', 'compute_dtype', 'export_model', 'read_metrics',
-           'reference_discriminative', 'run', 'run_config_of', 'saved_states', 'setup']
+           'reference_discriminative', 'run', 'run_config_of', 'saved_states', 'SavedRun', 'setup']

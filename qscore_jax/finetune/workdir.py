@@ -23,6 +23,7 @@ step appears once in them, and drops a line or record that a kill left half-writ
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -349,19 +350,11 @@ def restore_newest_intact(workdir: pathlib.Path, target, periodic: ocp.Checkpoin
   failures: list[tuple[pathlib.Path, int, str]] = []
   for step in sorted(where, reverse=True):
     for manager in where[step]:
-      with warnings.catch_warnings():
-        # A failed restore leaves orbax coroutines that are never awaited (see
-        # _is_restore_debris); Python warns about each when it is collected, which is
-        # noise beside the one paragraph that reports the damaged checkpoint.
-        warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
-                                category=RuntimeWarning)
-        try:
-          state = restore(manager, target, step, require_integrity=require_integrity)
-        # orbax and TensorStore raise many kinds of error on damaged or missing files.
-        except Exception as error:  # pylint: disable=broad-except
-          failures.append((pathlib.Path(manager.directory) / str(step), step, _reason(error)))
-          _silence_restore_debris()
-          continue
+      state, error = _attempt(functools.partial(
+          restore, manager, target, step, require_integrity=require_integrity))
+      if error is not None:
+        failures.append((pathlib.Path(manager.directory) / str(step), step, _reason(error)))
+        continue
       if jax.process_count() > 1:  # every process restored the same step
         multihost_utils.assert_equal(np.int64(step), 'processes restored different steps')
       _report_fallback(workdir, failures, step, (periodic, best))
@@ -387,17 +380,27 @@ def restore_any(attempts):
   """
   errors = []
   for attempt in attempts:
-    with warnings.catch_warnings():
-      # See restore_newest_intact: a failed restore's never-awaited coroutines.
-      warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
-                              category=RuntimeWarning)
-      try:
-        return attempt()
-      # orbax and TensorStore raise many kinds of error on damaged or missing files.
-      except Exception as error:  # pylint: disable=broad-except
-        errors.append(error)
-        _silence_restore_debris()
+    state, error = _attempt(attempt)
+    if error is None:
+      return state
+    errors.append(error)
   raise errors[0]
+
+
+def _attempt(restore_fn):
+  """``(state, None)`` from one restore, or ``(None, error)`` when it fails, quietly."""
+  with warnings.catch_warnings():
+    # A failed restore leaves orbax coroutines that are never awaited (see
+    # _is_restore_debris); Python warns about each when it is collected, which is
+    # noise beside the one paragraph that reports the damaged checkpoint.
+    warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
+                            category=RuntimeWarning)
+    try:
+      return restore_fn(), None
+    # orbax and TensorStore raise many kinds of error on damaged or missing files.
+    except Exception as error:  # pylint: disable=broad-except
+      _silence_restore_debris()
+      return None, error
 
 
 def _report_fallback(workdir: pathlib.Path, failures, restored: int, all_managers) -> None:
